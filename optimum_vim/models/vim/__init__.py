@@ -1,0 +1,7 @@
+"""Vision Mamba model family."""
+
+from .configuration_vim import VimConfig
+from .image_processing_vim import VimImageProcessor
+from .modeling_vim import VimForImageClassification, VimModel, VimPreTrainedModel
+
+__all__ = ["VimConfig", "VimForImageClassification", "VimImageProcessor", "VimModel", "VimPreTrainedModel"]

@@ -1,0 +1,338 @@
+"""Vision Mamba (hustvl/Vim, midclstok "bimamba v2" models) as a transformers model.
+
+The forward pass is the official one (see ``VimModel.forward``); parameter names equal the official state-dict keys
+under a ``vim.`` prefix (``head.*`` stays at the top of ``VimForImageClassification``), so conversion is a rename.
+Every tensor that a quantization recipe touches is produced by its own submodule inside :class:`VimMixer`:
+``in_proj -> conv1d -> act -> x_proj -> dt_proj -> softplus -> ssm`` (and the ``_b`` twins for the backward scan),
+``act_z`` for the gate and ``out_proj``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+
+from ...ops import add_rms_norm, causal_conv1d, rms_norm, selective_scan
+from .configuration_vim import VimConfig
+
+
+class VimRMSNorm(nn.Module):
+    """RMSNorm with a weight only (as mamba-ssm's Triton RMSNorm); fp32 math, output in the input dtype."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class VimConv1d(nn.Conv1d):
+    """Depthwise convolution over tokens: causal for the forward scan, anti-causal (``reverse``) for the backward one.
+
+    Stores ``weight`` (E, 1, K) and ``bias`` (E,) exactly as the official ``conv1d`` / ``conv1d_b``.
+    Input and output are token-major: (batch, L, E).
+    """
+
+    def __init__(self, channels: int, kernel_size: int, reverse: bool = False):
+        super().__init__(channels, channels, kernel_size, groups=channels, bias=True)
+        self.reverse = reverse
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return causal_conv1d(x, self.weight, self.bias, reverse=self.reverse)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", reverse={self.reverse}"
+
+
+class VimSelectiveScan(nn.Module):
+    """The selective scan of one direction, a parameter-free module so that quantizers can wrap it.
+
+    ``forward(u, delta, A, B, C, D)``: u, delta (batch, L, E); A (E, N); B, C (batch, L, N); D (E,) -> (batch, L, E).
+    """
+
+    def __init__(self, reverse: bool = False, use_mamba_kernels: bool = True):
+        super().__init__()
+        self.reverse = reverse
+        self.backend = "auto" if use_mamba_kernels else "torch"
+
+    def forward(self, u, delta, A, B, C, D=None, z=None):
+        return selective_scan(u, delta, A, B, C, D, z, reverse=self.reverse, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"reverse={self.reverse}"
+
+
+class VimMixer(nn.Module):
+    """Bidirectional Mamba mixer, ``bimamba_type="v2"`` with ``if_divide_out=True`` (hustvl/Vim ``mamba_simple.py``).
+
+    (batch, L, D) -> (batch, L, D). Both directions share ``in_proj``, ``out_proj`` and the gate ``z``; the backward
+    direction has its own ``conv1d_b, x_proj_b, dt_proj_b, A_b_log, D_b`` and runs in reverse token order.
+    """
+
+    def __init__(self, config: VimConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        d_model, d_inner = config.hidden_size, config.intermediate_size
+        self.d_inner = d_inner
+        self.d_state = config.d_state
+        self.dt_rank = config.time_step_rank
+        self.divide_out = config.if_divide_out
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.act_z = nn.SiLU()
+        for suffix, reverse in (("", False), ("_b", True)):
+            self.add_module("conv1d" + suffix, VimConv1d(d_inner, config.d_conv, reverse=reverse))
+            self.add_module("act" + suffix, nn.SiLU())
+            self.add_module("x_proj" + suffix, nn.Linear(d_inner, self.dt_rank + 2 * self.d_state, bias=False))
+            self.add_module("dt_proj" + suffix, nn.Linear(self.dt_rank, d_inner, bias=True))
+            self.add_module("softplus" + suffix, nn.Softplus())
+            self.add_module("ssm" + suffix, VimSelectiveScan(reverse=reverse, use_mamba_kernels=config.use_mamba_kernels))
+        # S4D-real parameters; A = -exp(A_log) is always computed in fp32
+        self.A_log = nn.Parameter(torch.empty(d_inner, self.d_state))
+        self.A_b_log = nn.Parameter(torch.empty(d_inner, self.d_state))
+        self.D = nn.Parameter(torch.empty(d_inner))
+        self.D_b = nn.Parameter(torch.empty(d_inner))
+
+    def _direction(self, x: torch.Tensor, suffix: str) -> torch.Tensor:
+        conv, act = getattr(self, "conv1d" + suffix), getattr(self, "act" + suffix)
+        x_proj, dt_proj = getattr(self, "x_proj" + suffix), getattr(self, "dt_proj" + suffix)
+        softplus, ssm = getattr(self, "softplus" + suffix), getattr(self, "ssm" + suffix)
+        A_log, D = (self.A_log, self.D) if suffix == "" else (self.A_b_log, self.D_b)
+        u = act(conv(x))
+        x_dbl = x_proj(u)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = softplus(dt_proj(dt))
+        A = -torch.exp(A_log.double() if A_log.dtype == torch.float64 else A_log.float())
+        return ssm(u, delta, A, B, C, D)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        xz = self.in_proj(hidden_states)
+        x, z = xz.chunk(2, dim=-1)
+        gate = self.act_z(z)
+        out_f = self._direction(x, "") * gate
+        out_b = self._direction(x, "_b") * gate
+        y = (out_f + out_b) / 2 if self.divide_out else out_f + out_b
+        return self.out_proj(y)
+
+
+class VimBlock(nn.Module):
+    """Pre-norm residual block: ``residual += hidden; hidden = mixer(RMSNorm(residual))`` (mamba-ssm ``Block``)."""
+
+    def __init__(self, config: VimConfig, layer_idx: int, drop_path: float = 0.0):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = VimRMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mixer = VimMixer(config, layer_idx)
+        self.drop_path = drop_path
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is not None and self.training and self.drop_path > 0:
+            hidden_states = _drop_path(hidden_states, self.drop_path)
+        normed, residual = add_rms_norm(
+            hidden_states, residual, self.norm.weight, self.norm.eps, residual_in_fp32=self.residual_in_fp32
+        )
+        return self.mixer(normed), residual
+
+
+def _drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class VimPatchEmbed(nn.Module):
+    """Conv2d patch embedding (``patch_embed.proj``), flattened to (batch, num_patches, D)."""
+
+    def __init__(self, config: VimConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, stride=config.stride)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.proj(pixel_values).flatten(2).transpose(1, 2)
+
+
+class VimPreTrainedModel(PreTrainedModel):
+    """Weight init, config class and loading metadata shared by the Vim models."""
+
+    config_class = VimConfig
+    config: VimConfig
+    base_model_prefix = "vim"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = ["VimBlock"]
+    supports_gradient_checkpointing = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Vim's init: truncated normal for linears and embeddings, Mamba's S4D-real A and dt bias, ones for D."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, VimConv1d):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            init.trunc_normal_(module.weight, std=std)
+            init.zeros_(module.bias)
+        elif isinstance(module, VimRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, VimModel):
+            init.trunc_normal_(module.cls_token, std=std)
+            init.trunc_normal_(module.pos_embed, std=std)
+        if isinstance(module, VimMixer):
+            self._init_mixer(module)
+
+    def _init_mixer(self, mixer: VimMixer) -> None:
+        cfg = self.config
+        a = torch.arange(1, mixer.d_state + 1, dtype=torch.float32, device=mixer.A_log.device)
+        a_log = torch.log(a).expand(mixer.d_inner, -1)
+        init.copy_(mixer.A_log, a_log)
+        init.copy_(mixer.A_b_log, a_log)
+        init.ones_(mixer.D)
+        init.ones_(mixer.D_b)
+        dt_std = mixer.dt_rank**-0.5 * cfg.dt_scale
+        for dt_proj in (mixer.dt_proj, mixer.dt_proj_b):
+            init.uniform_(dt_proj.weight, -dt_std, dt_std)
+            dt = torch.exp(
+                torch.rand(mixer.d_inner, device=dt_proj.bias.device) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
+                + math.log(cfg.dt_min)
+            ).clamp(min=cfg.dt_init_floor)
+            init.copy_(dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        # kaiming-uniform (a=sqrt(5)) scaled by 1/sqrt(depth): Mamba's GPT-2 style rescale of the residual-branch
+        # output projection, written as one init call so that loaded weights are never touched
+        bound = 1.0 / math.sqrt(mixer.d_inner) / math.sqrt(cfg.num_hidden_layers)
+        init.uniform_(mixer.out_proj.weight, -bound, bound)
+
+
+def check_pixel_values(pixel_values, config: VimConfig) -> None:
+    """Raises ValueError unless ``pixel_values`` is a float (batch, C, H, W) tensor of the configured size."""
+    expected = (config.num_channels, config.image_size, config.image_size)
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(
+            f"pixel_values must be a torch.Tensor of shape (batch, {', '.join(map(str, expected))}); got "
+            f"{type(pixel_values).__name__}. Use the model's image processor (AutoImageProcessor) to prepare images."
+        )
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"pixel_values must be a floating-point tensor (normalised images); got dtype {pixel_values.dtype}. "
+            "Use the model's image processor (AutoImageProcessor) to rescale and normalise raw images."
+        )
+    if pixel_values.dim() != 4:
+        raise ValueError(
+            f"pixel_values must have 4 dims (batch, channels, height, width); got shape {tuple(pixel_values.shape)}"
+        )
+    if pixel_values.shape[1] != config.num_channels:
+        raise ValueError(
+            f"this Vim expects {config.num_channels} channel(s); got {pixel_values.shape[1]} "
+            f"(shape {tuple(pixel_values.shape)}). Convert the images (e.g. RGB vs grayscale) with the image processor."
+        )
+    if tuple(pixel_values.shape[2:]) != (config.image_size, config.image_size):
+        raise ValueError(
+            f"this Vim expects {config.image_size}x{config.image_size} images (its position embedding has a fixed "
+            f"length); got {pixel_values.shape[2]}x{pixel_values.shape[3]}. Resize with the model's image processor."
+        )
+
+
+class VimModel(VimPreTrainedModel):
+    """Vim backbone: patch embedding, middle class token, position embedding, blocks and the final RMSNorm.
+
+    Returns ``BaseModelOutputWithPooling`` with ``last_hidden_state`` (batch, L, D) after ``norm_f`` and
+    ``pooler_output`` (batch, D), the class-token feature the official head reads.
+    """
+
+    def __init__(self, config: VimConfig):
+        super().__init__(config)
+        self.patch_embed = VimPatchEmbed(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.sequence_length, config.hidden_size))
+        self.pos_drop = nn.Dropout(config.drop_rate)
+        # drop-path schedule of hustvl/Vim: [0] + linspace(0, rate, depth), shifted by one
+        rates = [0.0] + [config.drop_path_rate * i / max(config.num_hidden_layers - 1, 1) for i in range(config.num_hidden_layers)]
+        self.layers = nn.ModuleList(
+            VimBlock(config, i, drop_path=rates[i]) for i in range(config.num_hidden_layers)
+        )
+        self.norm_f = VimRMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.post_init()
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(batch, C, H, W) -> (batch, L, D): patches, middle class token, position embedding."""
+        check_pixel_values(pixel_values, self.config)
+        pixel_values = pixel_values.to(self.patch_embed.proj.weight.dtype)
+        x = self.patch_embed(pixel_values)
+        pos = self.config.token_position
+        cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
+        x = torch.cat([x[:, :pos], cls, x[:, pos:]], dim=1)
+        return self.pos_drop(x + self.pos_embed.to(x.dtype))
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        hidden_states = self.embed(pixel_values)
+        residual = None
+        all_hidden = [] if output_hidden_states else None
+        for layer in self.layers:
+            if all_hidden is not None:
+                all_hidden.append(hidden_states if residual is None else residual + hidden_states)
+            hidden_states, residual = layer(hidden_states, residual)
+        if self.training and self.layers and self.layers[-1].drop_path > 0:
+            hidden_states = _drop_path(hidden_states, self.layers[-1].drop_path)
+        out, _ = add_rms_norm(hidden_states, residual, self.norm_f.weight, self.norm_f.eps, self.config.residual_in_fp32)
+        if all_hidden is not None:
+            all_hidden.append(out)
+        pooled = out[:, self.config.token_position, :]
+        if not return_dict:
+            return tuple(v for v in (out, pooled, tuple(all_hidden) if all_hidden is not None else None) if v is not None)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=out,
+            pooler_output=pooled,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        )
+
+
+class VimForImageClassification(VimPreTrainedModel):
+    """Vim with the linear ``head`` on the middle class token; returns ``ImageClassifierOutput`` (loss with labels)."""
+
+    def __init__(self, config: VimConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.vim = VimModel(config)
+        self.head = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.vim(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        logits = self.head(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config)
+        if not return_dict:
+            rest = (outputs.hidden_states,) if outputs.hidden_states is not None else ()
+            return ((loss,) if loss is not None else ()) + (logits,) + rest
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+__all__ = ["VimForImageClassification", "VimModel", "VimPreTrainedModel"]
