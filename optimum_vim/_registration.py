@@ -6,7 +6,8 @@ _DONE = False
 
 
 def register_vim_with_transformers() -> None:
-    """Registers ``vim`` with AutoConfig, AutoModel, AutoModelForImageClassification and AutoImageProcessor.
+    """Registers ``vim`` with AutoConfig, AutoModel, AutoModelForImageClassification and AutoImageProcessor, and
+    the ``vim`` quantization method (config + quantizer) with transformers' quantizer registry.
 
     Safe to call repeatedly (transformers raises on a second AutoConfig registration of the same name).
     """
@@ -23,4 +24,15 @@ def register_vim_with_transformers() -> None:
     AutoModel.register(VimConfig, VimModel, exist_ok=True)
     AutoModelForImageClassification.register(VimConfig, VimForImageClassification, exist_ok=True)
     AutoImageProcessor.register(VimConfig, image_processor_classes={"pil": VimImageProcessor}, exist_ok=True)
+    from transformers.quantizers import register_quantization_config, register_quantizer
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    from .quantization_config import QUANT_METHOD, ViMQuantizationConfig
+    from .quantizer import ViMHfQuantizer
+
+    # register_quantizer / register_quantization_config raise on a second registration: guard by membership
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(ViMQuantizationConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(ViMHfQuantizer)
     _DONE = True

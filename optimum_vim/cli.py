@@ -59,6 +59,181 @@ def _run_evaluate(args) -> int:
     return 0
 
 
+def _parse_kv(items: list[str] | None, what: str) -> dict:
+    """``key=value`` strings -> dict, values parsed as JSON when possible (numbers, booleans, lists)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"{what} must look like key=value; got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _parse_overrides(items: list[str] | None) -> dict:
+    """``PATTERN=float`` or ``PATTERN=weight_bits:8,act_bits:8`` -> the config's overrides dict."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--override must look like PATTERN=float or PATTERN=weight_bits:8,...; got {item!r}")
+        pattern, value = item.split("=", 1)
+        if value == "float":
+            out[pattern] = None
+            continue
+        settings = {}
+        for part in value.split(","):
+            key, _, v = part.partition(":")
+            settings[key.strip()] = None if v.strip().lower() == "none" else int(v)
+        out[pattern] = settings
+    return out
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a float Vim with a recipe and save the packed checkpoint")
+    p.add_argument("model", help="float model folder or Hub repo id")
+    p.add_argument("output_dir", help="new folder for the quantized checkpoint")
+    p.add_argument("--recipe", default="rtn")
+    p.add_argument("--weight-bits", type=int, default=8)
+    p.add_argument("--act-bits", type=int, default=None, help="omit for weight-only quantization")
+    p.add_argument("--group-size", type=int, default=None, help="inputs per weight scale (default: per channel)")
+    p.add_argument("--recipe-arg", action="append", metavar="KEY=VALUE", help="recipe option (repeatable)")
+    p.add_argument("--calibration-dataset", default="fashion-mnist",
+                   help="fashion-mnist | mnist-subset | digits | save_to_disk folder | image folder")
+    p.add_argument("--calibration-split", default="train")
+    p.add_argument("--num-samples", type=int, default=128, help="calibration images")
+    p.add_argument("--calibration-batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip", default="head,patch_embed", help="comma-separated modules left in float")
+    p.add_argument("--override", action="append", metavar="PATTERN=SETTINGS",
+                   help="mixed precision: PATTERN=float or PATTERN=weight_bits:8,act_bits:8 (repeatable)")
+    p.add_argument("--evaluate", action="store_true", help="measure float and quantized top-1 and print them")
+    p.add_argument("--eval-dataset", default="fashion-mnist")
+    p.add_argument("--eval-split", default="test")
+    p.add_argument("--eval-limit", type=int, default=None)
+    p.add_argument("--eval-batch-size", type=int, default=500)
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(func=_run_quantize)
+
+
+def _run_quantize(args) -> int:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from .evaluation import evaluate, load_named_dataset
+    from .hub import atomic_save, set_card_info
+    from .quantization_config import ViMQuantizationConfig
+    from .size import checkpoint_bytes, quantized_layer_bytes
+
+    out = Path(args.output_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
+    config = ViMQuantizationConfig(
+        recipe=args.recipe, weight_bits=args.weight_bits, act_bits=args.act_bits, weight_group_size=args.group_size,
+        recipe_args=_parse_kv(args.recipe_arg, "--recipe-arg"), num_calibration_samples=args.num_samples,
+        calibration_batch_size=args.calibration_batch_size, seed=args.seed,
+        modules_to_not_convert=[s for s in args.skip.split(",") if s], overrides=_parse_overrides(args.override),
+    )
+    processor = AutoImageProcessor.from_pretrained(args.model)
+    from .recipes import get_recipe_class
+
+    if get_recipe_class(args.recipe).requires_data(config):
+        config.calibration_dataset = load_named_dataset(args.calibration_dataset, args.calibration_split)
+        config.image_processor = processor
+    import time
+
+    start = time.perf_counter()
+    model = AutoModelForImageClassification.from_pretrained(args.model, quantization_config=config)
+    seconds = time.perf_counter() - start
+    sizes = quantized_layer_bytes(model)
+    summary = {
+        "model": args.model, "output": str(out), "recipe": args.recipe, "weight_bits": args.weight_bits,
+        "act_bits": args.act_bits, "quantize_seconds": round(seconds, 2), "quantized_modules": sizes["layers"],
+        "quantized_layer_bytes": sizes["quantized"], "fp16_layer_bytes": sizes["fp16"],
+        "layer_size_ratio_vs_fp16": round(sizes["ratio"], 4),
+    }
+    if args.evaluate:
+        data = load_named_dataset(args.eval_dataset, args.eval_split, args.eval_limit)
+        fp_model = AutoModelForImageClassification.from_pretrained(args.model)
+        fp = evaluate(fp_model, data, processor, batch_size=args.eval_batch_size)
+        q = evaluate(model, data, processor, batch_size=args.eval_batch_size)
+        summary.update(fp_top1=fp.top1, quantized_top1=q.top1, eval_images=q.total)
+        command = f"optimum-vim evaluate <model> --dataset {args.eval_dataset} --split {args.eval_split}"
+        if args.eval_limit:
+            command += f" --limit {args.eval_limit}"
+        set_card_info(model, accuracy={"dataset": f"{args.eval_dataset} {args.eval_split} ({q.total} images)",
+                                       "top1": q.top1, "fp_top1": fp.top1, "command": command})
+
+    def _save(tmp):
+        model.save_pretrained(tmp, repo_id=out.name)
+        processor.save_pretrained(tmp)
+
+    fp_bytes = checkpoint_bytes(args.model) if os.path.isdir(args.model) else None
+    with tempfile.TemporaryDirectory() as probe:  # size of the quantized file, to put in the card
+        model.save_pretrained(probe, model_card=False)
+        q_bytes = checkpoint_bytes(probe)
+    rows = [{"name": "quantized (this)", "bytes": f"{q_bytes:,}"}]
+    if fp_bytes:
+        rows.insert(0, {"name": "float32 original", "bytes": f"{fp_bytes:,}"})
+    set_card_info(model, sizes=rows)
+    atomic_save(_save, out)
+    summary.update(checkpoint_bytes=q_bytes, float_checkpoint_bytes=fp_bytes)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_quantize_summary(summary)
+    return 0
+
+
+def _print_quantize_summary(s: dict) -> None:
+    act = f"A{s['act_bits']}" if s["act_bits"] else " weight-only"
+    print(f"quantized {s['model']} with {s['recipe']} W{s['weight_bits']}{act} in {s['quantize_seconds']:.1f}s "
+          f"({s['quantized_modules']} modules) -> {s['output']}")
+    if s.get("float_checkpoint_bytes"):
+        print(f"checkpoint: {s['float_checkpoint_bytes']:,} bytes float32 -> {s['checkpoint_bytes']:,} bytes "
+              f"({s['checkpoint_bytes'] / s['float_checkpoint_bytes']:.2f}x)")
+    print(f"quantized layers: {s['quantized_layer_bytes']:,} bytes vs {s['fp16_layer_bytes']:,} bytes fp16 "
+          f"({s['layer_size_ratio_vs_fp16']:.3f}x)")
+    if "fp_top1" in s:
+        print(f"top-1 on {s['eval_images']} images: float {100 * s['fp_top1']:.2f}% -> quantized "
+              f"{100 * s['quantized_top1']:.2f}% ({100 * (s['quantized_top1'] - s['fp_top1']):+.2f} points)")
+
+
+def _add_push(sub) -> None:
+    p = sub.add_parser("push", help="publish a (quantized) Vim folder to the Hub with its model card")
+    p.add_argument("model", help="model folder")
+    p.add_argument("repo_id", help="target repo, e.g. my-org/vim-fmnist-w4a8")
+    p.add_argument("--base-model", default=None, help="Hub id of the float model (card metadata base_model)")
+    p.add_argument("--benchmark-table", default=None, help="JSON from benchmarks/accuracy.py --json: adds a plot")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--token", default=None)
+    p.add_argument("--commit-message", default=None)
+    p.set_defaults(func=_run_push)
+
+
+def _run_push(args) -> int:
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from .hub import load_benchmark_table, push_model_to_hub, set_card_info
+
+    model = AutoModelForImageClassification.from_pretrained(args.model)
+    try:
+        processor = AutoImageProcessor.from_pretrained(args.model)
+    except OSError:
+        processor = None
+    table = load_benchmark_table(args.benchmark_table) if args.benchmark_table else None
+    set_card_info(model, base_model=args.base_model, benchmark_table=table)
+    url = push_model_to_hub(model, args.repo_id, processor=processor, private=args.private or None,
+                            token=args.token, commit_message=args.commit_message)
+    print(f"pushed {args.model} to {args.repo_id}: {url}")
+    return 0
+
+
 def _is_main_process() -> bool:
     import os
 
@@ -70,8 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "quantize, evaluate and publish.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_convert(sub)
+    _add_quantize(sub)
     _add_evaluate(sub)
+    _add_convert(sub)
+    _add_push(sub)
     return parser
 
 

@@ -160,6 +160,45 @@ class VimPatchEmbed(nn.Module):
 class VimPreTrainedModel(PreTrainedModel):
     """Weight init, config class and loading metadata shared by the Vim models."""
 
+    def __init__(self, config: VimConfig, *args, **kwargs):
+        _refuse_unregistered_quantized_config(config)
+        super().__init__(config, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, model_card: bool = True, **kwargs):
+        """``PreTrainedModel.save_pretrained``, written atomically (a temporary folder moved into place), plus a
+        README.md model card rendered from optimum-vim's templates (``model_card=False`` skips it).
+        ``push_to_hub=True`` then publishes the folder with :meth:`push_to_hub` (``repo_id`` kwarg or the folder name).
+        """
+        from ...hub import atomic_save, write_model_card
+
+        import os
+
+        repo_id = kwargs.pop("repo_id", None)
+        is_main = kwargs.get("is_main_process", True)
+        card_name = repo_id or os.path.basename(os.path.abspath(save_directory))
+
+        def _save(tmp):
+            super(VimPreTrainedModel, self).save_pretrained(tmp, *args, **kwargs)
+            if model_card and is_main:
+                write_model_card(self, tmp, repo_id=card_name)
+
+        atomic_save(_save, save_directory)
+        if push_to_hub:
+            self.push_to_hub(repo_id or os.path.basename(os.path.abspath(save_directory)), token=kwargs.get("token"))
+
+    def push_to_hub(self, repo_id: str, *, processor=None, commit_message=None, private=None, token=None,
+                    revision=None, create_pr=False, max_shard_size="50GB", tags=None, **kwargs) -> str:
+        """Publishes weights, config, the image processor (``processor=``) and the rendered model card in one commit
+        (transformers' default would replace the card). Returns the commit URL."""
+        from ...hub import push_model_to_hub
+
+        if tags:
+            self.add_model_tags(tags)
+        return push_model_to_hub(
+            self, repo_id, processor=processor, commit_message=commit_message, private=private, token=token,
+            revision=revision, create_pr=create_pr, max_shard_size=max_shard_size,
+        )
+
     config_class = VimConfig
     config: VimConfig
     base_model_prefix = "vim"
@@ -210,6 +249,18 @@ class VimPreTrainedModel(PreTrainedModel):
         # output projection, written as one init call so that loaded weights are never touched
         bound = 1.0 / math.sqrt(mixer.d_inner) / math.sqrt(cfg.num_hidden_layers)
         init.uniform_(mixer.out_proj.weight, -bound, bound)
+
+
+def _refuse_unregistered_quantized_config(config) -> None:
+    """A quantized checkpoint reaches the model with its quantization config still a dict only when the optimum-vim
+    quantizer is not registered; transformers would then load packed integers as float weights (garbage logits)."""
+    qc = getattr(config, "quantization_config", None)
+    if isinstance(qc, dict) and qc.get("quant_method") == "vim":
+        raise RuntimeError(
+            "this Vim checkpoint is quantized with optimum-vim, but the 'vim' quantizer is not registered with "
+            "transformers, so it would load as a broken float model. Run `import optimum_vim` (which registers it) "
+            "before from_pretrained, or pass quantization_config=ViMQuantizationConfig.from_dict(...)"
+        )
 
 
 def check_pixel_values(pixel_values, config: VimConfig) -> None:

@@ -1,0 +1,159 @@
+"""Model cards rendered from the templates in ``model_cards/templates`` (shipped as ``optimum_vim.model_cards``)."""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def template_text(name: str) -> str:
+    """Text of ``model_cards/templates/<name>.md`` (wheel: package data; source checkout: the repo folder)."""
+    try:
+        return resources.files("optimum_vim.model_cards").joinpath(f"{name}.md").read_text()
+    except (ModuleNotFoundError, FileNotFoundError):
+        repo = Path(__file__).resolve().parents[2] / "model_cards" / "templates" / f"{name}.md"
+        if repo.exists():
+            return repo.read_text()
+        raise FileNotFoundError(f"model card template {name!r} not found (looked in optimum_vim.model_cards and {repo})")
+
+
+def _architecture(config) -> str:
+    return (
+        f"width {config.hidden_size}, depth {config.num_hidden_layers}, d_state {config.d_state}, "
+        f"expand {config.expand}, patch {config.patch_size}/stride {config.stride}"
+    )
+
+
+def _is_repo_id(name) -> bool:
+    """A Hub id ("org/name") rather than a local path."""
+    if not name:
+        return False
+    name = str(name)
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.2f}%" if isinstance(x, float) and x <= 1 else str(x)
+
+
+def plot_accuracy_vs_bits(rows: list[dict], path: str | Path) -> Path:
+    """Line plot of top-1 against weight bits, one line per (recipe, activation bits); rows are benchmark rows
+    with ``recipe``, ``weight_bits``, ``act_bits``, ``top1`` (and an optional ``fp`` row with recipe "fp")."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    series: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if row.get("recipe") == "fp":
+            ax.axhline(100 * row["top1"], color="gray", linestyle="--", label="float")
+            continue
+        label = f"{row['recipe']} A{row['act_bits'] or 'fp'}"
+        series.setdefault(label, []).append((row["weight_bits"], 100 * row["top1"]))
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xlabel("weight bits")
+    ax.set_ylabel("top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def render_model_card(
+    model,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    accuracy: dict | None = None,
+    sizes: list[dict] | None = None,
+    benchmark_table: list[dict] | None = None,
+    plot_file: str | None = None,
+    training: dict | None = None,
+    license: str | None = None,
+):
+    """Renders the card of a float or quantized Vim as a ``huggingface_hub.ModelCard``.
+
+    Args:
+        repo_id: the Hub id the card will live under (used in the usage snippet).
+        base_model: Hub id of the float model a quantized model derives from (``base_model`` metadata).
+        accuracy: ``{"dataset", "top1", "fp_top1", "command"}`` measured accuracy.
+        sizes: rows ``{"name", "bytes"}`` for a size table.
+        benchmark_table: rows ``{"recipe", "weight_bits", "act_bits", "top1"}`` (shown, and plotted when
+            ``plot_file`` names the image written next to the card).
+        training: ``{"data", "command", "seed", "wall", "accuracy"}`` for a float model's training record.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    config = model.config
+    qc = getattr(config, "quantization_config", None)
+    repo_id = repo_id or "path/to/this/model"
+    tags = ["vision-mamba", "vim", "optimum-vim", "image-classification"]
+    if isinstance(qc, dict):
+        from ..quantization_config import ViMQuantizationConfig
+
+        qc = ViMQuantizationConfig.from_dict(qc)
+    if qc is not None:
+        scheme = f"W{qc.weight_bits}" + (f"A{qc.act_bits}" if qc.act_bits else "A16 (weight-only)")
+        tags += ["quantized", qc.recipe, scheme.split(" ")[0].lower()]
+        base = base_model or getattr(config, "_name_or_path", None) or None
+        hub_base = base if _is_repo_id(base) else None
+        data = ModelCardData(
+            library_name="transformers", pipeline_tag="image-classification", tags=tags, license=license,
+            base_model=hub_base, base_model_relation="quantized" if hub_base else None,
+        )
+        layers = qc.layers or {}
+        kinds = sorted({spec["type"] for spec in layers.values()})
+        card = ModelCard.from_template(
+            data,
+            template_str=template_text("quantized"),
+            title=f"{repo_id.split('/')[-1]} ({scheme}, {qc.recipe})",
+            scheme=scheme,
+            base_model_name=base or "the float Vim",
+            base_model_link=f"https://huggingface.co/{hub_base}" if hub_base else "#",
+            architecture=_architecture(config),
+            repo_id=repo_id,
+            recipe=qc.recipe,
+            format_version=qc.format_version,
+            weight_bits=qc.weight_bits,
+            act_bits=qc.act_bits or "float (weight-only)",
+            group_size=qc.weight_group_size or "per output channel",
+            num_layers=len(layers),
+            layer_kinds=", ".join(kinds) or "-",
+            skipped=", ".join(qc.modules_to_not_convert) or "nothing",
+            calibration=(
+                f"{qc.calibration_source}, {qc.num_calibration_samples} samples, seed {qc.seed}"
+                if qc.calibration_source not in (None, "none") else "none (data-free for these settings)"
+            ),
+            recipe_args=qc.recipe_args or "defaults",
+            accuracy={k: (_fmt(v) if k.endswith("top1") else v) for k, v in accuracy.items()} if accuracy else None,
+            sizes=sizes,
+            plot=plot_file,
+            benchmark_rows=[{**r, "top1": _fmt(r["top1"]), "act_bits": r.get("act_bits") or "-"} for r in benchmark_table]
+            if benchmark_table else None,
+        )
+        return card
+    data = ModelCardData(library_name="transformers", pipeline_tag="image-classification", tags=tags, license=license)
+    return ModelCard.from_template(
+        data,
+        template_str=template_text("float"),
+        title=repo_id.split("/")[-1],
+        architecture=_architecture(config),
+        repo_id=repo_id,
+        num_parameters=f"{sum(p.numel() for p in model.parameters()):,}",
+        image_size=config.image_size,
+        num_channels=config.num_channels,
+        num_tokens=config.sequence_length,
+        num_labels=config.num_labels,
+        training=training,
+    )

@@ -1,0 +1,67 @@
+"""Shared machinery of the quantized modules: a JSON-able spec per module and a registry to rebuild from it.
+
+Every quantized module owns only named persistent buffers (never parameters) whose names and shapes follow from
+its spec, so an empty module built from the spec on the meta device is filled by a plain state-dict load.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+QMODULE_TYPES: dict[str, type] = {}
+
+
+def register_qmodule(kind: str):
+    """Class decorator: makes ``kind`` (the ``"type"`` of a spec) buildable by :func:`build_qmodule`."""
+
+    def deco(cls):
+        cls.KIND = kind
+        QMODULE_TYPES[kind] = cls
+        return cls
+
+    return deco
+
+
+class QModule(nn.Module):
+    """Base of the quantized modules. ``spec`` is the module's JSON-able description (stored in config.json)."""
+
+    KIND = "abstract"
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.spec = copy.deepcopy(spec)
+        self.spec["type"] = self.KIND
+
+    def _buffer(self, name: str, shape, dtype: torch.dtype) -> None:
+        self.register_buffer(name, torch.zeros(shape, dtype=dtype), persistent=True)
+
+    def extra_repr(self) -> str:
+        keys = ", ".join(f"{k}={v}" for k, v in self.spec.items() if not isinstance(v, dict) and k != "type")
+        return keys
+
+
+def build_qmodule(spec: dict) -> QModule:
+    """An empty (zero-filled) quantized module of the spec's ``type``; buffers are on the current default device."""
+    kind = spec.get("type")
+    if kind not in QMODULE_TYPES:
+        raise ValueError(f"unknown quantized module type {kind!r}; known: {sorted(QMODULE_TYPES)}")
+    return QMODULE_TYPES[kind](spec)
+
+
+def load_qmodule_tensors(module: QModule, tensors: dict[str, torch.Tensor]) -> None:
+    """Copies ``tensors`` (names relative to ``module``) into its buffers; shapes and dtypes must match exactly."""
+    own = dict(module.named_buffers())
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{type(module).__name__}: missing tensors {missing}, unexpected {unexpected}")
+    for name, value in tensors.items():
+        buf = own[name]
+        if tuple(buf.shape) != tuple(value.shape) or buf.dtype != value.dtype:
+            raise ValueError(
+                f"{type(module).__name__}.{name}: expected {tuple(buf.shape)} {buf.dtype}, got {tuple(value.shape)} {value.dtype}"
+            )
+        buf.copy_(value.to(buf.device))

@@ -1,0 +1,123 @@
+"""QLinear: the quantized linear layer every recipe emits.
+
+Spec::
+
+    {"type": "linear", "in_features": K, "out_features": N, "bias": bool,
+     "weight": {"format": "int", "bits": 2..8, "group_size": null | G}          # symmetric, +-(2^(b-1)-1) codes
+            or {"format": "vq", "index_bits": b, "vector_dim": d, "codebook_size": C, "channel_scale": bool},
+     "input": null | <QActivation spec>,      # static / dynamic activation quantizer
+     "smooth": bool}                          # PTQ4VM smoothing: inputs divided by smooth_scale (folded into W)
+
+Buffers (state-dict names under the module): ``qweight`` (int8 (N, K) for 8 bit, packed uint8 otherwise, or packed
+codebook indices), ``weight_scale`` (fp32 (N, G) or (N, 1)), ``codebook`` (fp32 (C, d)), ``bias`` (fp32 (N,)),
+``smooth_scale`` (fp32 (K,)), and ``input_quantizer.*``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.quantized import dequantize_weight_ref, quant_gemm
+from ..primitives import packed_row_bytes
+from .activation import QActivation
+from .base import QModule, register_qmodule
+
+
+def validate_weight_spec(spec: dict) -> None:
+    fmt = spec.get("format")
+    if fmt == "int":
+        if spec.get("bits") not in range(2, 9):
+            raise ValueError(f"integer weight bits must be 2..8; got {spec.get('bits')!r}")
+        gs = spec.get("group_size")
+        if gs is not None and (not isinstance(gs, int) or gs < 1):
+            raise ValueError(f"group_size must be a positive int or None; got {gs!r}")
+    elif fmt == "vq":
+        for key in ("index_bits", "vector_dim", "codebook_size"):
+            if not isinstance(spec.get(key), int) or spec[key] < 1:
+                raise ValueError(f"codebook weight spec needs a positive int {key}; got {spec.get(key)!r}")
+        if spec["codebook_size"] > 1 << spec["index_bits"]:
+            raise ValueError(f"{spec['codebook_size']} codewords need more than {spec['index_bits']} index bits")
+    else:
+        raise ValueError(f"weight format must be 'int' or 'vq'; got {fmt!r}")
+
+
+@register_qmodule("linear")
+class QLinear(QModule):
+    """Quantized ``nn.Linear`` over (..., K) inputs. Forward goes through :func:`optimum_vim.ops.quant_gemm`:
+    integer codes and row scales when the input quantizer has one scale per token and the weight is integer
+    (W8A8, W4A8, ...), float activations for weight-only formats, and quantize-dequantize otherwise."""
+
+    def __init__(self, spec: dict):
+        super().__init__(spec)
+        w = spec["weight"]
+        validate_weight_spec(w)
+        self.in_features, self.out_features = spec["in_features"], spec["out_features"]
+        k, n = self.in_features, self.out_features
+        self.format = w["format"]
+        if self.format == "int":
+            self.bits = w["bits"]
+            self.group_size = w.get("group_size")
+            groups = 1 if not self.group_size else -(-k // self.group_size)
+            if self.bits == 8:
+                self._buffer("qweight", (n, k), torch.int8)
+            else:
+                self._buffer("qweight", (n, packed_row_bytes(k, self.bits)), torch.uint8)
+            self._buffer("weight_scale", (n, groups), torch.float32)
+        else:
+            self.bits = w["index_bits"]
+            self.group_size = None
+            d = w["vector_dim"]
+            self._buffer("qweight", (n, packed_row_bytes(-(-k // d), self.bits)), torch.uint8)
+            self._buffer("codebook", (w["codebook_size"], d), torch.float32)
+            if w.get("channel_scale"):
+                self._buffer("weight_scale", (n, 1), torch.float32)
+            else:
+                self.weight_scale = None
+        if spec.get("bias"):
+            self._buffer("bias", (n,), torch.float32)
+        else:
+            self.bias = None
+        if spec.get("smooth"):
+            self._buffer("smooth_scale", (k,), torch.float32)
+        else:
+            self.smooth_scale = None
+        self.input_quantizer = QActivation(spec["input"]) if spec.get("input") else None
+
+    @property
+    def codebook_or_none(self):
+        return getattr(self, "codebook", None) if self.format == "vq" else None
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight (N, K) the layer applies (smoothing folded in)."""
+        return dequantize_weight_ref(
+            self.qweight, self.weight_scale, self.bits, self.in_features, self.group_size, self.codebook_or_none
+        )
+
+    def effective_weight(self) -> torch.Tensor:
+        """The float weight acting on the *unsmoothed* input: ``W_hat / smooth_scale`` (dequantize())."""
+        w = self.dequantized_weight()
+        return w / self.smooth_scale if self.smooth_scale is not None else w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QLinear expects {self.in_features} input features; got {x.shape[-1]}")
+        out_shape = (*x.shape[:-1], self.out_features)
+        out_dtype = x.dtype
+        if self.smooth_scale is not None:
+            x = x / self.smooth_scale.to(x.dtype)
+        gemm_args = dict(
+            bits=self.bits, in_features=self.in_features, group_size=self.group_size, bias=self.bias,
+            out_dtype=out_dtype,
+        )
+        if self.input_quantizer is not None:
+            rows = self.input_quantizer.row_quantize(x) if self.format == "int" else None
+            if rows is not None:
+                codes, scale, zero = rows
+                y = quant_gemm(codes, self.qweight, self.weight_scale, a_scale=scale, a_zero=zero, **gemm_args)
+                return y.reshape(out_shape)
+            x = self.input_quantizer(x)
+        y = quant_gemm(
+            x.reshape(-1, self.in_features), self.qweight, self.weight_scale, codebook=self.codebook_or_none,
+            **gemm_args,
+        )
+        return y.reshape(out_shape)

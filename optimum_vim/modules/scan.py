@@ -1,0 +1,73 @@
+"""QSelectiveScan: the quantized SSM of one scan direction.
+
+Spec::
+
+    {"type": "scan", "reverse": bool, "length": L, "channels": E, "d_state": N,
+     "u": act | null, "delta": act | null, "B": act | null, "C": act | null,   # input quantizers (QActivation specs)
+     "y": act | null,                                                       # SSM output before the D skip
+     "state": null | {"bits": 8, "narrow": bool, "channel_scale": bool}}      # carried hidden state, per-step scales
+
+Buffers: ``u_quantizer.*`` ... ``y_quantizer.*``, ``state_scale`` (fp32 (L,), one scale per scan step, indexed by
+token position) and ``state_channel_scale`` (fp32 (E,)): the carried state of channel e after step t is
+re-quantized with scale ``state_scale[t] * state_channel_scale[e]``. That is k-scaled PTQ's reparameterised 8-bit
+state ``h' = h / (r_C r_L)`` with one scale per step, expressed on the original state (r_L folded into
+``state_scale``, r_C into ``state_channel_scale``; r_D is folded into x_proj by the recipe).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops import selective_scan
+from ..ops.quantized import selective_scan_q
+from ..primitives import int_range
+from .activation import QActivation
+from .base import QModule, register_qmodule
+
+_INPUTS = ("u", "delta", "B", "C")
+
+
+@register_qmodule("scan")
+class QSelectiveScan(QModule):
+    """Drop-in for ``VimSelectiveScan``: ``forward(u, delta, A, B, C, D=None, z=None)`` with (batch, L, .) inputs."""
+
+    def __init__(self, spec: dict):
+        super().__init__(spec)
+        self.reverse = bool(spec.get("reverse", False))
+        for name in (*_INPUTS, "y"):
+            setattr(self, f"{name}_quantizer", QActivation(spec[name]) if spec.get(name) else None)
+        state = spec.get("state")
+        if state:
+            if state.get("bits", 8) not in range(2, 9):
+                raise ValueError(f"state bits must be 2..8; got {state.get('bits')}")
+            self.state_qmin, self.state_qmax = int_range(state.get("bits", 8), True, state.get("narrow", False))
+            self._buffer("state_scale", (spec["length"],), torch.float32)
+            if state.get("channel_scale"):
+                self._buffer("state_channel_scale", (spec["channels"],), torch.float32)
+            else:
+                self.state_channel_scale = None
+        else:
+            self.state_scale = None
+
+    def _q(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        quantizer = getattr(self, f"{name}_quantizer")
+        return quantizer(x) if quantizer is not None else x
+
+    def forward(self, u, delta, A, B, C, D=None, z=None):
+        if self.state_scale is not None and u.shape[1] != self.spec["length"]:
+            raise ValueError(f"per-step state scales were calibrated for {self.spec['length']} tokens; got {u.shape[1]}")
+        uq, dq, Bq, Cq = (self._q(n, t) for n, t in zip(_INPUTS, (u, delta, B, C)))
+        if self.state_scale is None and self.y_quantizer is None:
+            return selective_scan(uq, dq, A, Bq, Cq, D, z, reverse=self.reverse)
+        y = selective_scan_q(
+            uq, dq, A, Bq, Cq, None, None, reverse=self.reverse, h_scale=self.state_scale,
+            h_channel_scale=self.state_channel_scale if self.state_scale is not None else None,
+            h_qmin=getattr(self, "state_qmin", -128), h_qmax=getattr(self, "state_qmax", 127),
+        )
+        if self.y_quantizer is not None:
+            y = self.y_quantizer(y)
+        if D is not None:
+            y = y + uq.float() * D.float()
+        if z is not None:
+            y = y * torch.nn.functional.silu(z.float())
+        return y.to(u.dtype)

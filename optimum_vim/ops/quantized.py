@@ -1,0 +1,55 @@
+"""Quantized ops: the one dispatch point between the quantized modules and the Triton kernels / references."""
+
+from __future__ import annotations
+
+import torch
+from optimum_vim_kernels.reference import (
+    dequantize_weight_ref,
+    quant_gemm_ref,
+    selective_scan_q_ref,
+)
+
+from .dispatch import pick_kernel
+
+
+def quant_gemm(
+    a: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor | None,
+    *,
+    bits: int,
+    in_features: int,
+    group_size: int | None = None,
+    codebook: torch.Tensor | None = None,
+    a_scale: torch.Tensor | None = None,
+    a_zero: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Quantized-weight GEMM ``(M, K) -> (M, N)``; see ``optimum_vim_kernels.reference.quant_gemm_ref``."""
+    kwargs = dict(
+        bits=bits, in_features=in_features, group_size=group_size, codebook=codebook, a_scale=a_scale,
+        a_zero=a_zero, bias=bias, out_dtype=out_dtype,
+    )
+    kernel = pick_kernel(
+        "gemm", "quant_gemm", a, m=a.shape[0], n=qweight.shape[0], k=in_features, bits=bits,
+        group_size=group_size, codebook=codebook is not None, int_activations=not a.is_floating_point(),
+        act_dtype=a.dtype,
+    )
+    if kernel is not None:
+        return kernel(a, qweight, w_scale, **kwargs)
+    return quant_gemm_ref(a, qweight, w_scale, **kwargs)
+
+
+def selective_scan_q(u, delta, A, B, C, D=None, z=None, **kwargs) -> torch.Tensor:
+    """Selective scan with int8 inputs and/or a per-step 8-bit state; see ``selective_scan_q_ref``."""
+    kernel = pick_kernel(
+        "scan", "selective_scan_q", u, length=u.shape[1], d_state=A.shape[1],
+        state_quant=kwargs.get("h_scale") is not None,
+    )
+    if kernel is not None:
+        return kernel(u, delta, A, B, C, D, z, **kwargs)
+    return selective_scan_q_ref(u, delta, A, B, C, D, z, **kwargs)
+
+
+__all__ = ["dequantize_weight_ref", "quant_gemm", "selective_scan_q"]

@@ -1,0 +1,231 @@
+"""ViMHfQuantizer: runs a recipe inside ``from_pretrained`` and reloads saved quantized checkpoints.
+
+Quantize-on-load (float checkpoint + ``ViMQuantizationConfig``): the float weights load normally, then
+``_process_model_after_weight_loading`` calibrates (the recipe returns a plan), swaps the modules and records each
+module's spec in the config. Pre-quantized reload (config.json carries the config with ``layers``): the checkpoint
+files are checked (header, sizes, format stamp, every quantized tensor's shape and dtype) and empty quantized modules
+are built on the meta device before any weight loads, so the state dict fills them by name.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from transformers.quantizers import HfQuantizer
+
+from .calibration import describe_source, prepare_calibration_batches
+from .quantization_config import ViMQuantizationConfig
+from .recipes import apply_plan, build_quantized_skeleton, get_recipe_class, quantized_modules
+from .serialization import METADATA_FORMAT_KEY, METADATA_RECIPE_KEY, check_quantized_checkpoint
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _is_vim(model) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) == "vim"
+
+
+def _align_names(specs: dict[str, dict], model: nn.Module) -> dict[str, dict]:
+    """Maps spec names saved from one Vim class onto another (``VimForImageClassification`` <-> ``VimModel``)."""
+    prefix = getattr(model, "base_model_prefix", "vim")
+    has_prefix = hasattr(model, prefix)
+    out = {}
+    for name, spec in specs.items():
+        if name.startswith(prefix + ".") and not has_prefix:
+            out[name[len(prefix) + 1 :]] = spec  # saved from the classifier, loaded as the backbone
+        elif not name.startswith(prefix + ".") and has_prefix and not _exists(model, name):
+            out[f"{prefix}.{name}"] = spec  # saved from the backbone, loaded as the classifier
+        elif _exists(model, name):
+            out[name] = spec
+        else:
+            logger.info("quantized module %s does not exist in %s; skipped", name, type(model).__name__)
+    return out
+
+
+def _exists(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+class ViMHfQuantizer(HfQuantizer):
+    """The transformers quantizer of optimum-vim (``quant_method="vim"``)."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: ViMQuantizationConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        if self.pre_quantized and not quantization_config.is_quantized_layout:
+            raise ValueError(
+                "this checkpoint's quantization_config has no per-layer specs ('layers'); it was not written by "
+                "optimum-vim's save_pretrained, or is from an incompatible version"
+            )
+        if not self.pre_quantized and quantization_config.is_quantized_layout:
+            raise ValueError(
+                "the ViMQuantizationConfig carries per-layer specs of an already quantized model; to quantize a float "
+                "checkpoint pass a fresh config (recipe, bits), to reload a quantized one call from_pretrained on it"
+            )
+
+    # ------------------------------------------------------------------------------------------ environment
+    def validate_environment(self, device_map=None, **kwargs):
+        if device_map is not None and not self.pre_quantized:
+            values = set(device_map.values()) if isinstance(device_map, dict) else {device_map}
+            if "disk" in values:
+                raise ValueError(
+                    "quantize-on-load cannot calibrate modules offloaded to disk; use device_map='cpu' or a GPU map, "
+                    "save the quantized model, then reload it with any device_map"
+                )
+
+    def update_dtype(self, dtype):
+        if dtype is not None and dtype not in _DTYPES:
+            raise ValueError(f"optimum-vim runs Vim in float32, float16 or bfloat16; got dtype={dtype}")
+        return dtype
+
+    # ------------------------------------------------------------------------------------------ loading
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        if not _is_vim(model):
+            raise TypeError(
+                f"ViMQuantizationConfig quantizes Vision Mamba (model_type 'vim') models; got "
+                f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', None)!r})"
+            )
+        if not self.pre_quantized:
+            return model
+        cfg = self.quantization_config
+        skeleton = {}
+        with torch.device("meta"):
+            from .modules import build_qmodule
+
+            for name, spec in cfg.layers.items():
+                mod = build_qmodule(spec)
+                for buf_name, buf in mod.named_buffers():
+                    skeleton[f"{name}.{buf_name}"] = (tuple(buf.shape), str(buf.dtype).removeprefix("torch."))
+        if checkpoint_files:
+            check_quantized_checkpoint(checkpoint_files, skeleton, cfg.format_version)
+        build_quantized_skeleton(model, _align_names(cfg.layers, model))
+        return model
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return False
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        cfg = self.quantization_config
+        if self.pre_quantized:
+            stale = [n for n, b in model.named_buffers() if b.is_meta]
+            if stale:
+                raise RuntimeError(f"{len(stale)} quantized buffers were not loaded, e.g. {stale[:3]}")
+            for mod in quantized_modules(model).values():
+                mod.requires_grad_(False)
+            if cfg.dequantize:
+                self._dequantize(model)
+            return model
+        return run_recipe(model, cfg)
+
+    # ------------------------------------------------------------------------------------------ saving
+    def get_state_dict_and_metadata(self, model):
+        return None, {METADATA_FORMAT_KEY: str(self.quantization_config.format_version),
+                      METADATA_RECIPE_KEY: str(self.quantization_config.recipe)}
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    # ------------------------------------------------------------------------------------------ dequantize
+    def _dequantize(self, model, dtype=None):
+        return dequantize_model(model, dtype)
+
+
+def run_recipe(model: nn.Module, cfg: ViMQuantizationConfig) -> nn.Module:
+    """Calibrates ``cfg.recipe`` on a loaded float Vim, swaps its modules (in place) and records the per-layer specs
+    in ``cfg`` (which becomes ``model.config.quantization_config``)."""
+    if not _is_vim(model):
+        raise TypeError(f"optimum-vim quantizes Vision Mamba models; got {type(model).__name__}")
+    if cfg.is_quantized_layout:
+        raise ValueError("this ViMQuantizationConfig was already used to quantize a model; create a new one")
+    recipe = get_recipe_class(cfg.recipe)(cfg)
+    batches = None
+    if recipe.requires_data(cfg):
+        processor = cfg.image_processor or _checkpoint_processor(model)
+        c = model.config
+        batches = prepare_calibration_batches(
+            cfg.calibration_dataset, processor, cfg.num_calibration_samples, cfg.calibration_batch_size,
+            cfg.seed, (c.num_channels, c.image_size, c.image_size),
+        )
+        param = next(model.parameters())
+        batches = [b.to(param.dtype) for b in batches]
+    elif cfg.calibration_dataset is not None:
+        logger.info("recipe %s does not use calibration data with these settings; it is ignored", cfg.recipe)
+    plan = recipe.calibrate(model, batches)
+    if not plan.layers:
+        raise ValueError("nothing was quantized: every target module is excluded by modules_to_not_convert / overrides")
+    apply_plan(model, plan)
+    cfg.layers = plan.specs()
+    cfg.calibration_source = describe_source(cfg.calibration_dataset) if batches is not None else "none"
+    model.config.quantization_config = cfg
+    logger.info("quantized %d modules with recipe %s", len(plan.layers), cfg.recipe)
+    return model
+
+
+def quantize_model(model: nn.Module, quantization_config: ViMQuantizationConfig) -> nn.Module:
+    """Quantizes an already-loaded float Vim in place, through the same path as
+    ``from_pretrained(..., quantization_config=...)``; the result saves, reloads and dequantizes the same way."""
+    quantizer = ViMHfQuantizer(quantization_config, pre_quantized=False)
+    run_recipe(model, quantization_config)
+    model.hf_quantizer = quantizer
+    model.is_quantized = True
+    model.quantization_method = quantization_config.quant_method
+    return model
+
+
+def dequantize_model(model: nn.Module, dtype=None) -> nn.Module:
+    """Replaces every quantized module by its float counterpart holding the dequantized weights (activation
+    quantizers are dropped; folded reparameterisations stay folded, which is exact in float)."""
+    from .models.vim.modeling_vim import VimConv1d, VimSelectiveScan
+
+    use_mamba = getattr(getattr(model, "config", None), "use_mamba_kernels", True)
+    for name, mod in quantized_modules(model).items():
+        spec = mod.spec
+        kind = spec["type"]
+        if kind == "linear":
+            new = nn.Linear(spec["in_features"], spec["out_features"], bias=spec.get("bias", False))
+            with torch.no_grad():
+                new.weight.copy_(mod.effective_weight())
+                if new.bias is not None:
+                    new.bias.copy_(mod.bias)
+        elif kind == "conv1d":
+            new = VimConv1d(spec["channels"], spec["kernel_size"], reverse=spec.get("reverse", False))
+            with torch.no_grad():
+                new.weight.copy_(mod.dequantized_weight())
+                new.bias.copy_(mod.bias)
+        elif kind == "output":
+            new = {"silu": nn.SiLU, "softplus": nn.Softplus, "identity": nn.Identity}[spec["inner"]]()
+        elif kind == "scan":
+            new = VimSelectiveScan(reverse=spec.get("reverse", False), use_mamba_kernels=use_mamba)
+        else:  # pragma: no cover - every registered kind is handled above
+            raise ValueError(f"cannot dequantize module type {kind!r}")
+        new = new.to(device=next(iter(mod.buffers())).device if any(True for _ in mod.buffers()) else "cpu")
+        if dtype is not None:
+            new = new.to(dtype)
+        model.set_submodule(name, new)
+    return model
+
+
+def _checkpoint_processor(model):
+    path = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    if not path:
+        return None
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        logger.warning("no image processor found next to %s (%s)", path, err)
+        return None

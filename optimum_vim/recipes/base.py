@@ -1,0 +1,192 @@
+"""Recipe protocol, plan types and the single function that swaps modules on a model.
+
+A recipe decides formats and tensors; it never edits the model. Its output is a :class:`QuantPlan` (pure data):
+for each module name, the spec of the quantized module that replaces it and the buffers to put in it, plus float
+overrides of kept parameters (folded reparameterisations). :func:`apply_plan` is the only code that swaps modules on a
+float model; :func:`build_quantized_skeleton` builds the same modules empty for a pre-quantized reload.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..modules import QModule, build_qmodule, load_qmodule_tensors
+
+RECIPES: dict[str, type[Recipe]] = {}
+
+# the six block linears every published Vim PTQ method quantizes (both scan directions)
+BLOCK_LINEARS = ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj")
+
+
+@dataclass
+class LayerPlan:
+    """What replaces one module: the quantized module's spec and its buffers (names relative to the module)."""
+
+    spec: dict
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass
+class QuantPlan:
+    """The full outcome of a recipe's calibration."""
+
+    recipe: str
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    float_overrides: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def specs(self) -> dict[str, dict]:
+        return {name: lp.spec for name, lp in self.layers.items()}
+
+
+class Recipe:
+    """Base class of recipes. Subclasses set ``name``, ``Args`` (a dataclass of recipe options), the supported bit
+    widths, ``requires_data(config)`` and implement ``calibrate``."""
+
+    name: ClassVar[str] = "abstract"
+    Args: ClassVar[type] = type(None)
+    weight_bits: ClassVar[tuple[int, ...]] = ()
+    act_bits: ClassVar[tuple[int | None, ...]] = (None,)
+
+    def __init__(self, config):
+        self.config = config
+        self.args = self.build_args(config.recipe_args)
+
+    @classmethod
+    def build_args(cls, recipe_args: dict | None):
+        """Validates ``recipe_args`` by building the ``Args`` dataclass (unknown keys are an error)."""
+        recipe_args = dict(recipe_args or {})
+        known = {f.name for f in dataclasses.fields(cls.Args)}
+        unknown = sorted(set(recipe_args) - known)
+        if unknown:
+            raise ValueError(f"recipe {cls.name!r} has no options {unknown}; its options are {sorted(known)}")
+        args = cls.Args(**recipe_args)
+        validate = getattr(args, "validate", None)
+        if validate is not None:
+            validate()
+        return args
+
+    @classmethod
+    def check_bits(cls, weight_bits, act_bits) -> None:
+        if weight_bits not in cls.weight_bits:
+            raise ValueError(f"recipe {cls.name!r} supports weight_bits in {cls.weight_bits}; got {weight_bits!r}")
+        if act_bits not in cls.act_bits:
+            shown = tuple("None (weight-only)" if b is None else b for b in cls.act_bits)
+            raise ValueError(f"recipe {cls.name!r} supports act_bits in {shown}; got {act_bits!r}")
+
+    @classmethod
+    def requires_data(cls, config) -> bool:
+        return True
+
+    def calibrate(self, model: nn.Module, batches: list[torch.Tensor] | None) -> QuantPlan:
+        raise NotImplementedError
+
+
+def register_recipe(cls):
+    """Class decorator adding a recipe to :data:`RECIPES` under ``cls.name``."""
+    RECIPES[cls.name] = cls
+    return cls
+
+
+def get_recipe_class(name: str) -> type[Recipe]:
+    from . import rtn  # noqa: F401 - registration side effect
+
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; available recipes: {sorted(RECIPES)}")
+    return RECIPES[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# target selection
+def _matches(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], name) is not None
+    leaf = name.rsplit(".", 1)[-1]
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(leaf, pattern) or name.endswith("." + pattern)
+
+
+def is_skipped(name: str, skip: list[str] | None) -> bool:
+    """``modules_to_not_convert`` semantics: a module is skipped when an entry matches its full name, its leaf name
+    (glob) or a dotted suffix, or when it lies inside a skipped module."""
+    if not skip:
+        return False
+    parts = name.split(".")
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(_matches(p, pat) for pat in skip for p in prefixes)
+
+
+def layer_overrides(name: str, overrides: dict | None) -> dict | None:
+    """Merged per-module settings from the config's ``overrides`` (later patterns win); ``{"skip": True}`` or a
+    None value means "leave in float"."""
+    merged: dict = {}
+    for pattern, value in (overrides or {}).items():
+        if _matches(name, pattern):
+            if value is None:
+                return {"skip": True}
+            merged.update(value)
+    return merged
+
+
+def select_linears(model: nn.Module, leaf_names=BLOCK_LINEARS, skip: list[str] | None = None) -> list[str]:
+    """Names of the ``nn.Linear`` modules whose leaf name is in ``leaf_names`` and that are not skipped."""
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in leaf_names and not is_skipped(name, skip):
+            out.append(name)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# applying plans
+def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
+    """Swaps every planned module for its quantized version (in place) and applies the float overrides."""
+    params = dict(model.named_parameters())
+    for name, value in plan.float_overrides.items():
+        if name not in params:
+            raise ValueError(f"float override for unknown parameter {name!r}")
+        with torch.no_grad():
+            params[name].copy_(value.to(params[name].dtype))
+    for name, layer in plan.layers.items():
+        old = model.get_submodule(name)
+        device = next(iter(old.buffers()), next(iter(old.parameters()), torch.empty(0))).device
+        with torch.device(device):
+            new = build_qmodule(layer.spec)
+        load_qmodule_tensors(new, layer.tensors)
+        new.requires_grad_(False)
+        model.set_submodule(name, new)
+    return model
+
+
+def build_quantized_skeleton(model: nn.Module, specs: dict[str, dict]) -> nn.Module:
+    """Replaces the modules named in ``specs`` with empty quantized modules on the meta device (pre-quantized load)."""
+    missing = [name for name in specs if not _has_submodule(model, name)]
+    if missing:
+        raise ValueError(f"the quantization config names modules this model does not have: {missing[:5]}")
+    for name, spec in specs.items():
+        with torch.device("meta"):
+            model.set_submodule(name, build_qmodule(spec))
+    return model
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QModule]:
+    """Top-level quantized modules of ``model`` (quantizers nested inside them are not listed)."""
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QModule) and not any(name.startswith(p + ".") for p in out):
+            out[name] = mod
+    return out

@@ -1,0 +1,107 @@
+"""RTN: round-to-nearest baseline (symmetric per-channel / per-group weights, static activation ranges).
+
+Weights: ``scale = max|W| / (2^(b-1) - 1)`` per output channel (or per group of ``weight_group_size`` inputs).
+Activations (``act_bits``): the inputs of the block linears get a static affine (default) or symmetric quantizer,
+per tensor (default) or per token position, whose range comes from a min-max or percentile observer over the
+calibration set. Needs no data when weight-only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..calibration.observers import collect_activation_stats
+from ..calibration.tensors import affine_from_range, rtn_weight_tensors
+from .base import BLOCK_LINEARS, LayerPlan, QuantPlan, Recipe, layer_overrides, register_recipe, select_linears
+
+OBSERVERS = ("minmax", "percentile")
+
+
+@dataclass
+class RTNArgs:
+    """Options of the RTN recipe (``ViMQuantizationConfig(recipe_args=...)``)."""
+
+    observer: str = "minmax"
+    percentile: float = 99.99
+    act_granularity: str = "tensor"
+    act_symmetric: bool = False
+    targets: tuple[str, ...] = BLOCK_LINEARS
+
+    def validate(self) -> None:
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"RTN observer must be one of {OBSERVERS}; got {self.observer!r}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100]; got {self.percentile}")
+        if self.act_granularity not in ("tensor", "token"):
+            raise ValueError(f"RTN act_granularity must be 'tensor' or 'token'; got {self.act_granularity!r}")
+        if self.observer == "percentile" and self.act_granularity != "tensor":
+            raise ValueError("the percentile observer supports act_granularity='tensor' only")
+        self.targets = tuple(self.targets)
+
+
+@register_recipe
+class RTNRecipe(Recipe):
+    """Round-to-nearest quantization of the block linears; the baseline every other recipe is compared with."""
+
+    name = "rtn"
+    Args = RTNArgs
+    weight_bits = (2, 3, 4, 5, 6, 8)
+    act_bits = (None, 4, 6, 8)
+
+    @classmethod
+    def requires_data(cls, config) -> bool:
+        return config.act_bits is not None or any(
+            (v or {}).get("act_bits") for v in (config.overrides or {}).values()
+        )
+
+    def _layer_settings(self, name: str) -> dict | None:
+        cfg = self.config
+        over = layer_overrides(name, cfg.overrides)
+        if over.get("skip"):
+            return None
+        return {
+            "weight_bits": over.get("weight_bits", cfg.weight_bits),
+            "act_bits": over.get("act_bits", cfg.act_bits),
+            "group_size": over.get("weight_group_size", cfg.weight_group_size),
+        }
+
+    def _act_tensors(self, stats, bits: int) -> tuple[dict, dict]:
+        a = self.args
+        if a.act_granularity == "token":
+            lo, hi = stats.token_min, stats.token_max
+            spec = {"bits": bits, "symmetric": a.act_symmetric, "granularity": "token", "length": int(lo.numel())}
+        else:
+            lo, hi = (stats.min, stats.max) if a.observer == "minmax" else stats.percentile_range(a.percentile)
+            spec = {"bits": bits, "symmetric": a.act_symmetric, "granularity": "tensor"}
+        return spec, affine_from_range(lo.reshape(-1), hi.reshape(-1), bits, a.act_symmetric)
+
+    @torch.no_grad()
+    def calibrate(self, model, batches) -> QuantPlan:
+        names = select_linears(model, self.args.targets, self.config.modules_to_not_convert)
+        settings = {n: s for n in names if (s := self._layer_settings(n)) is not None}
+        needs_acts = [n for n, s in settings.items() if s["act_bits"] is not None]
+        stats = {}
+        if needs_acts:
+            if not batches:
+                raise ValueError("activation quantization needs calibration data")
+            stats = collect_activation_stats(model, batches, needs_acts, "input", seed=self.config.seed)
+        plan = QuantPlan(recipe=self.name)
+        for name, s in settings.items():
+            linear = model.get_submodule(name)
+            tensors = rtn_weight_tensors(linear.weight, s["weight_bits"], s["group_size"])
+            spec = {
+                "type": "linear", "in_features": linear.in_features, "out_features": linear.out_features,
+                "bias": linear.bias is not None,
+                "weight": {"format": "int", "bits": s["weight_bits"], "group_size": s["group_size"]},
+                "input": None,
+            }
+            if linear.bias is not None:
+                tensors["bias"] = linear.bias.detach().float().clone()
+            if s["act_bits"] is not None:
+                act_spec, act_tensors = self._act_tensors(stats[name], s["act_bits"])
+                spec["input"] = act_spec
+                tensors.update({f"input_quantizer.{k}": v for k, v in act_tensors.items()})
+            plan.layers[name] = LayerPlan(spec=spec, tensors=tensors)
+        return plan

@@ -1,0 +1,39 @@
+"""Storage accounting: what quantized layers take on disk against their fp16 originals."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch import nn
+
+from .recipes import quantized_modules
+
+
+def checkpoint_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of the weight files (``*.safetensors``) in a saved model folder."""
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def _fp16_bytes(spec: dict) -> int:
+    kind = spec["type"]
+    if kind == "linear":
+        return 2 * (spec["in_features"] * spec["out_features"] + (spec["out_features"] if spec.get("bias") else 0))
+    if kind == "conv1d":
+        return 2 * (spec["channels"] * spec["kernel_size"] + spec["channels"])
+    return 0
+
+
+def quantized_layer_bytes(model: nn.Module) -> dict[str, int | float]:
+    """Bytes held by the quantized modules (every buffer: codes, scales, codebooks, activation quantizers, bias)
+    against fp16 storage of the weights they replace: ``{"quantized", "fp16", "ratio", "layers"}``."""
+    q_bytes = fp16 = 0
+    mods = quantized_modules(model)
+    for mod in mods.values():
+        weight_holding = _fp16_bytes(mod.spec)
+        if not weight_holding:
+            continue
+        fp16 += weight_holding
+        q_bytes += sum(b.numel() * b.element_size() for b in mod.buffers())
+    return {"quantized": q_bytes, "fp16": fp16, "ratio": (q_bytes / fp16) if fp16 else float("nan"),
+            "layers": len(mods)}
