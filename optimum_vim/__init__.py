@@ -10,11 +10,23 @@ __version__ = "0.1.0"
 
 register_vim_with_transformers()
 
+from . import hub  # noqa: E402
+from .evaluation import evaluate  # noqa: E402
+from .quantization_config import ViMQuantizationConfig  # noqa: E402
+from .quantizer import ViMHfQuantizer, dequantize_model, quantize_model  # noqa: E402
+
 __all__ = [
     "VimConfig",
     "VimForImageClassification",
     "VimImageProcessor",
     "VimModel",
     "VimPreTrainedModel",
+    "ViMHfQuantizer",
+    "ViMQuantizationConfig",
     "__version__",
+    "dequantize_model",
+    "evaluate",
+    "hub",
+    "quantize_model",
+    "register_vim_with_transformers",
 ]

@@ -167,4 +167,4 @@ def _maybe_accelerator():
         return None
     from accelerate import Accelerator
 
-    return Accelerator()
+    return Accelerator(cpu=not torch.cuda.is_available())
