@@ -328,3 +328,21 @@ def test_pipeline_on_quantized_folder(saved_w4a8, tiny_vim_dir):
     clf = pipeline("image-classification", model=str(saved_w4a8))
     preds = clf(Image.fromarray(np.zeros((28, 28), dtype=np.uint8)), top_k=2)
     assert len(preds) == 2 and preds[0]["score"] >= preds[1]["score"]
+
+
+def test_rtn_quantizes_scan_inputs(tiny_vim_dir, tmp_path):
+    from optimum_vim.modules import QSelectiveScan
+
+    fp = AutoModelForImageClassification.from_pretrained(tiny_vim_dir)
+    q = _load_q(tiny_vim_dir, weight_bits=8, act_bits=8, recipe_args={"scan_act_bits": 8})
+    scans = {n: m for n, m in q.named_modules() if isinstance(m, QSelectiveScan)}
+    assert sorted(scans) == [f"vim.layers.{i}.mixer.{s}" for i in (0, 1) for s in ("ssm", "ssm_b")]
+    assert scans["vim.layers.0.mixer.ssm_b"].reverse and not scans["vim.layers.0.mixer.ssm"].reverse
+    assert not scans["vim.layers.0.mixer.ssm"].spec["delta"]["symmetric"] and scans["vim.layers.0.mixer.ssm"].spec["u"]["symmetric"]
+    x = torch.randn(4, 1, 28, 28)
+    ref, out = _logits(fp, x), _logits(q, x)
+    assert 10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean()) > 25
+    q.save_pretrained(tmp_path)
+    assert torch.equal(_logits(AutoModelForImageClassification.from_pretrained(tmp_path), x), out)
+    with pytest.raises(ValueError, match="scan_act_bits"):
+        ViMQuantizationConfig(recipe_args={"scan_act_bits": 4})

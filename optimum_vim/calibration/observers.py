@@ -61,16 +61,35 @@ class ActivationStats:
         return lo, hi
 
 
+def _normalise_targets(names, where: str) -> dict[str, tuple[str, str, int]]:
+    """``names`` is a list of module names (their first input / their output) or a dict
+    ``key -> (module name, "input" | "output", positional argument index)``."""
+    if isinstance(names, dict):
+        return dict(names)
+    return {n: (n, where, 0) for n in names}
+
+
 @contextlib.contextmanager
-def _hooks(model: nn.Module, names: list[str], where: str, stats: dict[str, ActivationStats]):
+def _hooks(model: nn.Module, targets: dict[str, tuple[str, str, int]], stats: dict[str, ActivationStats]):
     handles = []
     modules = dict(model.named_modules())
-    for name in names:
+    by_module: dict[tuple[str, str], list[tuple[str, int]]] = {}
+    for key, (name, where, idx) in targets.items():
+        if name not in modules:
+            raise ValueError(f"no module named {name!r} to observe")
+        by_module.setdefault((name, where), []).append((key, idx))
+    for (name, where), keys in by_module.items():
         mod = modules[name]
         if where == "input":
-            handles.append(mod.register_forward_pre_hook(lambda m, args, n=name: stats[n].update(args[0])))
+            def pre(m, args, keys=keys):
+                for key, idx in keys:
+                    stats[key].update(args[idx])
+            handles.append(mod.register_forward_pre_hook(pre))
         else:
-            handles.append(mod.register_forward_hook(lambda m, args, out, n=name: stats[n].update(out)))
+            def post(m, args, out, keys=keys):
+                for key, _ in keys:
+                    stats[key].update(out)
+            handles.append(mod.register_forward_hook(post))
     try:
         yield
     finally:
@@ -80,16 +99,22 @@ def _hooks(model: nn.Module, names: list[str], where: str, stats: dict[str, Acti
 
 @torch.no_grad()
 def collect_activation_stats(
-    model: nn.Module, batches: list[torch.Tensor], names: list[str], where: str = "input", seed: int = 0,
+    model: nn.Module, batches: list[torch.Tensor], names, where: str = "input", seed: int = 0,
     desc: str = "calibrating",
 ) -> dict[str, ActivationStats]:
-    """Runs ``model`` on every batch and returns the statistics of the inputs (or outputs) of ``names``."""
-    stats = {name: ActivationStats(seed=seed + i) for i, name in enumerate(names)}
+    """Runs ``model`` on every batch and returns statistics of the observed tensors.
+
+    ``names``: module names (their first input, or output with ``where="output"``), or a dict
+    ``key -> (module name, "input" | "output", positional argument index)`` to observe several inputs of a module
+    (e.g. u, delta, B, C of a scan). The model is not modified; hooks are removed afterwards.
+    """
+    targets = _normalise_targets(names, where)
+    stats = {key: ActivationStats(seed=seed + i) for i, key in enumerate(targets)}
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        with _hooks(model, names, where, stats):
+        with _hooks(model, targets, stats):
             for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
                 model(batch.to(device))
     finally:

@@ -129,6 +129,22 @@ class QActivation(QModule):
         q, scale, zero = self.quantize(x)
         return dequantize(q, scale, zero).reshape(x.shape).to(x.dtype)
 
+    def static_codes(self, x: torch.Tensor, allow_zero: bool = False):
+        """For the scan kernel: ``(codes int8 (batch, L, C), scale (L,) or (1,), zero int32 or None)`` when the scale
+        is static per tensor or per token position and codes fit int8 (affine codes only with ``allow_zero``);
+        else ``None``."""
+        if self.granularity not in ("tensor", "token") or self.spec.get("channel_factor"):
+            return None
+        if self.qmax - self.qmin > 255 or (not self.symmetric and not allow_zero):
+            return None
+        q, _, _ = self.quantize(x)
+        zero = None
+        if not self.symmetric:
+            shift = 128 if self.qmax > 127 else 0
+            q = q - shift
+            zero = self.zero_point - shift
+        return q.to(torch.int8), self.scale, zero
+
     def row_quantize(self, x: torch.Tensor):
         """For integer GEMMs: ``(codes int8 (M, C), scale fp32 (M,), zero int32 (M,) or None)`` with one scale per
         row (sample, token), or ``None`` when scales vary along channels or codes do not fit int8.

@@ -56,18 +56,33 @@ class QSelectiveScan(QModule):
     def forward(self, u, delta, A, B, C, D=None, z=None):
         if self.state_scale is not None and u.shape[1] != self.spec["length"]:
             raise ValueError(f"per-step state scales were calibrated for {self.spec['length']} tokens; got {u.shape[1]}")
-        uq, dq, Bq, Cq = (self._q(n, t) for n, t in zip(_INPUTS, (u, delta, B, C)))
-        if self.state_scale is None and self.y_quantizer is None:
-            return selective_scan(uq, dq, A, Bq, Cq, D, z, reverse=self.reverse)
-        y = selective_scan_q(
-            uq, dq, A, Bq, Cq, None, None, reverse=self.reverse, h_scale=self.state_scale,
-            h_channel_scale=self.state_channel_scale if self.state_scale is not None else None,
-            h_qmin=getattr(self, "state_qmin", -128), h_qmax=getattr(self, "state_qmax", 127),
-        )
-        if self.y_quantizer is not None:
-            y = self.y_quantizer(y)
+        if all(getattr(self, f"{n}_quantizer") is None for n in _INPUTS) and self.state_scale is None \
+                and self.y_quantizer is None:
+            return selective_scan(u, delta, A, B, C, D, z, reverse=self.reverse)
+        # static 8-bit inputs travel as int8 codes + scales (what the Triton scan reads); others as fake-quant floats
+        values, extra = {}, {}
+        for name, x in zip(_INPUTS, (u, delta, B, C)):
+            quantizer = getattr(self, f"{name}_quantizer")
+            codes = quantizer.static_codes(x, allow_zero=name == "delta") if quantizer is not None else None
+            if codes is None:
+                values[name] = quantizer(x) if quantizer is not None else x
+            else:
+                values[name], extra[f"{name}_scale"], zero = codes
+                if zero is not None:
+                    extra["delta_zero"] = zero
+        if self.state_scale is not None:
+            extra.update(h_scale=self.state_scale, h_channel_scale=self.state_channel_scale,
+                         h_qmin=self.state_qmin, h_qmax=self.state_qmax)
+        if self.y_quantizer is None:
+            y = selective_scan_q(values["u"], values["delta"], A, values["B"], values["C"], D, z,
+                                 reverse=self.reverse, **extra)
+            return y.to(u.dtype)
+        y = selective_scan_q(values["u"], values["delta"], A, values["B"], values["C"], None, None,
+                             reverse=self.reverse, **extra)
+        y = self.y_quantizer(y)
         if D is not None:
-            y = y + uq.float() * D.float()
+            u_hat = self.u_quantizer(u) if self.u_quantizer is not None else u
+            y = y + u_hat.float() * D.float()
         if z is not None:
             y = y * torch.nn.functional.silu(z.float())
         return y.to(u.dtype)

@@ -10,6 +10,7 @@ from optimum_vim_kernels.reference import (
 )
 
 from .dispatch import pick_kernel
+from .scan import selective_scan_torch
 
 
 def quant_gemm(
@@ -41,14 +42,34 @@ def quant_gemm(
     return quant_gemm_ref(a, qweight, w_scale, **kwargs)
 
 
+def _dequantize_scan_input(x, scale, zero=None):
+    """Float value of a scan input given as int8 codes with a (L,) or (1,) scale (as selective_scan_q_ref reads it)."""
+    if x.is_floating_point():
+        return x
+    xf = x.float()
+    if zero is not None:
+        xf = xf - (zero.float().reshape(1, -1, 1) if zero.numel() > 1 else zero.float())
+    return xf * (scale.float().reshape(1, -1, 1) if scale.numel() > 1 else scale.float())
+
+
 def selective_scan_q(u, delta, A, B, C, D=None, z=None, **kwargs) -> torch.Tensor:
-    """Selective scan with int8 inputs and/or a per-step 8-bit state; see ``selective_scan_q_ref``."""
+    """Selective scan with int8 inputs and/or a per-step 8-bit state; see ``selective_scan_q_ref``.
+
+    Without a kernel and without state quantization, the inputs are dequantized and the fast PyTorch scan runs
+    (same values as the reference loop up to float summation order)."""
     kernel = pick_kernel(
         "scan", "selective_scan_q", u, length=u.shape[1], d_state=A.shape[1],
         state_quant=kwargs.get("h_scale") is not None,
     )
     if kernel is not None:
         return kernel(u, delta, A, B, C, D, z, **kwargs)
+    if kwargs.get("h_scale") is None and not kwargs.get("delta_softplus") and kwargs.get("delta_bias") is None:
+        uf = _dequantize_scan_input(u, kwargs.get("u_scale"))
+        df = _dequantize_scan_input(delta, kwargs.get("delta_scale"), kwargs.get("delta_zero"))
+        Bf = _dequantize_scan_input(B, kwargs.get("B_scale"))
+        Cf = _dequantize_scan_input(C, kwargs.get("C_scale"))
+        out = selective_scan_torch(uf.float(), df.float(), A, Bf.float(), Cf.float(), D, z, reverse=kwargs.get("reverse", False))
+        return out.to(kwargs.get("out_dtype") or torch.float32)
     return selective_scan_q_ref(u, delta, A, B, C, D, z, **kwargs)
 
 

@@ -3,7 +3,9 @@
 Weights: ``scale = max|W| / (2^(b-1) - 1)`` per output channel (or per group of ``weight_group_size`` inputs).
 Activations (``act_bits``): the inputs of the block linears get a static affine (default) or symmetric quantizer,
 per tensor (default) or per token position, whose range comes from a min-max or percentile observer over the
-calibration set. Needs no data when weight-only.
+calibration set. ``scan_act_bits=8`` also quantizes the selective-scan inputs u, delta, B and C of both directions
+(static, per tensor or per token like the linears; delta affine, the others symmetric), which feeds the int8 scan
+kernel. Needs no data when weight-only.
 """
 
 from __future__ import annotations
@@ -14,9 +16,19 @@ import torch
 
 from ..calibration.observers import collect_activation_stats
 from ..calibration.tensors import affine_from_range, rtn_weight_tensors
-from .base import BLOCK_LINEARS, LayerPlan, QuantPlan, Recipe, layer_overrides, register_recipe, select_linears
+from .base import (
+    BLOCK_LINEARS,
+    LayerPlan,
+    QuantPlan,
+    Recipe,
+    is_skipped,
+    layer_overrides,
+    register_recipe,
+    select_linears,
+)
 
 OBSERVERS = ("minmax", "percentile")
+_SCAN_ARGS = {"u": 0, "delta": 1, "B": 3, "C": 4}  # positional inputs of VimSelectiveScan.forward
 
 
 @dataclass
@@ -28,6 +40,8 @@ class RTNArgs:
     act_granularity: str = "tensor"
     act_symmetric: bool = False
     targets: tuple[str, ...] = BLOCK_LINEARS
+    scan_act_bits: int | None = None
+
 
     def validate(self) -> None:
         if self.observer not in OBSERVERS:
@@ -39,6 +53,8 @@ class RTNArgs:
         if self.observer == "percentile" and self.act_granularity != "tensor":
             raise ValueError("the percentile observer supports act_granularity='tensor' only")
         self.targets = tuple(self.targets)
+        if self.scan_act_bits not in (None, 8):
+            raise ValueError(f"scan_act_bits must be None or 8 (int8 scan inputs); got {self.scan_act_bits!r}")
 
 
 @register_recipe
@@ -52,6 +68,8 @@ class RTNRecipe(Recipe):
 
     @classmethod
     def requires_data(cls, config) -> bool:
+        if (config.recipe_args or {}).get("scan_act_bits"):
+            return True
         return config.act_bits is not None or any(
             (v or {}).get("act_bits") for v in (config.overrides or {}).values()
         )
@@ -67,26 +85,30 @@ class RTNRecipe(Recipe):
             "group_size": over.get("weight_group_size", cfg.weight_group_size),
         }
 
-    def _act_tensors(self, stats, bits: int) -> tuple[dict, dict]:
+    def _act_tensors(self, stats, bits: int, symmetric: bool | None = None) -> tuple[dict, dict]:
         a = self.args
+        symmetric = a.act_symmetric if symmetric is None else symmetric
         if a.act_granularity == "token":
             lo, hi = stats.token_min, stats.token_max
-            spec = {"bits": bits, "symmetric": a.act_symmetric, "granularity": "token", "length": int(lo.numel())}
+            spec = {"bits": bits, "symmetric": symmetric, "granularity": "token", "length": int(lo.numel())}
         else:
             lo, hi = (stats.min, stats.max) if a.observer == "minmax" else stats.percentile_range(a.percentile)
-            spec = {"bits": bits, "symmetric": a.act_symmetric, "granularity": "tensor"}
-        return spec, affine_from_range(lo.reshape(-1), hi.reshape(-1), bits, a.act_symmetric)
+            spec = {"bits": bits, "symmetric": symmetric, "granularity": "tensor"}
+        return spec, affine_from_range(lo.reshape(-1), hi.reshape(-1), bits, symmetric)
 
     @torch.no_grad()
     def calibrate(self, model, batches) -> QuantPlan:
         names = select_linears(model, self.args.targets, self.config.modules_to_not_convert)
         settings = {n: s for n in names if (s := self._layer_settings(n)) is not None}
-        needs_acts = [n for n, s in settings.items() if s["act_bits"] is not None]
+        targets = {n: (n, "input", 0) for n, s in settings.items() if s["act_bits"] is not None}
+        scans = self._scan_modules(model) if self.args.scan_act_bits else []
+        for scan in scans:
+            targets.update({f"{scan}:{arg}": (scan, "input", idx) for arg, idx in _SCAN_ARGS.items()})
         stats = {}
-        if needs_acts:
+        if targets:
             if not batches:
                 raise ValueError("activation quantization needs calibration data")
-            stats = collect_activation_stats(model, batches, needs_acts, "input", seed=self.config.seed)
+            stats = collect_activation_stats(model, batches, targets, seed=self.config.seed)
         plan = QuantPlan(recipe=self.name)
         for name, s in settings.items():
             linear = model.get_submodule(name)
@@ -104,4 +126,27 @@ class RTNRecipe(Recipe):
                 spec["input"] = act_spec
                 tensors.update({f"input_quantizer.{k}": v for k, v in act_tensors.items()})
             plan.layers[name] = LayerPlan(spec=spec, tensors=tensors)
+        for scan in scans:
+            plan.layers[scan] = self._scan_plan(model, scan, stats)
         return plan
+
+    def _scan_modules(self, model) -> list[str]:
+        from ..models.vim.modeling_vim import VimSelectiveScan
+
+        skip = self.config.modules_to_not_convert
+        return [n for n, m in model.named_modules()
+                if isinstance(m, VimSelectiveScan) and not is_skipped(n, skip) and not layer_overrides(n, self.config.overrides).get("skip")]
+
+    def _scan_plan(self, model, name: str, stats) -> LayerPlan:
+        mod = model.get_submodule(name)
+        first = stats[f"{name}:u"]
+        spec = {"type": "scan", "reverse": mod.reverse, "length": int(first.token_min.numel()),
+                "channels": int(first.channel_absmax.numel()), "d_state": int(stats[f"{name}:B"].channel_absmax.numel())}
+        tensors = {}
+        for arg in _SCAN_ARGS:
+            # delta > 0 (after softplus): an affine grid does not waste half of the codes on negative values
+            act_spec, act_tensors = self._act_tensors(stats[f"{name}:{arg}"], self.args.scan_act_bits,
+                                                      symmetric=arg != "delta")
+            spec[arg] = act_spec
+            tensors.update({f"{arg}_quantizer.{k}": v for k, v in act_tensors.items()})
+        return LayerPlan(spec=spec, tensors=tensors)
