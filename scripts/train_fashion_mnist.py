@@ -25,8 +25,20 @@ from tqdm.auto import tqdm
 import optimum_vim  # noqa: F401 - registers the vim model type
 from optimum_vim import VimConfig, VimForImageClassification, VimImageProcessor
 from optimum_vim.data import FASHION_MNIST_LABELS, load_fashion_mnist_arrays
+from optimum_vim.hub import set_card_info
 
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training-split pixel statistics (0..1 scale)
+
+
+def card_training_info(record: dict) -> dict:
+    """The model card's training table from a training record."""
+    return {
+        "data": "Fashion-MNIST (Zalando, MIT), 60,000 training images; evaluated on the 10,000-image test split",
+        "command": record["command"],
+        "seed": record["seed"],
+        "wall": f"{record['train_wall_seconds'] / 60:.1f} min on {record['threads']} CPU threads (torch {record['torch']})",
+        "accuracy": f"{100 * record['test_accuracy']:.2f}% ({record['test_images']} images)",
+    }
 
 
 def parse_args(argv=None):
@@ -139,25 +151,26 @@ def main(argv=None) -> int:
             opt.step()
             step += 1
             running = 0.98 * running + 0.02 * loss.item() if i else loss.item()
-            bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr_at(step):.2e}")
+            bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr_at(step):.2e}", refresh=False)
         print(f"epoch {epoch + 1}: loss {running:.4f}, {time.time() - start:.0f}s elapsed", flush=True)
 
     train_seconds = time.time() - start
     accuracy = evaluate(model, xte, yte)
     print(f"test accuracy (10,000 images): {accuracy:.4f}; training wall time {train_seconds:.0f}s", flush=True)
 
-    model.save_pretrained(out_dir)
-    processor = VimImageProcessor(
-        size={"height": 28, "width": 28}, do_center_crop=False, image_mean=[MEAN], image_std=[STD], color_mode="L",
-        resample=2,
-    )
-    processor.save_pretrained(out_dir)
     command = "python scripts/train_fashion_mnist.py " + " ".join(sys.argv[1:] if argv is None else argv)
     record = {
         "command": command, "seed": args.seed, "threads": args.threads, "epochs": args.epochs,
         "train_wall_seconds": round(train_seconds, 1), "test_accuracy": accuracy, "test_images": len(xte),
         "parameters": n_params, "torch": torch.__version__,
     }
+    set_card_info(model, training=card_training_info(record))
+    model.save_pretrained(out_dir)
+    processor = VimImageProcessor(
+        size={"height": 28, "width": 28}, do_center_crop=False, image_mean=[MEAN], image_std=[STD], color_mode="L",
+        resample=2,
+    )
+    processor.save_pretrained(out_dir)
     (out_dir / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
