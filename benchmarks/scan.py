@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     shapes = [("Vim-T stride 16", 1, 197), ("Vim-T stride 16", 8, 197), ("Vim-T stride 8", 1, 730)]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"| shape | batch | tokens | mode | naive loop (ms) | optimum-vim (ms) | speed-up | max abs diff |")
+    print("| shape | batch | tokens | mode | naive loop (ms) | optimum-vim (ms) | speed-up | max abs diff |")
     print("|---|---|---|---|---|---|---|---|")
     for name, b, length in shapes:
         ours, theirs = _inputs(b, length)
@@ -75,18 +75,18 @@ def main(argv=None) -> int:
             y_ours = selective_scan_torch(*ours)
             y_naive = naive_scan(*theirs).transpose(1, 2)
             diff = (y_ours - y_naive).abs().max().item()
-            t_naive = _time(lambda: naive_scan(*theirs), args.repeats)
-            t_ours = _time(lambda: selective_scan_torch(*ours), args.repeats)
+            t_naive = _time(lambda theirs=theirs: naive_scan(*theirs), args.repeats)
+            t_ours = _time(lambda ours=ours: selective_scan_torch(*ours), args.repeats)
         print(f"| {name} | {b} | {length} | inference | {1e3 * t_naive:.1f} | {1e3 * t_ours:.1f} | "
               f"{t_naive / t_ours:.1f}x | {diff:.1e} |", flush=True)
         if args.train:
             ours, theirs = _inputs(b, length, requires_grad=True)
             w = torch.randn(b, length, 384)
 
-            def step_ours():
+            def step_ours(ours=ours, w=w):
                 (selective_scan_torch(*ours) * w).sum().backward()
 
-            def step_naive():
+            def step_naive(theirs=theirs, w=w):
                 (naive_scan(*theirs) * w.transpose(1, 2)).sum().backward()
 
             t_naive = _time(step_naive, max(3, args.repeats // 2))
