@@ -71,3 +71,34 @@ def test_import_is_cheap_and_cpu_safe():
     # transformers' PreTrainedModel itself imports triton when installed, so that is not checked; what optimum-vim
     # controls is that no Triton launcher module is imported (and no kernel compiled) until a kernel is used
     assert info == {"mamba": False, "kernels": ["optimum_vim_kernels.format", "optimum_vim_kernels.reference"], "vim": True}
+
+
+def test_wheel_ships_kernels_card_templates_and_labels(tmp_path):
+    """A non-editable install must carry what the source checkout finds by path: the Triton package, the model-card
+    templates (model_cards/templates -> optimum_vim.model_cards) and the ImageNet labels used by the converter."""
+    import zipfile
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        check=True, capture_output=True, timeout=300,
+    )
+    (wheel,) = tmp_path.glob("optimum_vim-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {
+        "optimum_vim_kernels/gemm.py", "optimum_vim_kernels/scan.py", "optimum_vim_kernels/reference.py",
+        "optimum_vim/model_cards/float.md", "optimum_vim/model_cards/quantized.md",
+        "optimum_vim/models/vim/imagenet1k_labels.json", "optimum/commands/register/vim.py",
+    }
+    assert expected <= names, sorted(expected - names)
+    assert not any(n.startswith(("kernels/", "model_cards/", "tests/", "checkpoints/")) for n in names)
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = (
+        "import optimum_vim, optimum_vim_kernels; from optimum_vim.hub.cards import template_text; "
+        "assert optimum_vim.__file__.startswith(%r), optimum_vim.__file__; "
+        "assert 'card_data' in template_text('float') and 'card_data' in template_text('quantized')"
+    ).replace("%r", repr(str(site)))
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -17,7 +17,10 @@ def template_text(name: str) -> str:
         repo = Path(__file__).resolve().parents[2] / "model_cards" / "templates" / f"{name}.md"
         if repo.exists():
             return repo.read_text()
-        raise FileNotFoundError(f"model card template {name!r} not found (looked in optimum_vim.model_cards and {repo})")
+        raise FileNotFoundError(
+            f"model card template {name!r} not found (looked in optimum_vim.model_cards and {repo}); "
+            "reinstall optimum-vim (`pip install -e .` in a checkout)"
+        ) from None
 
 
 def _architecture(config) -> str:
