@@ -183,7 +183,7 @@ def selective_scan_q_ref(
         position) or (1,) (per tensor); ``delta_zero`` (same shape, int32) for an affine delta.
         delta_bias (E,) and delta_softplus: ``delta = softplus(delta + delta_bias)`` as mamba-ssm's kernel does.
         reverse: scan from the last token to the first (Vim's backward direction) without flipping tensors.
-        h_scale: (L,) per-step scales: after step t the carried state is replaced by
+        h_scale: (L,) per-step scales, or (1,) one for every step: after step t the carried state is replaced by
             ``clamp(round(h / (h_scale[t] * h_channel_scale[e])), h_qmin, h_qmax) * scale`` (the output of step t
             still uses the unquantized state, as in k-scaled PTQ).
     Returns ``y = (C . h + D * u) * silu(z)`` in ``out_dtype`` (default: float32).
@@ -214,7 +214,7 @@ def selective_scan_q_ref(
         h = torch.exp(df[:, t, :, None] * Af) * h + (df[:, t] * uf[:, t])[:, :, None] * Bf[:, t, None, :]
         ys[t] = (h * Cf[:, t, None, :]).sum(-1)
         if h_scale is not None:
-            s = h_scale[t].float()
+            s = (h_scale[t] if h_scale.numel() > 1 else h_scale.reshape(())).float()
             if h_channel_scale is not None:
                 s = s * h_channel_scale.float()[None, :, None]
             h = torch.round(h / s).clamp_(h_qmin, h_qmax) * s
@@ -229,7 +229,8 @@ def selective_scan_q_ref(
 def combine_directions_ref(y_f: torch.Tensor, y_b: torch.Tensor, z: torch.Tensor | None, divide: bool = True,
                            out_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Vim's combine ahead of out_proj: ``(y_f + y_b) / 2 * silu(z)`` (gate optional), optionally requantized to int8
-    codes with per-row ``out_scale`` (M,) for the next integer GEMM. Shapes (b, L, E)."""
+    codes with ``out_scale`` of shape (L,) (per token position) or (1,) (per tensor) for the next integer GEMM.
+    Shapes (b, L, E)."""
     y = y_f.float() + y_b.float()
     if divide:
         y = y / 2
