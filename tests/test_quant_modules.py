@@ -5,12 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from optimum_vim_kernels.reference import selective_scan_q_ref
 
 from optimum_vim.calibration.tensors import rtn_weight_tensors
-from optimum_vim.modules import QActivation, QConv1d, QLinear, QOutput, QSelectiveScan, build_qmodule, load_qmodule_tensors
+from optimum_vim.modules import (
+    QActivation,
+    QLinear,
+    QOutput,
+    build_qmodule,
+    load_qmodule_tensors,
+)
 from optimum_vim.ops import causal_conv1d, selective_scan_torch
 from optimum_vim.primitives import pack_codes
-from optimum_vim_kernels.reference import selective_scan_q_ref
 
 
 def _act(spec, **tensors):

@@ -293,8 +293,7 @@ def test_unregistered_quantizer_refused(saved_w4a8, monkeypatch):
 def test_registration_is_idempotent():
     from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
-    from optimum_vim import register_vim_with_transformers
-    from optimum_vim import _registration
+    from optimum_vim import _registration, register_vim_with_transformers
 
     monkey_done = _registration._DONE
     _registration._DONE = False

@@ -169,9 +169,9 @@ class VimPreTrainedModel(PreTrainedModel):
         README.md model card rendered from optimum-vim's templates (``model_card=False`` skips it).
         ``push_to_hub=True`` then publishes the folder with :meth:`push_to_hub` (``repo_id`` kwarg or the folder name).
         """
-        from ...hub import atomic_save, write_model_card
-
         import os
+
+        from ...hub import atomic_save, write_model_card
 
         repo_id = kwargs.pop("repo_id", None)
         is_main = kwargs.get("is_main_process", True)
