@@ -179,6 +179,7 @@ def test_device_map_cpu_and_disk_refusal(tiny_vim_dir, tmp_path):
     "kwargs,match",
     [
         ({"recipe": "gptq"}, "unknown recipe"),
+        ({"recipe": "ptq4vm"}, "PTQ4VM.*not implemented.*available recipes: \\['rtn'\\]"),
         ({"weight_bits": 7}, "weight_bits"),
         ({"weight_bits": 8, "act_bits": 3}, "act_bits"),
         ({"weight_group_size": 0}, "weight_group_size"),
@@ -189,7 +190,7 @@ def test_device_map_cpu_and_disk_refusal(tiny_vim_dir, tmp_path):
         ({"format_version": 2}, "format v2"),
         ({"calibration_data": 1}, "unknown options"),
     ],
-    ids=["recipe", "weight-bits", "act-bits", "group", "observer", "recipe-arg", "override", "samples", "format", "typo"],
+    ids=["recipe", "planned-recipe", "weight-bits", "act-bits", "group", "observer", "recipe-arg", "override", "samples", "format", "typo"],
 )
 def test_config_refuses_impossible_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
