@@ -75,5 +75,9 @@ def test_optimum_cli_plugin(tiny_vim_dir):
 
 
 def test_module_entry_point():
-    proc = subprocess.run([sys.executable, "-m", "optimum_vim.cli", "--help"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and all(c in proc.stdout for c in ("quantize", "evaluate", "convert", "push"))
+    for module in ("optimum_vim.cli", "optimum_vim"):
+        proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and all(c in proc.stdout for c in ("quantize", "evaluate", "convert", "push"))
+    proc = subprocess.run([sys.executable, "-m", "optimum_vim", "quantize", "x", "y", "--recipe", "ptq4vm"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "not implemented" in proc.stderr and "Traceback" not in proc.stderr

@@ -27,8 +27,8 @@ def w4_model(tiny_vim_dir):
 def _count_calls(monkeypatch):
     from optimum_vim_kernels import gemm, scan
 
-    calls = {"gemm": 0, "scan": 0}
-    real_gemm, real_scan = gemm.quant_gemm, scan.selective_scan_q
+    calls = {"gemm": 0, "scan": 0, "combine": 0}
+    real_gemm, real_scan, real_combine = gemm.quant_gemm, scan.selective_scan_q, scan.combine_directions
 
     def counting_gemm(*a, **k):
         calls["gemm"] += 1
@@ -38,6 +38,11 @@ def _count_calls(monkeypatch):
         calls["scan"] += 1
         return real_scan(*a, **k)
 
+    def counting_combine(*a, **k):
+        calls["combine"] += 1
+        return real_combine(*a, **k)
+
+    monkeypatch.setattr(scan, "combine_directions", counting_combine)
     monkeypatch.setattr(gemm, "quant_gemm", counting_gemm)
     monkeypatch.setattr(scan, "selective_scan_q", counting_scan)
     return calls
@@ -54,15 +59,17 @@ def test_whole_model_through_triton_matches_reference(fixture, request, monkeypa
         out = model(x).logits
     assert calls["gemm"] == 12  # every block linear ran the Triton GEMM (interpreted here)
     assert calls["scan"] == (4 if fixture == "w8a8_scan_model" else 0)  # int8 scan inputs -> the Triton scan
+    # static int8 out_proj input -> the fused combine + requantization, one per layer
+    assert calls["combine"] == (2 if fixture == "w8a8_scan_model" else 0)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_auto_on_cpu_uses_reference(w4_model, monkeypatch):
+def test_auto_on_cpu_uses_reference(w8a8_scan_model, monkeypatch):
     calls = _count_calls(monkeypatch)
     assert current_backend().value == "auto"
     with torch.no_grad():
-        w4_model(torch.randn(1, 1, 28, 28))
-    assert calls == {"gemm": 0, "scan": 0}
+        w8a8_scan_model(torch.randn(1, 1, 28, 28))
+    assert calls == {"gemm": 0, "scan": 0, "combine": 0}
 
 
 def test_environment_variable_selects_policy(monkeypatch):

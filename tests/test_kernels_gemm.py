@@ -14,6 +14,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def _weight(n, k, bits, seed=0):
     g = torch.Generator().manual_seed(seed)
+    if bits == 1:  # binary: +-1
+        codes = torch.randint(0, 2, (n, k), generator=g) * 2 - 1
+        return codes, pack_signed(codes, 1)
     hi = (1 << (bits - 1)) - 1
     codes = torch.randint(-hi, hi + 1, (n, k), generator=g)
     return codes, (codes.to(torch.int8) if bits == 8 else pack_signed(codes, bits))
@@ -28,7 +31,7 @@ IDS = ["gemv", "ragged", "exact-blocks", "tall"]
 
 
 @pytest.mark.parametrize("m,n,k", SHAPES, ids=IDS)
-@pytest.mark.parametrize("bits", [8, 4, 2], ids=["w8", "w4", "w2"])
+@pytest.mark.parametrize("bits", [8, 4, 2, 1], ids=["w8", "w4", "w2", "w1"])
 @pytest.mark.parametrize("group", [None, 32], ids=["per-channel", "g32"])
 def test_int8_activations_exact(m, n, k, bits, group):
     codes, qw = _weight(n, k, bits)
@@ -68,7 +71,9 @@ def test_int8_requantized_output(per_tensor):
 
 @pytest.mark.parametrize("m,n,k", SHAPES[1:3], ids=IDS[1:3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (2, None)], ids=["w8a16", "w4a16-g32", "w2a16"])
+@pytest.mark.parametrize(
+    "bits,group", [(8, None), (4, 32), (2, None), (1, 32)], ids=["w8a16", "w4a16-g32", "w2a16", "w1a16-g32"]
+)
 def test_float_activations(m, n, k, dtype, bits, group):
     codes, qw = _weight(n, k, bits)
     ws = torch.rand(n, 1 if group is None else -(-k // group)) + 0.05

@@ -306,6 +306,20 @@ def test_combine_int8_out(per_token, gated):
     assert (out.int() - ref.int()).abs().max() <= 1
 
 
+@pytest.mark.parametrize("qmin,qmax", [(-127, 127), (-7, 7)], ids=["int8-narrow", "int4"])
+def test_combine_code_range(qmin, qmax):
+    """The fused combine clamps to the consumer's code range (narrow int8, 4-bit activations)."""
+    yf, yb, _ = _combine_inputs()
+    yf[:, 1, :2], yb[:, 1, :2] = torch.tensor([50.0, -50.0]), torch.tensor([50.0, -50.0])  # far outside the range
+    s = torch.tensor([1 / 16])
+    ref = reference.combine_directions_ref(yf, yb, None, out_scale=s, qmin=qmin, qmax=qmax)
+    assert int(ref.min()) == qmin and int(ref.max()) == qmax  # the inputs do reach both ends of the range
+    out = scan.combine_directions(*(_to_dev(t) for t in (yf, yb)), None, out_scale=_to_dev(s), qmin=qmin, qmax=qmax)
+    assert torch.equal(out.cpu(), ref)
+    with pytest.raises(ValueError, match="inside int8"):
+        scan.combine_directions(yf, yb, None, out_scale=s, qmin=-129, qmax=127)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # support checks and refusals
 def test_supports_and_refusals():

@@ -38,6 +38,20 @@ def test_documented_layout():
     assert pack_codes(torch.tensor([[7, 7, 7]]), 3).tolist() == [[0xFF, 0x01]]
     # 2 bit: four codes per byte
     assert pack_codes(torch.tensor([[1, 2, 3, 0, 1]]), 2).tolist() == [[0b00111001, 0b01]]
+    # 1 bit is binary: -1 -> 0, +1 -> 1, eight per byte, first code in the lowest bit
+    assert pack_signed(torch.tensor([[1, -1, -1, 1, 1, 1, -1, -1, 1]]), 1).tolist() == [[0b00111001, 0b1]]
+
+
+@given(cols=st.integers(1, 40), seed=st.integers(0, 2**31 - 1))
+def test_binary_roundtrip(cols, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 2, (3, cols), generator=g) * 2 - 1
+    assert torch.equal(unpack_signed(pack_signed(q, 1), 1, cols), q.to(torch.int32))
+
+
+def test_binary_refuses_zero():
+    with pytest.raises(ValueError, match="-1 or \\+1"):
+        pack_signed(torch.tensor([[0, 1]]), 1)
 
 
 def test_packing_rejects_bad_input():

@@ -98,8 +98,10 @@ def variants():
                 name = f"scan {'rev' if reverse else 'fwd'} {'int8' if int_in else 'fp16'}{' +state8' if hq else ''}"
                 out.append((name, scan._scan_kernel, ptrs, consts, ("h_qmin", "h_qmax")))
     out.append(("combine int8-out", scan._combine_kernel,
-                {"yf_ptr": "*fp16", "yb_ptr": "*fp16", "z_ptr": "*fp16", "os_ptr": "*fp32", "out_ptr": "*i8"},
-                dict(DIVIDE=True, HAS_Z=True, REQUANT=True, OS_TOK=True, BLOCK=1024), ()))
+                {"yf_ptr": "*fp16", "yb_ptr": "*fp16", "z_ptr": "*fp16", "os_ptr": "*fp32", "oz_ptr": "*i32",
+                 "out_ptr": "*i8"},
+                dict(DIVIDE=True, HAS_Z=True, REQUANT=True, OS_TOK=True, BLOCK=1024, QMIN=-128.0, QMAX=127.0,
+                     HAS_OZ=True), ()))
     return out
 
 

@@ -5,6 +5,7 @@ bit stream: code ``k`` of a row occupies bits ``[k*b, (k+1)*b)`` of the row, bit
 ``i // 8``. Each row is padded with zero bits to whole bytes, so the packed shape is ``(..., ceil(K*b/8))``.
 For b in {1, 2, 4, 8} this is the usual "lowest bits first" layout (two int4 per byte, low nibble first).
 Signed values are stored with an offset (``u = q + 2**(b-1)``), so every stored code is an unsigned integer.
+One bit is binary, not a uniform grid: the values are -1 and +1, stored as ``u = (q + 1) / 2`` (0 -> -1, 1 -> +1).
 """
 
 from __future__ import annotations
@@ -75,10 +76,18 @@ def unpack_codes(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tenso
 
 
 def pack_signed(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Packs signed integers in ``[-2**(bits-1), 2**(bits-1) - 1]`` with the offset-binary convention."""
-    return pack_codes(q.to(torch.int64) + (1 << (bits - 1)), bits)
+    """Packs signed integers in ``[-2**(bits-1), 2**(bits-1) - 1]`` with the offset-binary convention
+    (1 bit: values in {-1, +1}, see the module docstring)."""
+    q = q.to(torch.int64)
+    if bits == 1:
+        if q.numel() and not bool(((q == 1) | (q == -1)).all()):
+            raise ValueError("1-bit (binary) codes must be -1 or +1")
+        return pack_codes((q + 1) >> 1, 1)
+    return pack_codes(q + (1 << (bits - 1)), bits)
 
 
 def unpack_signed(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:
     """Inverse of :func:`pack_signed`; returns int32."""
+    if bits == 1:
+        return unpack_codes(packed, 1, num_codes) * 2 - 1
     return unpack_codes(packed, bits, num_codes) - (1 << (bits - 1))

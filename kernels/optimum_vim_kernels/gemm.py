@@ -38,8 +38,12 @@ def _decode_int_tile(w_ptr, offs_k, offs_n, K, N, stride_wn, BITS: tl.constexpr)
         per_byte = 8 // BITS
         byte = tl.load(w_ptr + offs_n[None, :] * stride_wn + (offs_k // per_byte)[:, None], mask=mask, other=0)
         code = (byte.to(tl.int32) >> ((offs_k % per_byte) * BITS)[:, None]) & ((1 << BITS) - 1)
-        # masked positions read 0 -> -2^(b-1) after the offset; zero them so integer sums stay exact
-        code = tl.where(mask, code - (1 << (BITS - 1)), 0)
+        # offset binary (1 bit: binary, 0 -> -1, 1 -> +1); masked positions would decode to a nonzero value, so
+        # they are zeroed to keep integer sums exact
+        if BITS == 1:
+            code = tl.where(mask, 2 * code - 1, 0)
+        else:
+            code = tl.where(mask, code - (1 << (BITS - 1)), 0)
     return code
 
 
@@ -143,8 +147,8 @@ def supports_quant_gemm(*, m, n, k, bits, group_size=None, codebook=False, int_a
             return "codebook weights take float activations"
         if bits not in (4, 8):
             return f"codebook indices of {bits} bits are decoded by the reference only (kernel: 4 or 8)"
-    elif bits not in (2, 4, 8):
-        return f"{bits}-bit packed weights straddle bytes and are decoded by the reference only (kernel: 2, 4, 8)"
+    elif bits not in (1, 2, 4, 8):
+        return f"{bits}-bit packed weights straddle bytes and are decoded by the reference only (kernel: 1, 2, 4, 8)"
     if int_activations:
         if act_dtype != torch.int8:
             return f"integer activations must be int8 codes; got {act_dtype}"

@@ -227,9 +227,11 @@ def selective_scan_q_ref(
 
 
 def combine_directions_ref(y_f: torch.Tensor, y_b: torch.Tensor, z: torch.Tensor | None, divide: bool = True,
-                           out_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                           out_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                           qmin: int = -128, qmax: int = 127, out_zero: torch.Tensor | None = None) -> torch.Tensor:
     """Vim's combine ahead of out_proj: ``(y_f + y_b) / 2 * silu(z)`` (gate optional), optionally requantized to int8
-    codes with ``out_scale`` of shape (L,) (per token position) or (1,) (per tensor) for the next integer GEMM.
+    codes ``clamp(round(y / out_scale) + out_zero, qmin, qmax)`` with ``out_scale`` (and the optional int32
+    ``out_zero``) of shape (L,) (per token position) or (1,) (per tensor) for the next integer GEMM.
     Shapes (b, L, E)."""
     y = y_f.float() + y_b.float()
     if divide:
@@ -237,5 +239,8 @@ def combine_directions_ref(y_f: torch.Tensor, y_b: torch.Tensor, z: torch.Tensor
     if z is not None:
         y = y * F.silu(z.float())
     if out_scale is not None:
-        return torch.round(y / out_scale.float().reshape(1, -1, 1)).clamp_(-128, 127).to(torch.int8)
+        q = torch.round(y / out_scale.float().reshape(1, -1, 1))
+        if out_zero is not None:
+            q = q + out_zero.float().reshape(1, -1, 1)
+        return q.clamp_(qmin, qmax).to(torch.int8)
     return y.to(out_dtype or y_f.dtype)

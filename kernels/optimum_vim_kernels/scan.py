@@ -363,15 +363,16 @@ def selective_scan_q(
 
 
 @triton.jit
-def _combine_kernel(yf_ptr, yb_ptr, z_ptr, os_ptr, out_ptr, L, E,
+def _combine_kernel(yf_ptr, yb_ptr, z_ptr, os_ptr, oz_ptr, out_ptr, L, E,
                     DIVIDE: tl.constexpr, HAS_Z: tl.constexpr, REQUANT: tl.constexpr, OS_TOK: tl.constexpr,
-                    BLOCK: tl.constexpr):
+                    BLOCK: tl.constexpr, QMIN: tl.constexpr = -128.0, QMAX: tl.constexpr = 127.0,
+                    HAS_OZ: tl.constexpr = False):
     """One program: row ``program_id(0)`` of the contiguous (b * L, E) view, channels
     ``[program_id(1) * BLOCK, + BLOCK)``. Rows on grid axis 0 (up to 2^31 - 1 programs; axis 1 stops at 65535).
 
     out = (y_f + y_b) [/ 2] [* silu(z)], then either cast to out's dtype or requantized to int8 codes
-    clamp(round(out / s), -128, 127) with s = out_scale[row % L] (OS_TOK) or out_scale[0]: one scalar per program,
-    no per-element integer division.
+    clamp(round(out / s) + zp, QMIN, QMAX) with s = out_scale[row % L] (OS_TOK) or out_scale[0] and zp the int32
+    out_zero at the same index (HAS_OZ, else 0): scalars per program, no per-element integer division.
     """
     row = tl.program_id(0)
     offs_e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -388,32 +389,44 @@ def _combine_kernel(yf_ptr, yb_ptr, z_ptr, os_ptr, out_ptr, L, E,
             s = tl.load(os_ptr + row % L)
         else:
             s = tl.load(os_ptr)
-        # IEEE division (div_rn) as torch.round(y / s); clamping before rounding equals the reference's
-        # round-then-clamp for integer bounds and keeps the rounding trick in range
-        q = tl.minimum(tl.maximum(tl.math.div_rn(y, s), -128.0), 127.0)
-        tl.store(out_ptr + offs, ((q + _RNE) - _RNE).to(tl.int8), mask=mask)
+        zp = 0.0
+        if HAS_OZ:
+            if OS_TOK:
+                zp = tl.load(oz_ptr + row % L).to(tl.float32)
+            else:
+                zp = tl.load(oz_ptr).to(tl.float32)
+        # IEEE division (div_rn) as torch.round(y / s); clamping before rounding (to the range shifted by the
+        # integer zero point) equals the reference's round-add-clamp and keeps the rounding trick in range
+        q = tl.minimum(tl.maximum(tl.math.div_rn(y, s), QMIN - zp), QMAX - zp)
+        tl.store(out_ptr + offs, (((q + _RNE) - _RNE) + zp).to(tl.int8), mask=mask)
     else:
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def supports_combine_directions(*, shape, out_scale_numel=None) -> str | None:
+def supports_combine_directions(*, shape, out_scale_numel=None, out_zero_numel=None) -> str | None:
     """None when :func:`combine_directions` serves (b, L, E) inputs of ``shape`` (with an out_scale of
     ``out_scale_numel`` elements, if any), else why not."""
     if len(shape) != 3:
         return f"expects (batch, L, E) tensors; got shape {tuple(shape)}"
+    if out_zero_numel is not None and out_zero_numel != out_scale_numel:
+        return f"out_zero must have out_scale's {out_scale_numel} elements; got {out_zero_numel}"
     if out_scale_numel is not None and out_scale_numel not in (1, shape[1]):
         return f"out_scale must have L = {shape[1]} or 1 elements; got {out_scale_numel}"
     return None
 
 
-def combine_directions(y_f, y_b, z, divide=True, out_scale=None, out_dtype=None):
+def combine_directions(y_f, y_b, z, divide=True, out_scale=None, out_dtype=None, qmin=-128, qmax=127, out_zero=None):
     """Triton twin of :func:`optimum_vim_kernels.reference.combine_directions_ref`.
 
     y_f, y_b, z: (b, L, E) (z may be None: no gate). Returns ``(y_f + y_b) / 2 * silu(z)`` (no ``/ 2`` when
     ``divide`` is False) as (b, L, E) in ``out_dtype`` (default y_f's dtype), or, with ``out_scale`` (L,) per
-    token position or (1,) per tensor, int8 codes ``clamp(round(y / out_scale), -128, 127)``.
+    token position or (1,) per tensor, int8 codes ``clamp(round(y / out_scale) + out_zero, qmin, qmax)``
+    (``out_zero``: int32 of out_scale's shape, or None).
     """
-    reason = supports_combine_directions(shape=y_f.shape, out_scale_numel=None if out_scale is None else out_scale.numel())
+    if not -128 <= qmin < qmax <= 127:
+        raise ValueError(f"combine_directions: code range [{qmin}, {qmax}] must lie inside int8")
+    reason = supports_combine_directions(shape=y_f.shape, out_scale_numel=None if out_scale is None else out_scale.numel(),
+                                         out_zero_numel=None if out_zero is None else out_zero.numel())
     if reason is not None:
         raise ValueError(f"combine_directions kernel cannot serve this call: {reason}")
     if y_b.shape != y_f.shape or (z is not None and z.shape != y_f.shape):
@@ -430,9 +443,11 @@ def combine_directions(y_f, y_b, z, divide=True, out_scale=None, out_dtype=None)
     block = min(triton.next_power_of_2(e), 1 << 14 if dev.type != "cuda" else 1024)
     args = (y_f, y_b, z.contiguous() if z is not None else dummy,
             out_scale.to(device=dev, dtype=torch.float32).reshape(-1).contiguous() if out_scale is not None else dummy,
+            out_zero.to(device=dev, dtype=torch.int32).reshape(-1).contiguous() if out_zero is not None else dummy,
             out, length, e)
     meta = dict(DIVIDE=bool(divide), HAS_Z=z is not None, REQUANT=out_scale is not None,
-                OS_TOK=out_scale is not None and out_scale.numel() > 1, BLOCK=block)
+                OS_TOK=out_scale is not None and out_scale.numel() > 1, BLOCK=block,
+                QMIN=float(qmin), QMAX=float(qmax), HAS_OZ=out_zero is not None)
     grid = (b * length, triton.cdiv(e, block))
     num_warps = max(1, min(4, block // 256))
     if dev.type == "cuda":

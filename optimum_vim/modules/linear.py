@@ -3,7 +3,7 @@
 Spec::
 
     {"type": "linear", "in_features": K, "out_features": N, "bias": bool,
-     "weight": {"format": "int", "bits": 2..8, "group_size": null | G}          # symmetric, +-(2^(b-1)-1) codes
+     "weight": {"format": "int", "bits": 1..8, "group_size": null | G}  # symmetric, +-(2^(b-1)-1); 1 bit: +-1
             or {"format": "vq", "index_bits": b, "vector_dim": d, "codebook_size": C, "channel_scale": bool},
      "input": null | <QActivation spec>,      # static / dynamic activation quantizer
      "smooth": bool}                          # PTQ4VM smoothing: inputs divided by smooth_scale (folded into W)
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.quantized import dequantize_weight_ref, quant_gemm
+from ..ops.quantized import combine_directions, dequantize_weight_ref, quant_gemm
 from ..primitives import packed_row_bytes
 from .activation import QActivation
 from .base import QModule, register_qmodule
@@ -26,8 +26,8 @@ from .base import QModule, register_qmodule
 def validate_weight_spec(spec: dict) -> None:
     fmt = spec.get("format")
     if fmt == "int":
-        if spec.get("bits") not in range(2, 9):
-            raise ValueError(f"integer weight bits must be 2..8; got {spec.get('bits')!r}")
+        if spec.get("bits") not in range(1, 9):
+            raise ValueError(f"integer weight bits must be 1..8 (1: binary +-scale); got {spec.get('bits')!r}")
         gs = spec.get("group_size")
         if gs is not None and (not isinstance(gs, int) or gs < 1):
             raise ValueError(f"group_size must be a positive int or None; got {gs!r}")
@@ -121,3 +121,35 @@ class QLinear(QModule):
             **gemm_args,
         )
         return y.reshape(out_shape)
+
+    def forward_combined(self, y_f: torch.Tensor, y_b: torch.Tensor, z: torch.Tensor, divide: bool = True):
+        """Vim's out_proj applied to ``(y_f + y_b) / 2 * silu(z)`` with the combine fused into the quantization of
+        the input: one pass (the Triton combine kernel on GPU) emits the int8 codes that the integer GEMM consumes.
+
+        Serves integer weights behind a static per-tensor or per-token input quantizer (symmetric, or affine 8-bit
+        codes carried as int8 minus 128 like :meth:`QActivation.row_quantize`); returns None otherwise (the caller
+        then combines in float and calls :meth:`forward`)."""
+        iq = self.input_quantizer
+        if (
+            self.format != "int" or self.smooth_scale is not None or iq is None
+            or iq.granularity not in ("tensor", "token") or iq.spec.get("channel_factor") or y_f.dim() != 3
+            or iq.qmax - iq.qmin > 255
+        ):
+            return None
+        if y_f.shape[-1] != self.in_features:
+            raise ValueError(f"QLinear expects {self.in_features} input features; got {y_f.shape[-1]}")
+        iq._check_input(y_f)
+        qmin, qmax, zero = iq.qmin, iq.qmax, None
+        if not iq.symmetric:
+            shift = 128 if iq.qmax > 127 else 0
+            qmin, qmax, zero = qmin - shift, qmax - shift, iq.zero_point - shift
+        codes = combine_directions(y_f, y_b, z, divide=divide, out_scale=iq.scale, out_zero=zero, qmin=qmin, qmax=qmax)
+        b, length, k = codes.shape
+        # one scale per row (token position repeated over the batch) or a single one; zero points always per row
+        a_scale = iq.scale if iq.scale.numel() == 1 else iq.scale.repeat(b)
+        a_zero = None if zero is None else zero.reshape(-1).expand(length).repeat(b).to(torch.int32)
+        y = quant_gemm(
+            codes.reshape(-1, k), self.qweight, self.weight_scale, bits=self.bits, in_features=k,
+            group_size=self.group_size, a_scale=a_scale, a_zero=a_zero, bias=self.bias, out_dtype=y_f.dtype,
+        )
+        return y.reshape(b, length, self.out_features)

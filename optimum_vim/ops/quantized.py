@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from optimum_vim_kernels.reference import (
+    combine_directions_ref,
     dequantize_weight_ref,
     quant_gemm_ref,
     selective_scan_q_ref,
@@ -73,4 +74,16 @@ def selective_scan_q(u, delta, A, B, C, D=None, z=None, **kwargs) -> torch.Tenso
     return selective_scan_q_ref(u, delta, A, B, C, D, z, **kwargs)
 
 
-__all__ = ["dequantize_weight_ref", "quant_gemm", "selective_scan_q"]
+def combine_directions(y_f, y_b, z, *, divide=True, out_scale, out_zero=None, qmin=-128, qmax=127) -> torch.Tensor:
+    """Vim's combine ahead of out_proj, ``(y_f + y_b) / 2 * silu(z)``, emitted as int8 codes
+    ``clamp(round(y / out_scale) + out_zero, qmin, qmax)`` for out_proj's integer GEMM; see
+    ``combine_directions_ref``."""
+    kernel = pick_kernel(
+        "scan", "combine_directions", y_f, shape=tuple(y_f.shape), out_scale_numel=out_scale.numel(),
+        out_zero_numel=None if out_zero is None else out_zero.numel(),
+    )
+    fn = kernel if kernel is not None else combine_directions_ref
+    return fn(y_f, y_b, z, divide=divide, out_scale=out_scale, out_zero=out_zero, qmin=qmin, qmax=qmax)
+
+
+__all__ = ["combine_directions", "dequantize_weight_ref", "quant_gemm", "selective_scan_q"]

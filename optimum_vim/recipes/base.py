@@ -99,7 +99,7 @@ def register_recipe(cls):
 # not written yet: asking for one says so instead of "unknown recipe"
 PLANNED_RECIPES = {
     "ptq4vm": "PTQ4VM: per-token static activations + JLSS",
-    "kscaled": "k-scaled PTQ with an 8-bit reparameterized hidden state",
+    "kscale": "k-scaled PTQ with an 8-bit reparameterized hidden state",
     "ouromamba": "OuroMamba: data-free synthetic calibration + dynamic outlier mixed precision",
     "vimvq": "ViM-VQ: 1-3 bit vector quantization",
 }

@@ -1,6 +1,8 @@
 """RTN: round-to-nearest baseline (symmetric per-channel / per-group weights, static activation ranges).
 
-Weights: ``scale = max|W| / (2^(b-1) - 1)`` per output channel (or per group of ``weight_group_size`` inputs).
+Weights: ``scale = max|W| / (2^(b-1) - 1)`` per output channel (or per group of ``weight_group_size`` inputs);
+1 bit is binary, ``sign(W) * mean|W|`` (round-to-nearest has no zero-centred 1-bit grid; the closed-form binary
+scale is the natural RTN counterpart).
 Activations (``act_bits``): the inputs of the block linears get a static affine (default) or symmetric quantizer,
 per tensor (default) or per token position, whose range comes from a min-max or percentile observer over the
 calibration set. ``scan_act_bits=8`` also quantizes the selective-scan inputs u, delta, B and C of both directions
@@ -63,7 +65,7 @@ class RTNRecipe(Recipe):
 
     name = "rtn"
     Args = RTNArgs
-    weight_bits = (2, 3, 4, 5, 6, 8)
+    weight_bits = (1, 2, 3, 4, 5, 6, 8)
     act_bits = (None, 4, 6, 8)
 
     @classmethod
