@@ -38,6 +38,8 @@ SETTINGS = [
     ("RTN W4 g32", "rtn", 4, None, 32, {}),
     ("RTN W3 (weight-only)", "rtn", 3, None, None, {}),
     ("RTN W2 (weight-only)", "rtn", 2, None, None, {}),
+    ("RTN W2 g32", "rtn", 2, None, 32, {}),
+    ("RTN W1 g32 (binary)", "rtn", 1, None, 32, {}),
 ]
 
 

@@ -102,7 +102,7 @@ def test_codebook_weights(index_bits, vec, scaled):
 
 
 @pytest.mark.parametrize("num_outliers", [0, 7], ids=["no-outliers", "p7"])
-@pytest.mark.parametrize("bits", [4, 8], ids=["w4", "w8"])
+@pytest.mark.parametrize("bits", [4, 8, 1], ids=["w4", "w8", "w1"])
 def test_outlier_gemm(num_outliers, bits):
     m, n, k = 29, 35, 80
     codes, qw = _weight(n, k, bits)

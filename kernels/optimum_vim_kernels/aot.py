@@ -65,7 +65,7 @@ def variants():
                 A_PER_ROW=True, REQUANT=False, OS_PER_ROW=False, DOT_F32=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
     gemm_ptrs = {"a_ptr": "*i8", "w_ptr": "*u8", "ws_ptr": "*fp32", "cb_ptr": "*fp32", "bias_ptr": "*fp32",
                  "as_ptr": "*fp32", "az_ptr": "*i32", "os_ptr": "*fp32", "c_ptr": "*fp16"}
-    for bits in (8, 4, 2):
+    for bits in (8, 4, 2, 1):
         wt = "*i8" if bits == 8 else "*u8"
         out.append((f"gemm W{bits}A8 per-channel", gemm._quant_gemm_kernel, {**gemm_ptrs, "w_ptr": wt},
                     {**base, "BITS": bits, "INT_A": True, "HAS_ZERO": True}, ()))

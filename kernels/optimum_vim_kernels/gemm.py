@@ -2,11 +2,12 @@
 
 ``quant_gemm`` has the signature and semantics of :func:`optimum_vim_kernels.reference.quant_gemm_ref`:
 
-* weights: int8 (``bits=8``), packed int4 / int2 (storage format v1: low bits first, offset-binary), or codebook
+* weights: int8 (``bits=8``), packed int4 / int2 (storage format v1: low bits first, offset-binary), packed
+  binary 1-bit (0 -> -1, 1 -> +1), or codebook
   (packed 4/8-bit indices selecting ``vector_dim``-wide codewords, optional per-channel scale);
   per-channel ``w_scale (N, 1)`` or per-group ``w_scale (N, G)``;
 * activations: float (fp16 / bf16 / fp32: the weight tile is dequantized in registers, fp32 accumulation:
-  W8A16, W4A16, W2A16, VQ) or int8 codes (int8 x int8 -> int32 ``tl.dot``: W8A8, W4A8, W2A8) with per-row or
+  W8A16, W4A16, W2A16, W1A16, VQ) or int8 codes (int8 x int8 -> int32 ``tl.dot``: W8A8, W4A8, W2A8) with per-row or
   per-tensor ``a_scale``, optional per-row zero point (subtracted in integers), optional int8 requantized output.
 
 Epilogue order equals the reference: per weight group ``acc_g * w_scale[:, g]`` summed in K order, times

@@ -58,8 +58,8 @@ def _outlier_gemm_kernel(
 
 def supports_outlier_gemm(*, m, n, k, bits, num_outliers) -> str | None:
     """None when :func:`outlier_gemm` serves these arguments, else the reason."""
-    if bits not in (2, 4, 8):
-        return f"{bits}-bit packed weights are decoded by the reference only (kernel: 2, 4, 8)"
+    if bits not in (1, 2, 4, 8):
+        return f"{bits}-bit packed weights are decoded by the reference only (kernel: 1, 2, 4, 8)"
     if num_outliers > k:
         return f"{num_outliers} outlier columns exceed the {k} input features"
     if m < 1 or n < 1 or k < 1:
