@@ -95,7 +95,7 @@ def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a float Vim with a recipe and save the packed checkpoint")
     p.add_argument("model", help="float model folder or Hub repo id")
     p.add_argument("output_dir", help="new folder for the quantized checkpoint")
-    p.add_argument("--recipe", default="rtn", help="rtn (the recipes of methods.md are listed in the README)")
+    p.add_argument("--recipe", default="rtn", help="rtn (planned recipes are listed in the README)")
     p.add_argument("--weight-bits", type=int, default=8)
     p.add_argument("--act-bits", type=int, default=None, help="omit for weight-only quantization")
     p.add_argument("--group-size", type=int, default=None, help="inputs per weight scale (default: per channel)")

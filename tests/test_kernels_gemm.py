@@ -130,6 +130,7 @@ def test_supports_gives_reasons():
     assert "power of two" in gemm.supports_quant_gemm(m=4, n=4, k=96, bits=4, group_size=48)
     assert "int8 codes" in gemm.supports_quant_gemm(m=4, n=4, k=4, bits=4, int_activations=True, act_dtype=torch.int16)
     assert "reference only" in outlier.supports_outlier_gemm(m=1, n=1, k=8, bits=3, num_outliers=1)
+    assert "vector_dim 6" in gemm.supports_quant_gemm(m=4, n=4, k=12, bits=8, codebook=True, vector_dim=6)
     with pytest.raises(ValueError, match="cannot serve"):
         gemm.quant_gemm(torch.randn(2, 8), pack_signed(torch.zeros(3, 8, dtype=torch.int64), 3), torch.ones(3, 1),
                         bits=3, in_features=8)

@@ -226,3 +226,16 @@ def test_qscan_state_quantization_per_step(reverse):
     torch.testing.assert_close(selective_scan_q_ref(u, delta, A, B, C, reverse=reverse), unquantized, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="calibrated for 7 tokens"):
         mod(u[:, :5], delta[:, :5], A, B[:, :5], C[:, :5], D)
+
+
+@pytest.mark.parametrize("k", [40, 64, 33], ids=["ragged", "even", "short-last"])
+def test_binary_weights_use_per_group_mean(k):
+    from optimum_vim.calibration.tensors import binary_weight_tensors, weight_absmean
+
+    w = torch.randn(5, k, generator=torch.Generator().manual_seed(k))
+    mean = weight_absmean(w, 32)
+    want = torch.stack([w[:, i:i + 32].abs().mean(1) for i in range(0, k, 32)], 1)
+    torch.testing.assert_close(mean, want)
+    assert weight_absmean(w.to("meta"), 32).device.type == "meta"  # stays on the weight's device
+    t = binary_weight_tensors(w, 32)
+    assert t["qweight"].shape == (5, -(-k // 8)) and t["qweight"].dtype == torch.uint8

@@ -141,13 +141,15 @@ def _pow2(x: int) -> int:
 
 
 def supports_quant_gemm(*, m, n, k, bits, group_size=None, codebook=False, int_activations=False,
-                        act_dtype=torch.float32) -> str | None:
+                        act_dtype=torch.float32, vector_dim=None) -> str | None:
     """None when :func:`quant_gemm` serves these arguments, else why not (the caller uses the reference)."""
     if codebook:
         if int_activations:
             return "codebook weights take float activations"
         if bits not in (4, 8):
             return f"codebook indices of {bits} bits are decoded by the reference only (kernel: 4 or 8)"
+        if vector_dim is not None and (vector_dim < 1 or vector_dim & (vector_dim - 1)):
+            return f"codebook vector_dim {vector_dim} is not a power of two (kernel tiles need one)"
     elif bits not in (1, 2, 4, 8):
         return f"{bits}-bit packed weights straddle bytes and are decoded by the reference only (kernel: 1, 2, 4, 8)"
     if int_activations:
@@ -184,7 +186,8 @@ def quant_gemm(
     n = qweight.shape[0]
     int_a = not a.is_floating_point()
     reason = supports_quant_gemm(m=m, n=n, k=k, bits=bits, group_size=group_size, codebook=codebook is not None,
-                                 int_activations=int_a, act_dtype=a.dtype)
+                                 int_activations=int_a, act_dtype=a.dtype,
+                                 vector_dim=codebook.shape[1] if codebook is not None else None)
     if reason is not None:
         raise ValueError(f"quant_gemm kernel cannot serve this call: {reason}")
     if k != in_features:

@@ -41,7 +41,7 @@ def weight_absmean(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
     groups = -(-k // group_size)
     pad = groups * group_size - k
     wp = torch.nn.functional.pad(w.abs(), (0, pad)) if pad else w.abs()
-    counts = torch.full((groups,), float(group_size))
+    counts = torch.full((groups,), float(group_size), device=w.device)
     counts[-1] = group_size - pad
     return wp.reshape(n, groups, group_size).sum(-1) / counts
 

@@ -98,7 +98,14 @@ class QLinear(QModule):
         w = self.dequantized_weight()
         return w / self.smooth_scale if self.smooth_scale is not None else w
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, combine: tuple | None = None) -> torch.Tensor:
+        """``x`` (..., K) -> (..., N). With ``combine=(y_b, z, divide)`` (only when :meth:`can_fuse_combine`), ``x``
+        is Vim's forward-direction scan output and the layer computes
+        ``self((x + y_b) / 2 * silu(z))`` with the average, gate and input quantization fused; going through the
+        module call keeps forward hooks working (a pre-hook sees ``x = y_f`` and the rest in ``combine``)."""
+        if combine is not None:
+            y_b, z, divide = combine
+            return self._forward_combined(x, y_b, z, divide)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QLinear expects {self.in_features} input features; got {x.shape[-1]}")
         out_shape = (*x.shape[:-1], self.out_features)
@@ -122,22 +129,25 @@ class QLinear(QModule):
         )
         return y.reshape(out_shape)
 
-    def forward_combined(self, y_f: torch.Tensor, y_b: torch.Tensor, z: torch.Tensor, divide: bool = True):
-        """Vim's out_proj applied to ``(y_f + y_b) / 2 * silu(z)`` with the combine fused into the quantization of
-        the input: one pass (the Triton combine kernel on GPU) emits the int8 codes that the integer GEMM consumes.
-
-        Serves integer weights behind a static per-tensor or per-token input quantizer (symmetric, or affine 8-bit
-        codes carried as int8 minus 128 like :meth:`QActivation.row_quantize`); returns None otherwise (the caller
-        then combines in float and calls :meth:`forward`)."""
+    def can_fuse_combine(self) -> bool:
+        """Whether :meth:`forward` can take Vim's two scan directions and the gate (``combine=``): integer weights
+        behind a static per-tensor or per-token input quantizer (symmetric, or affine 8-bit codes carried as int8
+        minus 128 like :meth:`QActivation.row_quantize`), no smoothing."""
         iq = self.input_quantizer
-        if (
+        return not (
             self.format != "int" or self.smooth_scale is not None or iq is None
-            or iq.granularity not in ("tensor", "token") or iq.spec.get("channel_factor") or y_f.dim() != 3
+            or iq.granularity not in ("tensor", "token") or bool(iq.spec.get("channel_factor"))
             or iq.qmax - iq.qmin > 255
-        ):
-            return None
-        if y_f.shape[-1] != self.in_features:
-            raise ValueError(f"QLinear expects {self.in_features} input features; got {y_f.shape[-1]}")
+        )
+
+    def _forward_combined(self, y_f: torch.Tensor, y_b: torch.Tensor, z: torch.Tensor, divide: bool) -> torch.Tensor:
+        """out_proj of ``(y_f + y_b) / 2 * silu(z)`` with the combine fused into the input quantization: one pass (the
+        Triton combine kernel on GPU) emits the int8 codes that the integer GEMM consumes."""
+        if not self.can_fuse_combine():
+            raise ValueError("this QLinear cannot fuse the direction combine (see can_fuse_combine)")
+        if y_f.dim() != 3 or y_f.shape[-1] != self.in_features:
+            raise ValueError(f"QLinear expects (batch, L, {self.in_features}) inputs; got {tuple(y_f.shape)}")
+        iq = self.input_quantizer
         iq._check_input(y_f)
         qmin, qmax, zero = iq.qmin, iq.qmax, None
         if not iq.symmetric:

@@ -36,7 +36,7 @@ def quant_gemm(
     kernel = pick_kernel(
         "gemm", "quant_gemm", a, m=a.shape[0], n=qweight.shape[0], k=in_features, bits=bits,
         group_size=group_size, codebook=codebook is not None, int_activations=not a.is_floating_point(),
-        act_dtype=a.dtype,
+        act_dtype=a.dtype, vector_dim=codebook.shape[1] if codebook is not None else None,
     )
     if kernel is not None:
         return kernel(a, qweight, w_scale, **kwargs)

@@ -117,13 +117,11 @@ class VimMixer(nn.Module):
         x, z = xz.chunk(2, dim=-1)
         out_f = self._direction(x, "")
         out_b = self._direction(x, "_b")
-        fused = getattr(self.out_proj, "forward_combined", None)
-        if fused is not None and type(self.act_z) is nn.SiLU:
+        can_fuse = getattr(self.out_proj, "can_fuse_combine", None)
+        if can_fuse is not None and can_fuse() and type(self.act_z) is nn.SiLU:
             # a quantized out_proj with static int8 input scales takes both directions and z: the average, the gate
-            # and the input quantization run as one pass (optimum_vim.modules.QLinear.forward_combined)
-            out = fused(out_f, out_b, z, divide=self.divide_out)
-            if out is not None:
-                return out
+            # and the input quantization run as one pass (optimum_vim.modules.QLinear, combine=)
+            return self.out_proj(out_f, combine=(out_b, z, self.divide_out))
         gate = self.act_z(z)
         out_f, out_b = out_f * gate, out_b * gate
         y = (out_f + out_b) / 2 if self.divide_out else out_f + out_b
