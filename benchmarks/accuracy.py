@@ -69,7 +69,7 @@ def logit_sqnr_db(fp: torch.Tensor, q: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def test_logits(model, pixel_values: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+def logits_on(model, pixel_values: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     model.eval()
     return torch.cat([model(pixel_values[i : i + batch_size]).logits.float()
                       for i in range(0, pixel_values.shape[0], batch_size)])
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     pixels = torch.cat([b[0] for b in batches])
     labels = torch.cat([b[1] for b in batches])
     fp_model = AutoModelForImageClassification.from_pretrained(args.model)
-    fp_logits = test_logits(fp_model, pixels)
+    fp_logits = logits_on(fp_model, pixels)
     fp_pred = fp_logits.argmax(-1)
     fp_top1 = (fp_pred == labels).float().mean().item()
     rows = [{"label": "float32", "recipe": "fp", "weight_bits": 32, "act_bits": None, "top1": fp_top1,
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp, model_card=False)
             size = checkpoint_bytes(tmp)
-        logits = test_logits(model, pixels)
+        logits = logits_on(model, pixels)
         pred = logits.argmax(-1)
         top1 = (pred == labels).float().mean().item()
         rows.append({

@@ -100,10 +100,10 @@ def kmeans(
     c = init.detach().double().cpu().clone() if init is not None else kmeans_plus_plus_init(xd, k, gen)
     if c.shape != (k, xd.shape[1]):
         raise ValueError(f"init must have shape {(k, xd.shape[1])}; got {tuple(c.shape)}")
+    mass = torch.ones(n, dtype=torch.float64) if w is None else w
     labels, best = _chunked_argmin(xd, c)
     prev_inertia = float("inf")
     for _ in range(max(iters, 0)):
-        mass = torch.ones(n, dtype=torch.float64) if w is None else w
         sums = torch.zeros_like(c).index_add_(0, labels, xd * mass.unsqueeze(1))
         counts = torch.zeros(k, dtype=torch.float64).index_add_(0, labels, mass)
         empty = (counts == 0).nonzero().flatten().tolist()
