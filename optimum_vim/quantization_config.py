@@ -14,6 +14,18 @@ _RUNTIME_FIELDS = ("calibration_dataset", "image_processor")
 _OVERRIDE_KEYS = {"weight_bits", "act_bits", "weight_group_size", "skip"}
 
 
+def _activation_bits(spec: dict) -> set[int]:
+    """Bits of every activation quantizer spec nested in a module spec (dicts with a ``granularity``)."""
+    found = set()
+    for value in spec.values():
+        if isinstance(value, dict):
+            if "granularity" in value and isinstance(value.get("bits"), int):
+                found.add(value["bits"])
+            else:
+                found |= _activation_bits(value)
+    return found
+
+
 class ViMQuantizationConfig(QuantizationConfigMixin):
     """Quantization settings for ``from_pretrained(..., quantization_config=ViMQuantizationConfig(...))``.
 
@@ -107,6 +119,42 @@ class ViMQuantizationConfig(QuantizationConfigMixin):
                 raise ValueError(f"{name} must be a positive int; got {getattr(self, name)!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int; got {self.seed!r}")
+        if self.layers:
+            self._check_layers_agree()
+
+    def _check_layers_agree(self) -> None:
+        """The top-level ``weight_bits`` / ``act_bits`` of a quantized checkpoint's config must describe its ``layers``
+        (the model card and ``repr`` read them): every integer-weight linear without a per-module override has
+        ``weight_bits``; with ``act_bits=None`` no such linear quantizes its input, otherwise some activation
+        quantizer has ``act_bits``."""
+        from .recipes.base import layer_overrides
+
+        if not isinstance(self.layers, dict) or not all(isinstance(v, dict) for v in self.layers.values()):
+            raise ValueError("quantization_config.layers must map module names to module specs (dicts)")
+        wrong, act_seen = [], set()
+        for name, spec in self.layers.items():
+            act_seen.update(_activation_bits(spec))
+            if spec.get("type") != "linear":
+                continue
+            over = layer_overrides(name, self.overrides) or {}
+            weight = spec.get("weight") or {}
+            want = over.get("weight_bits", self.weight_bits)
+            if weight.get("format") == "int" and weight.get("bits") != want:
+                wrong.append(f"{name} has {weight.get('bits')}-bit weights, the config says weight_bits={want}")
+            want_act = over.get("act_bits", self.act_bits)
+            got_act = (spec.get("input") or {}).get("bits")
+            if want_act is None and got_act is not None:
+                wrong.append(f"{name} quantizes its input to {got_act} bits, the config says act_bits=None")
+        if self.act_bits is not None and self.act_bits not in act_seen:
+            wrong.append(f"no module quantizes activations to act_bits={self.act_bits} "
+                         f"(found {sorted(act_seen) or 'none'})")
+        if wrong:
+            raise ValueError(
+                f"this quantization_config contradicts its own per-layer specs ({len(wrong)} problem(s), e.g. "
+                f"{wrong[:3]}): config.json was edited by hand or mixes two checkpoints. The top-level settings of a "
+                "saved config describe what the quantizer did and cannot be changed; restore the original config.json "
+                "or quantize the float model again with the settings you want."
+            )
 
     @property
     def is_quantized_layout(self) -> bool:

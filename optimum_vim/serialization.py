@@ -46,9 +46,52 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], d
     return header, metadata
 
 
-def check_quantized_checkpoint(files, expected: dict[str, tuple[tuple[int, ...], str]], format_version: int) -> None:
+# buffer names that only optimum-vim's quantized modules own (a float Vim has none of them)
+_QUANTIZED_LEAVES = ("qweight", "weight_scale", "codebook", "smooth_scale", "state_scale", "state_channel_scale")
+
+
+def is_quantized_tensor_name(name: str) -> bool:
+    """Whether a state-dict key names a buffer of an optimum-vim quantized module."""
+    return name.rsplit(".", 1)[-1] in _QUANTIZED_LEAVES or "_quantizer." in name
+
+
+def refuse_quantized_checkpoint_as_float(files, quant_method: str | None, declared_method: str | None = None) -> None:
+    """Raises :class:`CheckpointFormatError` when safetensors ``files`` hold a quantized optimum-vim checkpoint (format
+    stamp in the header, or quantized buffers by name) but the model is being loaded without the ``vim`` quantizer,
+    e.g. because ``quantization_config`` was removed from config.json or its ``quant_method`` changed: transformers
+    would then load freshly initialised float weights and report the packed tensors as unexpected (garbage logits).
+    ``quant_method`` is the method of the quantizer that is loading (None: none), ``declared_method`` the one that
+    config.json names (for the message)."""
+    if quant_method == "vim":
+        return
+    for file in files or []:
+        if not str(file).endswith(".safetensors") or not os.path.isfile(file):
+            continue
+        header, metadata = read_safetensors_header(file)
+        stamp = metadata.get(METADATA_FORMAT_KEY)
+        quantized = [k for k in header if is_quantized_tensor_name(k)]
+        if stamp is None and not quantized:
+            continue
+        what = (f"optimum-vim storage format v{stamp}, recipe {metadata.get(METADATA_RECIPE_KEY, '?')}" if stamp
+                else f"no format stamp, but {len(quantized)} quantized buffers such as {quantized[0]!r}")
+        declared = declared_method or quant_method
+        found = "has no quantization_config" if declared is None else f"says quant_method={declared!r}"
+        raise CheckpointFormatError(
+            f"{Path(file).parent} is a quantized optimum-vim checkpoint ({what}), but its config.json {found}, so it "
+            "would load as a float Vim with random weights. A quantized folder loads only with the "
+            "quantization_config (quant_method 'vim' and its per-layer 'layers') that optimum-vim's save_pretrained "
+            "wrote into config.json: restore config.json from the original folder or Hub repo and call "
+            "from_pretrained(folder) after `import optimum_vim`, or quantize the float model again."
+        )
+
+
+def check_quantized_checkpoint(
+    files, expected: dict[str, tuple[tuple[int, ...], str]], format_version: int, recipe: str | None = None,
+    prefix: str = "vim",
+) -> None:
     """Verifies that ``files`` (safetensors shards) carry every quantized tensor with the expected shape and dtype,
-    and the format stamp written at save time."""
+    and the format and recipe stamps written at save time. ``expected`` names are those of the model being loaded;
+    a checkpoint saved from the other Vim class (with or without the ``prefix.`` of the backbone) matches too."""
     found: dict[str, dict] = {}
     for file in files or []:
         if not str(file).endswith(".safetensors"):
@@ -59,8 +102,16 @@ def check_quantized_checkpoint(files, expected: dict[str, tuple[tuple[int, ...],
             raise CheckpointFormatError(
                 f"{file} was written in optimum-vim storage format v{stamp} but its config says v{format_version}"
             )
+        stamped_recipe = metadata.get(METADATA_RECIPE_KEY)
+        if recipe is not None and stamped_recipe is not None and stamped_recipe != str(recipe):
+            raise CheckpointFormatError(
+                f"{file} was quantized with recipe {stamped_recipe!r} but its config.json says recipe={recipe!r}; "
+                "config.json was edited or belongs to another checkpoint: restore the original config.json"
+            )
         found.update(header)
-    missing = sorted(k for k in expected if k not in found)
+    plain = {k.removeprefix(prefix + "."): v for k, v in found.items()}
+    found = {name: found.get(name) or plain.get(name.removeprefix(prefix + ".")) for name in expected}
+    missing = sorted(k for k, v in found.items() if v is None)
     if missing:
         raise CheckpointFormatError(
             f"the checkpoint lacks {len(missing)} quantized tensor(s) its config announces, e.g. {missing[:4]}"

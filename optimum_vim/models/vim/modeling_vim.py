@@ -205,6 +205,19 @@ class VimPreTrainedModel(PreTrainedModel):
             revision=revision, create_pr=create_pr, max_shard_size=max_shard_size,
         )
 
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
+        """transformers' weight loading, after refusing a quantized optimum-vim checkpoint that is about to load as a
+        float model (its ``quantization_config`` was removed from config.json or names another method)."""
+        from ...serialization import refuse_quantized_checkpoint_as_float
+
+        quantizer = getattr(load_config, "hf_quantizer", None)
+        active = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+        declared = getattr(model.config, "quantization_config", None)
+        declared = declared.get("quant_method") if isinstance(declared, dict) else getattr(declared, "quant_method", None)
+        refuse_quantized_checkpoint_as_float(checkpoint_files, _method_name(active), _method_name(declared))
+        return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
+
     config_class = VimConfig
     config: VimConfig
     base_model_prefix = "vim"
@@ -255,6 +268,10 @@ class VimPreTrainedModel(PreTrainedModel):
         # output projection, written as one init call so that loaded weights are never touched
         bound = 1.0 / math.sqrt(mixer.d_inner) / math.sqrt(cfg.num_hidden_layers)
         init.uniform_(mixer.out_proj.weight, -bound, bound)
+
+
+def _method_name(method) -> str | None:
+    return None if method is None else str(getattr(method, "value", method))
 
 
 def _refuse_unregistered_quantized_config(config) -> None:
