@@ -20,7 +20,7 @@ import torch
 from ..ops.quantized import combine_directions, dequantize_weight_ref, quant_gemm
 from ..primitives import packed_row_bytes
 from .activation import QActivation
-from .base import QModule, register_qmodule
+from .base import QModule, mark_nan, nan_rows, register_qmodule
 
 
 def validate_weight_spec(spec: dict) -> None:
@@ -121,7 +121,7 @@ class QLinear(QModule):
             if rows is not None:
                 codes, scale, zero = rows
                 y = quant_gemm(codes, self.qweight, self.weight_scale, a_scale=scale, a_zero=zero, **gemm_args)
-                return y.reshape(out_shape)
+                return mark_nan(y.reshape(out_shape), nan_rows(x))  # NaN in -> NaN out (codes cannot hold NaN)
             x = self.input_quantizer(x)
         y = quant_gemm(
             x.reshape(-1, self.in_features), self.qweight, self.weight_scale, codebook=self.codebook_or_none,
@@ -162,4 +162,5 @@ class QLinear(QModule):
             codes.reshape(-1, k), self.qweight, self.weight_scale, bits=self.bits, in_features=k,
             group_size=self.group_size, a_scale=a_scale, a_zero=a_zero, bias=self.bias, out_dtype=y_f.dtype,
         )
-        return y.reshape(b, length, self.out_features)
+        nan = nan_rows(y_f) | nan_rows(y_b) | nan_rows(z)  # NaN in -> NaN out (codes cannot hold NaN)
+        return mark_nan(y.reshape(b, length, self.out_features), nan)
