@@ -59,22 +59,23 @@ def _run_evaluate(args) -> int:
     return 0
 
 
-def _parse_kv(items: list[str] | None, what: str) -> dict:
-    """``key=value`` strings -> dict, values parsed as JSON when possible (numbers, booleans, lists)."""
+def _parse_kv(items: list[str] | None, what: str) -> dict[str, str]:
+    """``key=value`` strings -> ``{key: value}`` (values stay strings; the option types parse them)."""
     out = {}
     for item in items or []:
         if "=" not in item:
             raise ValueError(f"{what} must look like key=value; got {item!r}")
         key, value = item.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+        out[key.strip()] = value
     return out
 
 
 def _parse_overrides(items: list[str] | None) -> dict:
-    """``PATTERN=float`` or ``PATTERN=weight_bits:8,act_bits:8`` -> the config's overrides dict."""
+    """``PATTERN=float`` or ``PATTERN=weight_bits:8,act_bits:8`` -> the config's overrides dict (values parsed by
+    their declared types, :data:`optimum_vim.quantization_config.OVERRIDE_TYPES`)."""
+    from .options import coerce_fields
+    from .quantization_config import OVERRIDE_TYPES
+
     out = {}
     for item in items or []:
         if "=" not in item:
@@ -85,9 +86,13 @@ def _parse_overrides(items: list[str] | None) -> dict:
             continue
         settings = {}
         for part in value.split(","):
-            key, _, v = part.partition(":")
-            settings[key.strip()] = None if v.strip().lower() == "none" else int(v)
-        out[pattern] = settings
+            key, sep, v = part.partition(":")
+            key = key.strip()
+            if not sep or key not in OVERRIDE_TYPES:
+                raise ValueError(f"--override {item!r}: each setting is KEY:VALUE with KEY one of "
+                                 f"{sorted(OVERRIDE_TYPES)}; got {part!r}")
+            settings[key] = v
+        out[pattern] = coerce_fields(OVERRIDE_TYPES, settings, f"--override {item!r}:", strings=True)
     return out
 
 
@@ -128,20 +133,20 @@ def _run_quantize(args) -> int:
     from .evaluation import evaluate, load_named_dataset
     from .hub import atomic_save, set_card_info
     from .quantization_config import ViMQuantizationConfig
+    from .recipes import get_recipe_class
     from .size import checkpoint_bytes, quantized_layer_bytes
 
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
+    recipe_args = get_recipe_class(args.recipe).parse_recipe_args(_parse_kv(args.recipe_arg, "--recipe-arg"))
     config = ViMQuantizationConfig(
         recipe=args.recipe, weight_bits=args.weight_bits, act_bits=args.act_bits, weight_group_size=args.group_size,
-        recipe_args=_parse_kv(args.recipe_arg, "--recipe-arg"), num_calibration_samples=args.num_samples,
+        recipe_args=recipe_args, num_calibration_samples=args.num_samples,
         calibration_batch_size=args.calibration_batch_size, seed=args.seed,
         modules_to_not_convert=[s for s in args.skip.split(",") if s], overrides=_parse_overrides(args.override),
     )
     processor = AutoImageProcessor.from_pretrained(args.model)
-    from .recipes import get_recipe_class
-
     if get_recipe_class(args.recipe).requires_data(config):
         config.calibration_dataset = load_named_dataset(args.calibration_dataset, args.calibration_split)
         config.image_processor = processor

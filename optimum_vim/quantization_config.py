@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .options import coerce, coerce_fields, field_types
 
 QUANT_METHOD = "vim"
 FORMAT_VERSION = 1
 DEFAULT_SKIP = ["head", "patch_embed"]
 _RUNTIME_FIELDS = ("calibration_dataset", "image_processor")
-_OVERRIDE_KEYS = {"weight_bits", "act_bits", "weight_group_size", "skip"}
+# per-module settings of ``overrides`` and their types (checked like every other option)
+OVERRIDE_TYPES = {"weight_bits": int, "act_bits": int | None, "weight_group_size": int | None, "skip": bool}
+_OVERRIDE_KEYS = set(OVERRIDE_TYPES)
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    """The declared types of ViMQuantizationConfig's fields (its ``__init__`` annotations)."""
+    types_ = field_types(ViMQuantizationConfig.__init__)
+    types_.pop("kwargs", None)
+    return types_
 
 
 def _activation_bits(spec: dict) -> set[int]:
@@ -44,7 +57,13 @@ class ViMQuantizationConfig(QuantizationConfigMixin):
             ``{"*.x_proj*": {"weight_bits": 8}, "vim.layers.0.*": None}`` (None: keep in float): mixed precision.
         format_version: storage format version (checked on load).
         layers: per-module specs written after quantization (how a pre-quantized checkpoint is rebuilt).
-        dequantize: load a pre-quantized checkpoint straight into a float model.
+        dequantize: load a pre-quantized checkpoint straight into a float model (also honoured when passed to
+            ``from_pretrained`` of a quantized folder: ``quantization_config=ViMQuantizationConfig(dequantize=True)``).
+        base_model: Hub id of the float model this one is quantized from (model card ``base_model`` metadata and
+            link); set automatically when the float model was loaded from the Hub.
+
+    Every field is checked against its declared type (``True`` is not an int, ``"1"`` is not an int, ``"no"`` is not
+    a bool); ``recipe_args`` are checked against the recipe's ``Args`` field types (:mod:`optimum_vim.options`).
     """
 
     def __init__(
@@ -65,6 +84,7 @@ class ViMQuantizationConfig(QuantizationConfigMixin):
         layers: dict[str, dict] | None = None,
         calibration_source: str | None = None,
         dequantize: bool = False,
+        base_model: str | None = None,
         **kwargs,
     ):
         kwargs.pop("quant_method", None)
@@ -77,24 +97,41 @@ class ViMQuantizationConfig(QuantizationConfigMixin):
         self.weight_bits = weight_bits
         self.act_bits = act_bits
         self.weight_group_size = weight_group_size
-        self.recipe_args = dict(recipe_args or {})
+        self.recipe_args = recipe_args
         self.calibration_dataset = calibration_dataset
         self.image_processor = image_processor
         self.num_calibration_samples = num_calibration_samples
         self.calibration_batch_size = calibration_batch_size
         self.seed = seed
-        self.modules_to_not_convert = list(DEFAULT_SKIP if modules_to_not_convert is None else modules_to_not_convert)
-        self.overrides = dict(overrides or {})
+        self.modules_to_not_convert = modules_to_not_convert
+        self.overrides = overrides
         self.format_version = format_version
         self.layers = layers
         self.calibration_source = calibration_source
         self.dequantize = dequantize
+        self.base_model = base_model
         self.post_init()
 
     def post_init(self) -> None:
-        """Validates the settings; impossible combinations fail here with what is allowed."""
+        """Validates the settings; impossible combinations fail here with what is allowed. Every field is checked
+        against its declared type first (``weight_bits=True`` or ``format_version="1"`` are errors, not coerced)."""
         from .recipes import get_recipe_class
 
+        types_ = _field_types()
+        for name, tp in types_.items():
+            if name not in _RUNTIME_FIELDS:
+                setattr(self, name, coerce(getattr(self, name), tp, name, "ViMQuantizationConfig"))
+        if self.modules_to_not_convert is None:
+            self.modules_to_not_convert = list(DEFAULT_SKIP)
+        self.recipe_args = dict(self.recipe_args or {})
+        self.overrides = dict(self.overrides or {})
+        for pattern, value in self.overrides.items():
+            if isinstance(value, dict):
+                unknown = sorted(set(value) - set(OVERRIDE_TYPES))
+                if unknown:
+                    raise ValueError(f"override {pattern!r}: unknown keys {unknown}; expected None or a dict with "
+                                     f"keys from {sorted(OVERRIDE_TYPES)}")
+                self.overrides[pattern] = coerce_fields(OVERRIDE_TYPES, value, f"override {pattern!r}:")
         if self.format_version != FORMAT_VERSION:
             raise ValueError(
                 f"this checkpoint uses optimum-vim storage format v{self.format_version}; this optimum-vim reads "
