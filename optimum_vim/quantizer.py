@@ -162,6 +162,8 @@ def run_recipe(model: nn.Module, cfg: ViMQuantizationConfig) -> nn.Module:
     apply_plan(model, plan)
     cfg.layers = plan.specs()
     cfg.calibration_source = describe_source(cfg.calibration_dataset) if batches is not None else "none"
+    if cfg.base_model is None:
+        cfg.base_model = _hub_source(model)
     model.config.quantization_config = cfg
     logger.info("quantized %d modules with recipe %s", len(plan.layers), cfg.recipe)
     return model
@@ -209,6 +211,19 @@ def dequantize_model(model: nn.Module, dtype=None) -> nn.Module:
             new = new.to(dtype)
         model.set_submodule(name, new)
     return model
+
+
+def _hub_source(model) -> str | None:
+    """The Hub id the float model was loaded from, or None for a local folder. Decided now, while the path means
+    what it meant to ``from_pretrained`` (a relative folder name looks like "org/name" too)."""
+    import os
+
+    from .hub.cards import _is_repo_id
+
+    source = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    if not source or os.path.exists(str(source)) or not _is_repo_id(source):
+        return None
+    return str(source)
 
 
 def _checkpoint_processor(model):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 METADATA_FORMAT_KEY = "optimum_vim_format_version"
@@ -124,3 +126,43 @@ def check_quantized_checkpoint(
             bad.append(f"{name}: file {tuple(entry['shape'])} {got_dtype}, config {tuple(shape)} {dtype}")
     if bad:
         raise CheckpointFormatError(f"{len(bad)} quantized tensor(s) do not match the config: {bad[:4]}")
+
+
+def canonicalize_safetensors_headers(folder: str | os.PathLike) -> None:
+    """Rewrites the header of every ``*.safetensors`` file in ``folder`` with its ``__metadata__`` keys sorted.
+
+    safetensors serialises the metadata from a hash map, so the same tensors saved twice can differ in their bytes
+    (key order); content-addressed storage and the Hub's deduplication then see a new file every time. The header is
+    rewritten in place with the same length (same keys and values, compact JSON, space padding) and the tensor data
+    is not touched."""
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with open(path, "r+b") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            raw = f.read(n)
+            header = json.loads(raw)
+            meta = header.pop("__metadata__", None)
+            ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}) | header
+            text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+            if len(text) > n:  # never larger (same content), but never corrupt a file either
+                continue
+            f.seek(8)
+            f.write(text + b" " * (n - len(text)))
+
+
+def atomic_save(save_fn, save_directory: str | os.PathLike) -> Path:
+    """Runs ``save_fn(tmp_dir)`` into a sibling temporary folder and moves the files into ``save_directory`` only
+    when it succeeded, so a failed save leaves no half-written checkpoint behind."""
+    target = Path(save_directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        save_fn(tmp)
+        target.mkdir(parents=True, exist_ok=True)
+        for item in sorted(tmp.iterdir()):
+            dest = target / item.name
+            if dest.is_dir() and not dest.is_symlink():
+                shutil.rmtree(dest)
+            os.replace(item, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

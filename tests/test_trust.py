@@ -296,3 +296,151 @@ def test_cli_recipe_args_reach_config_typed(tiny_vim_dir, tmp_path):
     model = AutoModelForImageClassification.from_pretrained(out)
     assert sum(isinstance(m, QLinear) for m in model.modules()) == 4
     assert model.vim.layers[0].mixer.in_proj.input_quantizer.symmetric is False
+
+
+# ------------------------------------------------------------------------------------ 4. loading options
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+def test_dequantize_passed_to_from_pretrained_is_honoured(saved_w4a8):
+    q = AutoModelForImageClassification.from_pretrained(saved_w4a8)
+    model = AutoModelForImageClassification.from_pretrained(
+        saved_w4a8, quantization_config=ViMQuantizationConfig(dequantize=True))
+    assert not any(isinstance(m, QLinear) for m in model.modules())
+    x = _calib(2, 9)
+    assert torch.equal(_logits(model, x), _logits(q.dequantize(), x))
+
+
+def test_backbone_and_classifier_checkpoints_reload_as_each_other(saved_w4a8, tmp_path):
+    q = AutoModelForImageClassification.from_pretrained(saved_w4a8)
+    x = _calib(2, 4)
+    with torch.no_grad():
+        expected = q.vim(x).last_hidden_state
+    backbone = AutoModel.from_pretrained(saved_w4a8)
+    assert sorted(backbone.config.quantization_config.layers)[0].startswith("layers.")
+    backbone.save_pretrained(tmp_path / "backbone")
+    q.vim.save_pretrained(tmp_path / "sub")  # the classifier's own backbone, sharing the classifier's config
+    for folder in ("backbone", "sub"):
+        again = AutoModelForImageClassification.from_pretrained(tmp_path / folder)
+        assert isinstance(again.vim.layers[0].mixer.in_proj, QLinear)
+        with torch.no_grad():
+            assert torch.equal(again.vim(x).last_hidden_state, expected)
+        assert torch.equal(AutoModel.from_pretrained(tmp_path / folder)(x).last_hidden_state, expected)
+    assert sorted(q.config.quantization_config.layers)[0].startswith("vim.")  # the classifier's config is untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_casts_keep_quantized_buffers_like_from_pretrained_dtype(saved_w4a8, dtype):
+    loaded = AutoModelForImageClassification.from_pretrained(saved_w4a8, dtype=dtype)
+    q = AutoModelForImageClassification.from_pretrained(saved_w4a8).to(dtype)
+    in_proj = q.vim.layers[0].mixer.in_proj
+    assert in_proj.weight_scale.dtype == torch.float32 and in_proj.input_quantizer.scale.dtype == torch.float32
+    assert q.vim.layers[0].mixer.D.dtype == dtype  # the float parts do cast
+    assert {k: v.dtype for k, v in q.state_dict().items()} == {k: v.dtype for k, v in loaded.state_dict().items()}
+    x = _calib(2, 5).to(dtype)
+    out = _logits(q, x)
+    assert out.dtype == dtype and torch.equal(out, _logits(loaded, x))
+
+
+# ------------------------------------------------------------------------------------ 5. hub and cards
+def _front_matter(text):
+    import yaml
+
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_card_base_model_does_not_depend_on_cwd(tiny_vim_dir, tmp_path, monkeypatch):
+    import os
+
+    from optimum_vim.hub import render_model_card
+
+    root = os.path.dirname(os.path.dirname(tiny_vim_dir))
+    relative = os.path.relpath(tiny_vim_dir, root)  # "pytest-N/tiny_vimM": shaped like a Hub id
+    monkeypatch.chdir(root)
+    q = _load_q(relative, weight_bits=4)
+    here = str(render_model_card(q, repo_id="org/q"))
+    monkeypatch.chdir(tmp_path)
+    elsewhere = str(render_model_card(q, repo_id="org/q"))
+    assert here == elsewhere
+    assert "base_model" not in _front_matter(here) and "](#)" not in here and "huggingface.co/pytest" not in here
+
+
+def test_base_model_through_the_config_survives_reload(tiny_vim_dir, tmp_path):
+    q = _load_q(tiny_vim_dir, weight_bits=4, base_model="org/vim-float")
+    q.save_pretrained(tmp_path / "q")
+    text = (tmp_path / "q" / "README.md").read_text()
+    meta = _front_matter(text)
+    assert meta["base_model"] == "org/vim-float" and meta["base_model_relation"] == "quantized"
+    assert "[org/vim-float](https://huggingface.co/org/vim-float)" in text
+    again = AutoModelForImageClassification.from_pretrained(tmp_path / "q")
+    assert again.config.quantization_config.base_model == "org/vim-float"
+
+
+def test_push_to_hub_keeps_transformers_signature(saved_w4a8):
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    model = AutoModelForImageClassification.from_pretrained(saved_w4a8)
+    ours = inspect.signature(type(model).push_to_hub).parameters
+    theirs = inspect.signature(PreTrainedModel.push_to_hub).parameters
+    assert all(name in ours and ours[name].default == p.default for name, p in theirs.items())
+    with pytest.raises(TypeError):
+        model.push_to_hub("org/x", commit_mesage="typo")  # never silently dropped
+
+
+def test_push_arguments_reach_the_hub(saved_w4a8, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.hub_server import LoopbackHub
+
+    client = textwrap.dedent(f"""
+        import optimum_vim
+        from transformers import AutoModelForImageClassification
+        model = AutoModelForImageClassification.from_pretrained({str(saved_w4a8)!r})
+        model.save_pretrained({str(tmp_path / "out")!r}, push_to_hub=True, repo_id="org/saved", private=True,
+                              commit_message="save and push", commit_description="from save_pretrained")
+        model.push_to_hub("org/pushed", commit_message="push", commit_description="from push_to_hub",
+                          revision="main", tags=["my-tag"])
+    """)
+    with LoopbackHub() as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_loopback", "HF_HOME": str(tmp_path / "hf"),
+               "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0"}
+        proc = subprocess.run([sys.executable, "-c", client], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        saved, pushed = hub.state.repos["org/saved"], hub.state.repos["org/pushed"]
+    assert saved.private is True
+    assert saved.commits[-1]["summary"] == "save and push" and saved.commits[-1]["description"] == "from save_pretrained"
+    assert pushed.commits[-1]["summary"] == "push" and pushed.commits[-1]["description"] == "from push_to_hub"
+    assert pushed.commits[-1]["revision"] == "main" and "my-tag" in pushed.files["README.md"].decode()
+
+
+def test_model_file_does_not_import_the_hub_package():
+    import ast
+    import inspect
+
+    from optimum_vim.models.vim import modeling_vim
+
+    tree = ast.parse(inspect.getsource(modeling_vim))
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [m for m in imported if m.split(".")[-1] == "hub" or m.startswith("hub")], imported
+
+
+# ------------------------------------------------------------------------------------ 6. reproducible files
+def test_same_model_saves_to_identical_bytes(saved_w4a8, tmp_path):
+    import hashlib
+
+    model = AutoModelForImageClassification.from_pretrained(saved_w4a8)
+    digests = []
+    for i in range(4):
+        folder = tmp_path / str(i) / "same-name"
+        model.save_pretrained(folder)
+        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())})
+    assert all(d == digests[0] for d in digests), digests
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "0" / "same-name")
+    assert torch.equal(_logits(reloaded, _calib(2)), _logits(model, _calib(2)))

@@ -41,6 +41,17 @@ class QModule(nn.Module):
         self.spec = copy.deepcopy(spec)
         self.spec["type"] = self.KIND
 
+    def _apply(self, fn, recurse=True):
+        """Device moves apply to the buffers; dtype casts (``.to(dtype)``, ``.half()``, ``.bfloat16()``) do not:
+        integer codes and fp32 scales keep their stored dtypes, as after ``from_pretrained(dtype=...)``, and the
+        module's output follows its input dtype."""
+
+        def keep_dtype(t):
+            out = fn(t)
+            return out if out.dtype == t.dtype else t.to(device=out.device)
+
+        return super()._apply(keep_dtype, recurse)
+
     def _buffer(self, name: str, shape, dtype: torch.dtype) -> None:
         self.register_buffer(name, torch.zeros(shape, dtype=dtype), persistent=True)
 

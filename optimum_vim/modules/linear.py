@@ -83,6 +83,10 @@ class QLinear(QModule):
             self.smooth_scale = None
         self.input_quantizer = QActivation(spec["input"]) if spec.get("input") else None
 
+    def num_weight_parameters(self) -> int:
+        """Float parameters this layer stands for (weight and bias), as ``num_parameters()`` counts them."""
+        return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
+
     @property
     def codebook_or_none(self):
         return getattr(self, "codebook", None) if self.format == "vq" else None
