@@ -245,8 +245,8 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="optimum-vim", description="Vision Mamba for transformers: convert, "
+def build_parser(prog: str = "optimum-vim") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Vision Mamba for transformers: convert, "
                                      "quantize, evaluate and publish.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -257,16 +257,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions of the Hub client that mean "could not talk to the Hub" (no network, refused, HTTP error)."""
+    import importlib
+
+    errors: list[type[BaseException]] = []
+    names = {"httpx"}
+    try:  # the HTTP library huggingface_hub's session really uses (httpx, or a fork of it)
+        from huggingface_hub.utils import get_session
+
+        names.add(type(get_session()).__module__.split(".")[0])
+    except ImportError:  # pragma: no cover
+        pass
+    for name in sorted(names):
+        try:
+            errors.append(importlib.import_module(name).HTTPError)
+        except (ImportError, AttributeError):
+            pass
+    try:
+        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+        errors += [HfHubHTTPError, OfflineModeIsEnabled]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None, prog: str = "optimum-vim") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import optimum_vim  # noqa: F401 - registration before any from_pretrained
 
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"optimum-vim {args.command}: error: {err}", file=sys.stderr)
+    except _network_errors() as err:
+        from huggingface_hub import constants
+
+        print(f"{prog} {args.command}: error: could not reach the Hub at {constants.ENDPOINT} ({type(err).__name__}: "
+              f"{err}). Check the network connection, HF_ENDPOINT and the token (--token or `hf auth login`).",
+              file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as err:  # bad input, missing or unreadable files and folders, unknown repo ids
+        print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -4,7 +4,6 @@ from .cards import plot_accuracy_vs_bits, render_model_card
 from .push import atomic_save, load_benchmark_table, push_model_to_hub, save_for_hub, set_card_info, write_model_card
 
 
-
 def _write_card_hook(model, folder, repo_id):
     from . import push  # looked up at call time (tests replace push.write_model_card)
 

@@ -36,8 +36,12 @@ def write_model_card(model, folder: str | os.PathLike, repo_id: str | None = Non
     plot_file = None
     table = info.get("benchmark_table")
     if table:
-        plot_file = "accuracy_vs_bits.png"
-        plot_accuracy_vs_bits(table, folder / plot_file)
+        try:
+            plot_accuracy_vs_bits(table, folder / "accuracy_vs_bits.png")
+            plot_file = "accuracy_vs_bits.png"
+        except ImportError:
+            logger.warning("matplotlib is not installed: the model card gets the benchmark table without the "
+                           "accuracy-vs-bits plot (pip install 'optimum-vim[plot]' to add it)")
     card = render_model_card(
         model, repo_id=repo_id, base_model=info.get("base_model"), accuracy=info.get("accuracy"),
         sizes=info.get("sizes"), benchmark_table=table, plot_file=plot_file, training=info.get("training"),
