@@ -59,22 +59,23 @@ def _run_evaluate(args) -> int:
     return 0
 
 
-def _parse_kv(items: list[str] | None, what: str) -> dict:
-    """``key=value`` strings -> dict, values parsed as JSON when possible (numbers, booleans, lists)."""
+def _parse_kv(items: list[str] | None, what: str) -> dict[str, str]:
+    """``key=value`` strings -> ``{key: value}`` (values stay strings; the option types parse them)."""
     out = {}
     for item in items or []:
         if "=" not in item:
             raise ValueError(f"{what} must look like key=value; got {item!r}")
         key, value = item.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+        out[key.strip()] = value
     return out
 
 
 def _parse_overrides(items: list[str] | None) -> dict:
-    """``PATTERN=float`` or ``PATTERN=weight_bits:8,act_bits:8`` -> the config's overrides dict."""
+    """``PATTERN=float`` or ``PATTERN=weight_bits:8,act_bits:8`` -> the config's overrides dict (values parsed by
+    their declared types, :data:`optimum_vim.quantization_config.OVERRIDE_TYPES`)."""
+    from .options import coerce_fields
+    from .quantization_config import OVERRIDE_TYPES
+
     out = {}
     for item in items or []:
         if "=" not in item:
@@ -85,9 +86,13 @@ def _parse_overrides(items: list[str] | None) -> dict:
             continue
         settings = {}
         for part in value.split(","):
-            key, _, v = part.partition(":")
-            settings[key.strip()] = None if v.strip().lower() == "none" else int(v)
-        out[pattern] = settings
+            key, sep, v = part.partition(":")
+            key = key.strip()
+            if not sep or key not in OVERRIDE_TYPES:
+                raise ValueError(f"--override {item!r}: each setting is KEY:VALUE with KEY one of "
+                                 f"{sorted(OVERRIDE_TYPES)}; got {part!r}")
+            settings[key] = v
+        out[pattern] = coerce_fields(OVERRIDE_TYPES, settings, f"--override {item!r}:", strings=True)
     return out
 
 
@@ -129,20 +134,20 @@ def _run_quantize(args) -> int:
     from .evaluation import evaluate, load_named_dataset
     from .hub import atomic_save, set_card_info
     from .quantization_config import ViMQuantizationConfig
+    from .recipes import get_recipe_class
     from .size import checkpoint_bytes, quantized_layer_bytes
 
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
+    recipe_args = get_recipe_class(args.recipe).parse_recipe_args(_parse_kv(args.recipe_arg, "--recipe-arg"))
     config = ViMQuantizationConfig(
         recipe=args.recipe, weight_bits=args.weight_bits, act_bits=args.act_bits, weight_group_size=args.group_size,
-        recipe_args=_parse_kv(args.recipe_arg, "--recipe-arg"), num_calibration_samples=args.num_samples,
+        recipe_args=recipe_args, num_calibration_samples=args.num_samples,
         calibration_batch_size=args.calibration_batch_size, seed=args.seed,
         modules_to_not_convert=[s for s in args.skip.split(",") if s], overrides=_parse_overrides(args.override),
     )
     processor = AutoImageProcessor.from_pretrained(args.model)
-    from .recipes import get_recipe_class
-
     if get_recipe_class(args.recipe).requires_data(config):
         config.calibration_dataset = load_named_dataset(args.calibration_dataset, args.calibration_split)
         config.image_processor = processor
@@ -241,8 +246,8 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="optimum-vim", description="Vision Mamba for transformers: convert, "
+def build_parser(prog: str = "optimum-vim") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Vision Mamba for transformers: convert, "
                                      "quantize, evaluate and publish.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,16 +258,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions of the Hub client that mean "could not talk to the Hub" (no network, refused, HTTP error)."""
+    import importlib
+
+    errors: list[type[BaseException]] = []
+    names = {"httpx"}
+    try:  # the HTTP library huggingface_hub's session really uses (httpx, or a fork of it)
+        from huggingface_hub.utils import get_session
+
+        names.add(type(get_session()).__module__.split(".")[0])
+    except ImportError:  # pragma: no cover
+        pass
+    for name in sorted(names):
+        try:
+            errors.append(importlib.import_module(name).HTTPError)
+        except (ImportError, AttributeError):
+            pass
+    try:
+        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+        errors += [HfHubHTTPError, OfflineModeIsEnabled]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None, prog: str = "optimum-vim") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import optimum_vim  # noqa: F401 - registration before any from_pretrained
 
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"optimum-vim {args.command}: error: {err}", file=sys.stderr)
+    except _network_errors() as err:
+        from huggingface_hub import constants
+
+        print(f"{prog} {args.command}: error: could not reach the Hub at {constants.ENDPOINT} ({type(err).__name__}: "
+              f"{err}). Check the network connection, HF_ENDPOINT and the token (--token or `hf auth login`).",
+              file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as err:  # bad input, missing or unreadable files and folders, unknown repo ids
+        print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -3,15 +3,40 @@
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .options import coerce, coerce_fields, field_types
 
 QUANT_METHOD = "vim"
 FORMAT_VERSION = 1
 DEFAULT_SKIP = ["head", "patch_embed"]
 _RUNTIME_FIELDS = ("calibration_dataset", "image_processor")
-_OVERRIDE_KEYS = {"weight_bits", "act_bits", "weight_group_size", "skip"}
+# per-module settings of ``overrides`` and their types (checked like every other option)
+OVERRIDE_TYPES = {"weight_bits": int, "act_bits": int | None, "weight_group_size": int | None, "skip": bool}
+_OVERRIDE_KEYS = set(OVERRIDE_TYPES)
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    """The declared types of ViMQuantizationConfig's fields (its ``__init__`` annotations)."""
+    types_ = field_types(ViMQuantizationConfig.__init__)
+    types_.pop("kwargs", None)
+    return types_
+
+
+def _activation_bits(spec: dict) -> set[int]:
+    """Bits of every activation quantizer spec nested in a module spec (dicts with a ``granularity``)."""
+    found = set()
+    for value in spec.values():
+        if isinstance(value, dict):
+            if "granularity" in value and isinstance(value.get("bits"), int):
+                found.add(value["bits"])
+            else:
+                found |= _activation_bits(value)
+    return found
 
 
 class ViMQuantizationConfig(QuantizationConfigMixin):
@@ -34,7 +59,13 @@ class ViMQuantizationConfig(QuantizationConfigMixin):
             ``{"*.x_proj*": {"weight_bits": 8}, "vim.layers.0.*": None}`` (None: keep in float): mixed precision.
         format_version: storage format version (checked on load).
         layers: per-module specs written after quantization (how a pre-quantized checkpoint is rebuilt).
-        dequantize: load a pre-quantized checkpoint straight into a float model.
+        dequantize: load a pre-quantized checkpoint straight into a float model (also honoured when passed to
+            ``from_pretrained`` of a quantized folder: ``quantization_config=ViMQuantizationConfig(dequantize=True)``).
+        base_model: Hub id of the float model this one is quantized from (model card ``base_model`` metadata and
+            link); set automatically when the float model was loaded from the Hub.
+
+    Every field is checked against its declared type (``True`` is not an int, ``"1"`` is not an int, ``"no"`` is not
+    a bool); ``recipe_args`` are checked against the recipe's ``Args`` field types (:mod:`optimum_vim.options`).
     """
 
     def __init__(
@@ -55,6 +86,7 @@ class ViMQuantizationConfig(QuantizationConfigMixin):
         layers: dict[str, dict] | None = None,
         calibration_source: str | None = None,
         dequantize: bool = False,
+        base_model: str | None = None,
         **kwargs,
     ):
         kwargs.pop("quant_method", None)
@@ -67,24 +99,41 @@ class ViMQuantizationConfig(QuantizationConfigMixin):
         self.weight_bits = weight_bits
         self.act_bits = act_bits
         self.weight_group_size = weight_group_size
-        self.recipe_args = dict(recipe_args or {})
+        self.recipe_args = recipe_args
         self.calibration_dataset = calibration_dataset
         self.image_processor = image_processor
         self.num_calibration_samples = num_calibration_samples
         self.calibration_batch_size = calibration_batch_size
         self.seed = seed
-        self.modules_to_not_convert = list(DEFAULT_SKIP if modules_to_not_convert is None else modules_to_not_convert)
-        self.overrides = dict(overrides or {})
+        self.modules_to_not_convert = modules_to_not_convert
+        self.overrides = overrides
         self.format_version = format_version
         self.layers = layers
         self.calibration_source = calibration_source
         self.dequantize = dequantize
+        self.base_model = base_model
         self.post_init()
 
     def post_init(self) -> None:
-        """Validates the settings; impossible combinations fail here with what is allowed."""
+        """Validates the settings; impossible combinations fail here with what is allowed. Every field is checked
+        against its declared type first (``weight_bits=True`` or ``format_version="1"`` are errors, not coerced)."""
         from .recipes import get_recipe_class
 
+        types_ = _field_types()
+        for name, tp in types_.items():
+            if name not in _RUNTIME_FIELDS:
+                setattr(self, name, coerce(getattr(self, name), tp, name, "ViMQuantizationConfig"))
+        if self.modules_to_not_convert is None:
+            self.modules_to_not_convert = list(DEFAULT_SKIP)
+        self.recipe_args = dict(self.recipe_args or {})
+        self.overrides = dict(self.overrides or {})
+        for pattern, value in self.overrides.items():
+            if isinstance(value, dict):
+                unknown = sorted(set(value) - set(OVERRIDE_TYPES))
+                if unknown:
+                    raise ValueError(f"override {pattern!r}: unknown keys {unknown}; expected None or a dict with "
+                                     f"keys from {sorted(OVERRIDE_TYPES)}")
+                self.overrides[pattern] = coerce_fields(OVERRIDE_TYPES, value, f"override {pattern!r}:")
         if self.format_version != FORMAT_VERSION:
             raise ValueError(
                 f"this checkpoint uses optimum-vim storage format v{self.format_version}; this optimum-vim reads "
@@ -112,6 +161,42 @@ class ViMQuantizationConfig(QuantizationConfigMixin):
                 raise ValueError(f"{name} must be a positive int; got {getattr(self, name)!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int; got {self.seed!r}")
+        if self.layers:
+            self._check_layers_agree()
+
+    def _check_layers_agree(self) -> None:
+        """The top-level ``weight_bits`` / ``act_bits`` of a quantized checkpoint's config must describe its ``layers``
+        (the model card and ``repr`` read them): every integer-weight linear without a per-module override has
+        ``weight_bits``; with ``act_bits=None`` no such linear quantizes its input, otherwise some activation
+        quantizer has ``act_bits``."""
+        from .recipes.base import layer_overrides
+
+        if not isinstance(self.layers, dict) or not all(isinstance(v, dict) for v in self.layers.values()):
+            raise ValueError("quantization_config.layers must map module names to module specs (dicts)")
+        wrong, act_seen = [], set()
+        for name, spec in self.layers.items():
+            act_seen.update(_activation_bits(spec))
+            if spec.get("type") != "linear":
+                continue
+            over = layer_overrides(name, self.overrides) or {}
+            weight = spec.get("weight") or {}
+            want = over.get("weight_bits", self.weight_bits)
+            if weight.get("format") == "int" and weight.get("bits") != want:
+                wrong.append(f"{name} has {weight.get('bits')}-bit weights, the config says weight_bits={want}")
+            want_act = over.get("act_bits", self.act_bits)
+            got_act = (spec.get("input") or {}).get("bits")
+            if want_act is None and got_act is not None:
+                wrong.append(f"{name} quantizes its input to {got_act} bits, the config says act_bits=None")
+        if self.act_bits is not None and self.act_bits not in act_seen:
+            wrong.append(f"no module quantizes activations to act_bits={self.act_bits} "
+                         f"(found {sorted(act_seen) or 'none'})")
+        if wrong:
+            raise ValueError(
+                f"this quantization_config contradicts its own per-layer specs ({len(wrong)} problem(s), e.g. "
+                f"{wrong[:3]}): config.json was edited by hand or mixes two checkpoints. The top-level settings of a "
+                "saved config describe what the quantizer did and cannot be changed; restore the original config.json "
+                "or quantize the float model again with the settings you want."
+            )
 
     @property
     def is_quantized_layout(self) -> bool:

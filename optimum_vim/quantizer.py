@@ -18,6 +18,7 @@ from transformers.quantizers import HfQuantizer
 from .calibration import describe_source, prepare_calibration_batches
 from .quantization_config import ViMQuantizationConfig
 from .recipes import apply_plan, build_quantized_skeleton, get_recipe_class, quantized_modules
+from .recipes.base import _has_submodule
 from .serialization import METADATA_FORMAT_KEY, METADATA_RECIPE_KEY, check_quantized_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -37,21 +38,13 @@ def _align_names(specs: dict[str, dict], model: nn.Module) -> dict[str, dict]:
     for name, spec in specs.items():
         if name.startswith(prefix + ".") and not has_prefix:
             out[name[len(prefix) + 1 :]] = spec  # saved from the classifier, loaded as the backbone
-        elif not name.startswith(prefix + ".") and has_prefix and not _exists(model, name):
+        elif not name.startswith(prefix + ".") and has_prefix and not _has_submodule(model, name):
             out[f"{prefix}.{name}"] = spec  # saved from the backbone, loaded as the classifier
-        elif _exists(model, name):
+        elif _has_submodule(model, name):
             out[name] = spec
         else:
             logger.info("quantized module %s does not exist in %s; skipped", name, type(model).__name__)
     return out
-
-
-def _exists(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
 
 
 class ViMHfQuantizer(HfQuantizer):
@@ -97,17 +90,17 @@ class ViMHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             return model
         cfg = self.quantization_config
-        skeleton = {}
-        with torch.device("meta"):
-            from .modules import build_qmodule
-
-            for name, spec in cfg.layers.items():
-                mod = build_qmodule(spec)
-                for buf_name, buf in mod.named_buffers():
-                    skeleton[f"{name}.{buf_name}"] = (tuple(buf.shape), str(buf.dtype).removeprefix("torch."))
+        # the specs under the names of the class being loaded (a backbone saved from the classifier, or the reverse);
+        # the config then describes this model, so that saving it again writes matching names
+        cfg.layers = _align_names(cfg.layers, model)
+        build_quantized_skeleton(model, cfg.layers)
         if checkpoint_files:
-            check_quantized_checkpoint(checkpoint_files, skeleton, cfg.format_version)
-        build_quantized_skeleton(model, _align_names(cfg.layers, model))
+            expected = {}
+            for name in cfg.layers:
+                for buf_name, buf in model.get_submodule(name).named_buffers():
+                    expected[f"{name}.{buf_name}"] = (tuple(buf.shape), str(buf.dtype).removeprefix("torch."))
+            check_quantized_checkpoint(checkpoint_files, expected, cfg.format_version, recipe=cfg.recipe,
+                                       prefix=getattr(model, "base_model_prefix", "vim"))
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -169,6 +162,8 @@ def run_recipe(model: nn.Module, cfg: ViMQuantizationConfig) -> nn.Module:
     apply_plan(model, plan)
     cfg.layers = plan.specs()
     cfg.calibration_source = describe_source(cfg.calibration_dataset) if batches is not None else "none"
+    if cfg.base_model is None:
+        cfg.base_model = _hub_source(model)
     model.config.quantization_config = cfg
     logger.info("quantized %d modules with recipe %s", len(plan.layers), cfg.recipe)
     return model
@@ -216,6 +211,19 @@ def dequantize_model(model: nn.Module, dtype=None) -> nn.Module:
             new = new.to(dtype)
         model.set_submodule(name, new)
     return model
+
+
+def _hub_source(model) -> str | None:
+    """The Hub id the float model was loaded from, or None for a local folder. Decided now, while the path means
+    what it meant to ``from_pretrained`` (a relative folder name looks like "org/name" too)."""
+    import os
+
+    from .hub.cards import _is_repo_id
+
+    source = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    if not source or os.path.exists(str(source)) or not _is_repo_id(source):
+        return None
+    return str(source)
 
 
 def _checkpoint_processor(model):

@@ -21,6 +21,7 @@ class _Repo:
         self.files: dict[str, bytes] = {}
         self.sha = hashlib.sha1(b"init").hexdigest()
         self.commits: list[dict] = []
+        self.private = None
 
 
 class HubState:
@@ -129,6 +130,7 @@ def _handler(state: HubState, endpoint_ref: list[str]):
                     if repo_id in state.repos:
                         return self._json(409, {"error": "You already created this model repo", "url": f"{endpoint}/{repo_id}"})
                     state.repos[repo_id] = _Repo()
+                    state.repos[repo_id].private = payload.get("visibility") == "private" or payload.get("private")
                 return self._json(200, {"url": f"{endpoint}/{repo_id}", "name": repo_id, "id": repo_id})
             if parts[:2] == ["api", "validate-yaml"]:
                 return self._json(200, {})
@@ -161,7 +163,8 @@ def _handler(state: HubState, endpoint_ref: list[str]):
                             repo.files = {k: v for k, v in repo.files.items() if k != p and not k.startswith(p + "/")}
                         repo.files.update(added)
                         repo.sha = hashlib.sha1((repo.sha + json.dumps(sorted(added))).encode() + b"".join(added.values())).hexdigest()
-                        repo.commits.append({"summary": header.get("summary"), "files": sorted(added)})
+                        repo.commits.append({"summary": header.get("summary"), "description": header.get("description"),
+                                             "revision": rest[1] if len(rest) > 1 else None, "files": sorted(added)})
                     return self._json(200, {"commitUrl": f"{endpoint}/{repo_id}/commit/{repo.sha}",
                                             "commitOid": repo.sha, "success": True, "pullRequestUrl": None})
                 if rest[0] == "paths-info":

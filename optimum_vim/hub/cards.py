@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -30,12 +31,14 @@ def _architecture(config) -> str:
     )
 
 
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
 def _is_repo_id(name) -> bool:
-    """A Hub id ("org/name") rather than a local path."""
-    if not name:
-        return False
-    name = str(name)
-    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+    """Whether ``name`` has the form of a Hub id ("org/name"). Decided by form only: what a name means on disk depends
+    on the current directory, so the decision "local folder or Hub repo" is taken when the model is loaded
+    (:func:`optimum_vim.quantizer.run_recipe` records ``base_model`` then)."""
+    return bool(name) and _REPO_ID.match(str(name)) is not None and ".." not in str(name)
 
 
 def _fmt(x) -> str:
@@ -102,6 +105,7 @@ def render_model_card(
     qc = getattr(config, "quantization_config", None)
     repo_id = repo_id or "path/to/this/model"
     tags = ["vision-mamba", "vim", "optimum-vim", "image-classification"]
+    tags += [t for t in (getattr(model, "model_tags", None) or []) if t not in tags]
     if isinstance(qc, dict):
         from ..quantization_config import ViMQuantizationConfig
 
@@ -109,7 +113,7 @@ def render_model_card(
     if qc is not None:
         scheme = f"W{qc.weight_bits}" + (f"A{qc.act_bits}" if qc.act_bits else "A16 (weight-only)")
         tags += ["quantized", qc.recipe, scheme.split(" ")[0].lower()]
-        base = base_model or getattr(config, "_name_or_path", None) or None
+        base = base_model or getattr(qc, "base_model", None)
         hub_base = base if _is_repo_id(base) else None
         data = ModelCardData(
             library_name="transformers", pipeline_tag="image-classification", tags=tags, license=license,
@@ -122,8 +126,8 @@ def render_model_card(
             template_str=template_text("quantized"),
             title=f"{repo_id.split('/')[-1]} ({scheme}, {qc.recipe})",
             scheme=scheme,
-            base_model_name=base or "the float Vim",
-            base_model_link=f"https://huggingface.co/{hub_base}" if hub_base else "#",
+            base_model_name=base or "a float Vim",
+            base_model_link=f"https://huggingface.co/{hub_base}" if hub_base else None,
             architecture=_architecture(config),
             repo_id=repo_id,
             recipe=qc.recipe,
@@ -153,7 +157,7 @@ def render_model_card(
         title=repo_id.split("/")[-1],
         architecture=_architecture(config),
         repo_id=repo_id,
-        num_parameters=f"{sum(p.numel() for p in model.parameters()):,}",
+        num_parameters=f"{model.num_parameters():,}",
         image_size=config.image_size,
         num_channels=config.num_channels,
         num_tokens=config.sequence_length,

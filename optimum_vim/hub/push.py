@@ -1,7 +1,8 @@
 """Saving and publishing: one folder with weights, config, processor, model card (and plot), one Hub commit.
 
 transformers' own ``push_to_hub`` replaces README.md with a default card; Vim models override ``push_to_hub`` to
-upload the folder written here in a single commit instead.
+upload the folder their ``save_pretrained`` writes (card included, through the hook this package registers) in a
+single commit instead.
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from ..serialization import atomic_save
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,12 @@ def write_model_card(model, folder: str | os.PathLike, repo_id: str | None = Non
     plot_file = None
     table = info.get("benchmark_table")
     if table:
-        plot_file = "accuracy_vs_bits.png"
-        plot_accuracy_vs_bits(table, folder / plot_file)
+        try:
+            plot_accuracy_vs_bits(table, folder / "accuracy_vs_bits.png")
+            plot_file = "accuracy_vs_bits.png"
+        except ImportError:
+            logger.warning("matplotlib is not installed: the model card gets the benchmark table without the "
+                           "accuracy-vs-bits plot (pip install 'optimum-vim[plot]' to add it)")
     card = render_model_card(
         model, repo_id=repo_id, base_model=info.get("base_model"), accuracy=info.get("accuracy"),
         sizes=info.get("sizes"), benchmark_table=table, plot_file=plot_file, training=info.get("training"),
@@ -47,64 +52,24 @@ def write_model_card(model, folder: str | os.PathLike, repo_id: str | None = Non
     return path
 
 
-def atomic_save(save_fn, save_directory: str | os.PathLike) -> Path:
-    """Runs ``save_fn(tmp_dir)`` into a sibling temporary folder and moves the files into ``save_directory`` only
-    when it succeeded, so a failed save leaves no half-written checkpoint behind."""
-    target = Path(save_directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        save_fn(tmp)
-        target.mkdir(parents=True, exist_ok=True)
-        for item in sorted(tmp.iterdir()):
-            dest = target / item.name
-            if dest.is_dir() and not dest.is_symlink():
-                shutil.rmtree(dest)
-            os.replace(item, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def save_for_hub(model, folder: str | os.PathLike, processor=None, repo_id: str | None = None, **save_kwargs) -> Path:
     """Writes everything a Hub repo of this model needs into ``folder``: weights, config, processor, card."""
 
     def _save(tmp: Path) -> None:
-        model.save_pretrained(tmp, **save_kwargs)
+        model.save_pretrained(tmp, repo_id=repo_id, **save_kwargs)
         if processor is not None:
             processor.save_pretrained(tmp)
-        write_model_card(model, tmp, repo_id=repo_id)
 
     return atomic_save(_save, folder)
 
 
-def push_model_to_hub(
-    model,
-    repo_id: str,
-    processor=None,
-    commit_message: str | None = None,
-    private: bool | None = None,
-    token: str | bool | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
-    max_shard_size: str | int = "50GB",
-    endpoint: str | None = None,
-) -> str:
-    """Publishes model + processor + rendered card to ``repo_id`` in one commit; returns the commit URL."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(endpoint=endpoint, token=token if isinstance(token, str) else None)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    qc = getattr(model.config, "quantization_config", None)
-    default_msg = f"Upload {'quantized ' if qc is not None else ''}Vim with optimum-vim"
-    with tempfile.TemporaryDirectory() as tmp:
-        save_for_hub(model, tmp, processor=processor, repo_id=repo_id, max_shard_size=max_shard_size)
-        info = api.upload_folder(
-            repo_id=repo_id, folder_path=tmp, commit_message=commit_message or default_msg, revision=revision,
-            create_pr=create_pr, repo_type="model",
-        )
+def push_model_to_hub(model, repo_id: str, processor=None, **push_kwargs) -> str:
+    """Publishes model + processor + rendered card to ``repo_id`` in one commit (``model.push_to_hub``, whose
+    arguments are transformers': ``commit_message``, ``commit_description``, ``private``, ``token``, ``revision``,
+    ``create_pr``, ``max_shard_size``, ``tags``); returns the commit URL."""
+    url = model.push_to_hub(repo_id, processor=processor, **push_kwargs)
     logger.info("pushed %s", repo_id)
-    return str(getattr(info, "commit_url", info))
+    return url
 
 
 def load_benchmark_table(path: str | os.PathLike) -> list[dict]:

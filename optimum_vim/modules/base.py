@@ -2,6 +2,12 @@
 
 Every quantized module owns only named persistent buffers (never parameters) whose names and shapes follow from
 its spec, so an empty module built from the spec on the meta device is filled by a plain state-dict load.
+
+NaN rule: NaN in -> NaN out. A quantized module's output is NaN wherever the float module's output would be NaN
+because of a NaN input. Fake-quantized (quantize-dequantize) tensors carry NaN through by themselves; integer codes
+cannot hold NaN, so every path that hands integer codes to a kernel records where NaN entered (:func:`nan_rows`) and
+marks the outputs that depend on it (:func:`mark_nan`). Infinite values saturate to the largest code, as any
+out-of-range value does.
 """
 
 from __future__ import annotations
@@ -35,12 +41,33 @@ class QModule(nn.Module):
         self.spec = copy.deepcopy(spec)
         self.spec["type"] = self.KIND
 
+    def _apply(self, fn, recurse=True):
+        """Device moves apply to the buffers; dtype casts (``.to(dtype)``, ``.half()``, ``.bfloat16()``) do not:
+        integer codes and fp32 scales keep their stored dtypes, as after ``from_pretrained(dtype=...)``, and the
+        module's output follows its input dtype."""
+
+        def keep_dtype(t):
+            out = fn(t)
+            return out if out.dtype == t.dtype else t.to(device=out.device)
+
+        return super()._apply(keep_dtype, recurse)
+
     def _buffer(self, name: str, shape, dtype: torch.dtype) -> None:
         self.register_buffer(name, torch.zeros(shape, dtype=dtype), persistent=True)
 
     def extra_repr(self) -> str:
         keys = ", ".join(f"{k}={v}" for k, v in self.spec.items() if not isinstance(v, dict) and k != "type")
         return keys
+
+
+def nan_rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., 1) bool: rows (last dim) of ``x`` holding a NaN; a float linear layer's output row is NaN exactly there."""
+    return torch.isnan(x).any(-1, keepdim=True)
+
+
+def mark_nan(y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``y`` with NaN where ``mask`` (broadcastable) is set; no host sync, so it stays cheap on GPU."""
+    return y.masked_fill(mask, float("nan"))
 
 
 def build_qmodule(spec: dict) -> QModule:

@@ -45,6 +45,10 @@ class QConv1d(QModule):
         self.input_quantizer = QActivation(spec["input"]) if spec.get("input") else None
         self.output_quantizer = QActivation(spec["output"]) if spec.get("output") else None
 
+    def num_weight_parameters(self) -> int:
+        """Float parameters this layer stands for (weight and bias), as ``num_parameters()`` counts them."""
+        return self.spec["channels"] * (self.spec["kernel_size"] + 1)
+
     def dequantized_weight(self) -> torch.Tensor:
         """(E, 1, K) float32, the layout of ``nn.Conv1d``."""
         k = self.spec["kernel_size"]

@@ -20,7 +20,7 @@ import torch
 from ..ops.quantized import combine_directions, dequantize_weight_ref, quant_gemm
 from ..primitives import packed_row_bytes
 from .activation import QActivation
-from .base import QModule, register_qmodule
+from .base import QModule, mark_nan, nan_rows, register_qmodule
 
 
 def validate_weight_spec(spec: dict) -> None:
@@ -83,6 +83,10 @@ class QLinear(QModule):
             self.smooth_scale = None
         self.input_quantizer = QActivation(spec["input"]) if spec.get("input") else None
 
+    def num_weight_parameters(self) -> int:
+        """Float parameters this layer stands for (weight and bias), as ``num_parameters()`` counts them."""
+        return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
+
     @property
     def codebook_or_none(self):
         return getattr(self, "codebook", None) if self.format == "vq" else None
@@ -121,7 +125,7 @@ class QLinear(QModule):
             if rows is not None:
                 codes, scale, zero = rows
                 y = quant_gemm(codes, self.qweight, self.weight_scale, a_scale=scale, a_zero=zero, **gemm_args)
-                return y.reshape(out_shape)
+                return mark_nan(y.reshape(out_shape), nan_rows(x))  # NaN in -> NaN out (codes cannot hold NaN)
             x = self.input_quantizer(x)
         y = quant_gemm(
             x.reshape(-1, self.in_features), self.qweight, self.weight_scale, codebook=self.codebook_or_none,
@@ -162,4 +166,5 @@ class QLinear(QModule):
             codes.reshape(-1, k), self.qweight, self.weight_scale, bits=self.bits, in_features=k,
             group_size=self.group_size, a_scale=a_scale, a_zero=a_zero, bias=self.bias, out_dtype=y_f.dtype,
         )
-        return y.reshape(b, length, self.out_features)
+        nan = nan_rows(y_f) | nan_rows(y_b) | nan_rows(z)  # NaN in -> NaN out (codes cannot hold NaN)
+        return mark_nan(y.reshape(b, length, self.out_features), nan)

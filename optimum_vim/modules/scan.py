@@ -22,7 +22,7 @@ from ..ops import selective_scan
 from ..ops.quantized import selective_scan_q
 from ..primitives import int_range
 from .activation import QActivation
-from .base import QModule, register_qmodule
+from .base import QModule, mark_nan, register_qmodule
 
 _INPUTS = ("u", "delta", "B", "C")
 
@@ -49,9 +49,15 @@ class QSelectiveScan(QModule):
         else:
             self.state_scale = None
 
-    def _q(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        quantizer = getattr(self, f"{name}_quantizer")
-        return quantizer(x) if quantizer is not None else x
+    def _nan_positions(self, u, delta, B, C) -> torch.Tensor:
+        """(batch, L, E) bool: where the float scan's output is NaN because of a NaN input. A NaN in u or delta at
+        (t, e), or in B at step t, enters the state and reaches every later step of this direction; C only reads the
+        state, so a NaN in C marks its own step."""
+        carried = torch.isnan(u) | torch.isnan(delta) | torch.isnan(B).any(-1, keepdim=True)
+        carried = carried.flip(1) if self.reverse else carried
+        carried = carried.cumsum(1) > 0
+        carried = carried.flip(1) if self.reverse else carried
+        return carried | torch.isnan(C).any(-1, keepdim=True)
 
     def forward(self, u, delta, A, B, C, D=None, z=None):
         if self.state_scale is not None and u.shape[1] != self.spec["length"]:
@@ -73,13 +79,14 @@ class QSelectiveScan(QModule):
         if self.state_scale is not None:
             extra.update(h_scale=self.state_scale, h_channel_scale=self.state_channel_scale,
                          h_qmin=self.state_qmin, h_qmax=self.state_qmax)
+        nan = self._nan_positions(u, delta, B, C) if extra else None  # int8 codes cannot hold NaN
         if self.y_quantizer is None:
             y = selective_scan_q(values["u"], values["delta"], A, values["B"], values["C"], D, z,
                                  reverse=self.reverse, **extra)
-            return y.to(u.dtype)
+            return (y if nan is None else mark_nan(y, nan)).to(u.dtype)
         y = selective_scan_q(values["u"], values["delta"], A, values["B"], values["C"], None, None,
                              reverse=self.reverse, **extra)
-        y = self.y_quantizer(y)
+        y = self.y_quantizer(y if nan is None else mark_nan(y, nan))
         if D is not None:
             u_hat = self.u_quantizer(u) if self.u_quantizer is not None else u
             y = y + u_hat.float() * D.float()

@@ -8,7 +8,6 @@ float model; :func:`build_quantized_skeleton` builds the same modules empty for 
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import re
 from dataclasses import dataclass, field
@@ -61,18 +60,29 @@ class Recipe:
         self.args = self.build_args(config.recipe_args)
 
     @classmethod
-    def build_args(cls, recipe_args: dict | None):
-        """Validates ``recipe_args`` by building the ``Args`` dataclass (unknown keys are an error)."""
+    def build_args(cls, recipe_args: dict | None, *, strings: bool = False):
+        """Validates ``recipe_args`` by building the ``Args`` dataclass: unknown keys are an error, every value is
+        checked against its field's declared type (:func:`optimum_vim.options.coerce`: ``"no"`` is not a bool,
+        ``"in_proj"`` is not a tuple), then ``Args.validate()`` checks ranges. With ``strings=True`` str values are
+        command-line strings, parsed by the field type (``true``/``false``, ints, floats, comma lists, ``none``)."""
+        from ..options import coerce_fields, field_types
+
         recipe_args = dict(recipe_args or {})
-        known = {f.name for f in dataclasses.fields(cls.Args)}
-        unknown = sorted(set(recipe_args) - known)
+        types_ = field_types(cls.Args)
+        unknown = sorted(set(recipe_args) - set(types_))
         if unknown:
-            raise ValueError(f"recipe {cls.name!r} has no options {unknown}; its options are {sorted(known)}")
-        args = cls.Args(**recipe_args)
+            raise ValueError(f"recipe {cls.name!r} has no options {unknown}; its options are {sorted(types_)}")
+        args = cls.Args(**coerce_fields(types_, recipe_args, f"recipe {cls.name!r}", strings=strings))
         validate = getattr(args, "validate", None)
         if validate is not None:
             validate()
         return args
+
+    @classmethod
+    def parse_recipe_args(cls, raw: dict[str, str]) -> dict:
+        """``{key: command-line string}`` -> ``recipe_args`` with typed values (validated like :meth:`build_args`)."""
+        args = cls.build_args(raw, strings=True)
+        return {key: getattr(args, key) for key in raw}
 
     @classmethod
     def check_bits(cls, weight_bits, act_bits) -> None:

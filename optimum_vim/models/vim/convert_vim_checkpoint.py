@@ -56,8 +56,9 @@ def load_official_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> 
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError / RuntimeError with the offending global in the message
         raise CheckpointConversionError(
-            f"could not read {path} as a weights-only checkpoint ({err}). optimum-vim only unpickles tensors, plain "
-            "containers and argparse.Namespace; a file that needs anything else is not an official Vim checkpoint."
+            f"could not read {path} as a weights-only checkpoint ({_unpickling_reason(err)}). optimum-vim only "
+            "unpickles tensors, plain containers and argparse.Namespace; a file that needs anything else is not an "
+            "official Vim checkpoint, and loading it with full unpickling could run arbitrary code."
         ) from err
     if not isinstance(obj, dict):
         raise CheckpointConversionError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
@@ -74,6 +75,17 @@ def load_official_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> 
         raise CheckpointConversionError(f"{path} has no 'model' entry and is not a bare Vim state dict (keys: {sorted(obj)[:8]})")
     _check_official_model_name(obj.get("args"), path)
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _unpickling_reason(err: Exception) -> str:
+    """What torch's weights-only unpickler refused, without torch's advice to retry with ``weights_only=False``
+    (an unsafe retry that optimum-vim never invites)."""
+    text = str(err)
+    match = re.search(r"(Unsupported global: [^\n]*?|Unsupported operand [^\n]*?)(?:\. |\n|$)", text)
+    if match:
+        return match.group(1).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln and "succeed" not in ln]
+    return lines[0] if lines else type(err).__name__
 
 
 def _check_official_model_name(args, path) -> None:
