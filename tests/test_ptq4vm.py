@@ -162,15 +162,17 @@ def test_wrong_image_size_at_inference(ptq4vm_w4a4):
         ({"act_bits": None}, "quantizes activations.*act_bits"),
         ({"weight_group_size": 32}, "one weight scale per output channel"),
         ({"weight_bits": 7}, "weight_bits"),
-        ({"recipe_args": {"smoothing": "no"}}, "smoothing must be true or false"),
+        ({"recipe_args": {"smoothing": "no"}}, "smoothing.*bool"),
         ({"recipe_args": {"alpha": 1.5}}, "alpha"),
         ({"recipe_args": {"steps": -1}}, "steps"),
         ({"recipe_args": {"lr_step": 0}}, "lr_step"),
-        ({"recipe_args": {"p_norm": "2.4"}}, "p_norm"),
+        ({"recipe_args": {"p_norm": "2.4"}}, "p_norm.*number"),
+        ({"recipe_args": {"steps": 2.0}}, "steps.*int"),
+        ({"recipe_args": {"targets": ["conv1d"]}}, "targets must be block linears"),
         ({"recipe_args": {"targets": "in_proj"}}, "targets"),
         ({"recipe_args": {"observer": "minmax"}}, "no options"),
     ],
-    ids=["no-act", "group", "bits", "bool", "alpha", "steps", "lr", "p", "targets", "unknown"],
+    ids=["no-act", "group", "bits", "bool", "alpha", "steps", "lr", "p", "float-steps", "conv-target", "targets", "unknown"],
 )
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -51,14 +51,6 @@ from ..calibration.lp_init import lp_token_affine, lp_weight_scale
 from .base import BLOCK_LINEARS, LayerPlan, QuantPlan, Recipe, register_recipe, select_linears
 
 
-def _is_bool(v) -> bool:
-    return isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 @dataclass
 class PTQ4VMArgs:
     """Options of the PTQ4VM recipe (``ViMQuantizationConfig(recipe="ptq4vm", recipe_args=...)``).
@@ -80,28 +72,23 @@ class PTQ4VMArgs:
     targets: tuple[str, ...] = BLOCK_LINEARS
 
     def validate(self) -> None:
-        for name in ("smoothing", "jlss"):
-            if not _is_bool(getattr(self, name)):
-                raise ValueError(f"ptq4vm {name} must be true or false; got {getattr(self, name)!r}")
-        if not _is_number(self.alpha) or not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"ptq4vm alpha must be a number in [0, 1]; got {self.alpha!r}")
-        for name in ("steps", "candidates"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "steps" else 1):
-                raise ValueError(f"ptq4vm {name} must be an int >= {0 if name == 'steps' else 1}; got {v!r}")
+        # types are checked from the annotations by optimum_vim.options before this runs; ranges here
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"ptq4vm alpha must be in [0, 1]; got {self.alpha!r}")
+        if self.steps < 0 or self.candidates < 1:
+            raise ValueError(f"ptq4vm steps must be >= 0 and candidates >= 1; got {self.steps}, {self.candidates}")
         for name in ("lr_step", "lr_smooth", "p_norm"):
-            v = getattr(self, name)
-            if not _is_number(v) or not v > 0:
-                raise ValueError(f"ptq4vm {name} must be a positive number; got {v!r}")
-        if not _is_number(self.weight_decay) or self.weight_decay < 0:
-            raise ValueError(f"ptq4vm weight_decay must be a number >= 0; got {self.weight_decay!r}")
-        if self.grad_clip is not None and (not _is_number(self.grad_clip) or not self.grad_clip > 0):
-            raise ValueError(f"ptq4vm grad_clip must be a positive number or None; got {self.grad_clip!r}")
-        if self.batch_size is not None and (not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool)
-                                            or self.batch_size < 1):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ptq4vm {name} must be positive; got {getattr(self, name)!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"ptq4vm weight_decay must be >= 0; got {self.weight_decay!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"ptq4vm grad_clip must be positive or None; got {self.grad_clip!r}")
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"ptq4vm batch_size must be a positive int or None; got {self.batch_size!r}")
-        if isinstance(self.targets, str) or not all(t in BLOCK_LINEARS for t in self.targets):
-            raise ValueError(f"ptq4vm targets must be a list of block linears from {BLOCK_LINEARS}; got {self.targets!r}")
+        unknown = [t for t in self.targets if t not in BLOCK_LINEARS]
+        if unknown:
+            raise ValueError(f"ptq4vm targets must be block linears from {BLOCK_LINEARS}; got {unknown}")
         self.targets = tuple(self.targets)
 
 
