@@ -125,13 +125,12 @@ def _add_quantize(sub) -> None:
 
 def _run_quantize(args) -> int:
     import os
-    import tempfile
     from pathlib import Path
 
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     from .evaluation import evaluate, load_named_dataset
-    from .hub import atomic_save, set_card_info
+    from .hub import atomic_save, set_card_info, write_model_card
     from .quantization_config import ViMQuantizationConfig
     from .recipes import get_recipe_class
     from .size import checkpoint_bytes, quantized_layer_bytes
@@ -174,19 +173,21 @@ def _run_quantize(args) -> int:
         set_card_info(model, accuracy={"dataset": f"{args.eval_dataset} {args.eval_split} ({q.total} images)",
                                        "top1": q.top1, "fp_top1": fp.top1, "command": command})
 
-    def _save(tmp):
-        model.save_pretrained(tmp, repo_id=out.name)
-        processor.save_pretrained(tmp)
-
     fp_bytes = checkpoint_bytes(args.model) if os.path.isdir(args.model) else None
-    with tempfile.TemporaryDirectory() as probe:  # size of the quantized file, to put in the card
-        model.save_pretrained(probe, model_card=False)
-        q_bytes = checkpoint_bytes(probe)
-    rows = [{"name": "quantized (this)", "bytes": f"{q_bytes:,}"}]
-    if fp_bytes:
-        rows.insert(0, {"name": "float32 original", "bytes": f"{fp_bytes:,}"})
-    set_card_info(model, sizes=rows)
+    sizes = {}
+
+    def _save(tmp):  # one save: the card, written last, quotes the size of the weights just written
+        model.save_pretrained(tmp, model_card=False)
+        processor.save_pretrained(tmp)
+        sizes["q"] = checkpoint_bytes(tmp)
+        rows = [{"name": "quantized (this)", "bytes": f"{sizes['q']:,}"}]
+        if fp_bytes:
+            rows.insert(0, {"name": "float32 original", "bytes": f"{fp_bytes:,}"})
+        set_card_info(model, sizes=rows)
+        write_model_card(model, tmp, repo_id=out.name)
+
     atomic_save(_save, out)
+    q_bytes = sizes["q"]
     summary.update(checkpoint_bytes=q_bytes, float_checkpoint_bytes=fp_bytes)
     if args.json:
         print(json.dumps(summary))

@@ -105,7 +105,7 @@ def register_recipe(cls):
     return cls
 
 
-# recipes from ../shared/docs/methods.md that the storage format and module family already anticipate but that are
+# recipes of the README's recipe table that the storage format and module family already anticipate but that are
 # not written yet: asking for one says so instead of "unknown recipe"
 PLANNED_RECIPES = {
     "ptq4vm": "PTQ4VM: per-token static activations + JLSS",
