@@ -114,6 +114,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--skip", default="head,patch_embed", help="comma-separated modules left in float")
     p.add_argument("--override", action="append", metavar="PATTERN=SETTINGS",
                    help="mixed precision: PATTERN=float or PATTERN=weight_bits:8,act_bits:8 (repeatable)")
+    p.add_argument("--base-model", default=None,
+                   help="Hub id of the float model, for the card's base_model (default: MODEL when it is a Hub id)")
     p.add_argument("--evaluate", action="store_true", help="measure float and quantized top-1 and print them")
     p.add_argument("--eval-dataset", default="fashion-mnist")
     p.add_argument("--eval-split", default="test")
@@ -144,6 +146,7 @@ def _run_quantize(args) -> int:
         recipe_args=recipe_args, num_calibration_samples=args.num_samples,
         calibration_batch_size=args.calibration_batch_size, seed=args.seed,
         modules_to_not_convert=[s for s in args.skip.split(",") if s], overrides=_parse_overrides(args.override),
+        base_model=args.base_model,
     )
     processor = AutoImageProcessor.from_pretrained(args.model)
     if get_recipe_class(args.recipe).requires_data(config):

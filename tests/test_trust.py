@@ -289,9 +289,10 @@ def test_cli_recipe_args_reach_config_typed(tiny_vim_dir, tmp_path):
     out = tmp_path / "o"
     assert main(["quantize", tiny_vim_dir, str(out), "--act-bits", "8", "--num-samples", "16",
                  "--recipe-arg", "act_symmetric=no", "--recipe-arg", "targets=in_proj,out_proj",
-                 "--override", "*.out_proj=act_bits:none"]) == 0
+                 "--override", "*.out_proj=act_bits:none", "--base-model", "org/vim-float"]) == 0
     saved = json.loads((out / "config.json").read_text())["quantization_config"]
     assert saved["recipe_args"] == {"act_symmetric": False, "targets": ["in_proj", "out_proj"]}
+    assert saved["base_model"] == "org/vim-float" and "base_model: org/vim-float" in (out / "README.md").read_text()
     assert saved["overrides"] == {"*.out_proj": {"act_bits": None}}
     model = AutoModelForImageClassification.from_pretrained(out)
     assert sum(isinstance(m, QLinear) for m in model.modules()) == 4
@@ -619,3 +620,22 @@ def test_cli_quantize_saves_once(tiny_vim_dir, tmp_path, monkeypatch):
     card = (out / "README.md").read_text()
     size = (out / "model.safetensors").stat().st_size
     assert f"| quantized (this) | {size:,} |" in card and "| float32 original |" in card
+
+
+def test_conv_and_output_quantizers_propagate_nan():
+    from optimum_vim.modules import build_qmodule
+
+    act = {"bits": 8, "granularity": "tensor", "symmetric": True}
+    conv = build_qmodule({"type": "conv1d", "channels": 4, "kernel_size": 3, "weight": {"bits": 8},
+                          "input": act, "output": act})
+    out_q = build_qmodule({"type": "output", "inner": "silu", "output": act})
+    with torch.no_grad():
+        conv.qweight.fill_(3)
+        for q in (conv.input_quantizer, conv.output_quantizer, out_q.output_quantizer):
+            q.scale.fill_(0.05)
+        conv.weight_scale.fill_(0.1)
+    x = _nan_at((1, 6, 4), [(0, 2, 1)])
+    float_conv = torch.nn.functional.conv1d(torch.nn.functional.pad(x.transpose(1, 2), (2, 0)),
+                                            conv.dequantized_weight(), conv.bias, groups=4).transpose(1, 2)
+    assert torch.equal(torch.isnan(conv(x)), torch.isnan(float_conv)) and torch.isnan(float_conv).sum() == 3
+    assert torch.equal(torch.isnan(out_q(x)), torch.isnan(x))
