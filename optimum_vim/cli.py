@@ -115,6 +115,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--skip", default="head,patch_embed", help="comma-separated modules left in float")
     p.add_argument("--override", action="append", metavar="PATTERN=SETTINGS",
                    help="mixed precision: PATTERN=float or PATTERN=weight_bits:8,act_bits:8 (repeatable)")
+    p.add_argument("--base-model", default=None,
+                   help="Hub id of the float model, for the card's base_model (default: MODEL when it is a Hub id)")
     p.add_argument("--evaluate", action="store_true", help="measure float and quantized top-1 and print them")
     p.add_argument("--eval-dataset", default="fashion-mnist")
     p.add_argument("--eval-split", default="test")
@@ -126,13 +128,12 @@ def _add_quantize(sub) -> None:
 
 def _run_quantize(args) -> int:
     import os
-    import tempfile
     from pathlib import Path
 
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     from .evaluation import evaluate, load_named_dataset
-    from .hub import atomic_save, set_card_info
+    from .hub import atomic_save, set_card_info, write_model_card
     from .quantization_config import ViMQuantizationConfig
     from .recipes import get_recipe_class
     from .size import checkpoint_bytes, quantized_layer_bytes
@@ -146,6 +147,7 @@ def _run_quantize(args) -> int:
         recipe_args=recipe_args, num_calibration_samples=args.num_samples,
         calibration_batch_size=args.calibration_batch_size, seed=args.seed,
         modules_to_not_convert=[s for s in args.skip.split(",") if s], overrides=_parse_overrides(args.override),
+        base_model=args.base_model,
     )
     processor = AutoImageProcessor.from_pretrained(args.model)
     if get_recipe_class(args.recipe).requires_data(config):
@@ -175,19 +177,21 @@ def _run_quantize(args) -> int:
         set_card_info(model, accuracy={"dataset": f"{args.eval_dataset} {args.eval_split} ({q.total} images)",
                                        "top1": q.top1, "fp_top1": fp.top1, "command": command})
 
-    def _save(tmp):
-        model.save_pretrained(tmp, repo_id=out.name)
-        processor.save_pretrained(tmp)
-
     fp_bytes = checkpoint_bytes(args.model) if os.path.isdir(args.model) else None
-    with tempfile.TemporaryDirectory() as probe:  # size of the quantized file, to put in the card
-        model.save_pretrained(probe, model_card=False)
-        q_bytes = checkpoint_bytes(probe)
-    rows = [{"name": "quantized (this)", "bytes": f"{q_bytes:,}"}]
-    if fp_bytes:
-        rows.insert(0, {"name": "float32 original", "bytes": f"{fp_bytes:,}"})
-    set_card_info(model, sizes=rows)
+    sizes = {}
+
+    def _save(tmp):  # one save: the card, written last, quotes the size of the weights just written
+        model.save_pretrained(tmp, model_card=False)
+        processor.save_pretrained(tmp)
+        sizes["q"] = checkpoint_bytes(tmp)
+        rows = [{"name": "quantized (this)", "bytes": f"{sizes['q']:,}"}]
+        if fp_bytes:
+            rows.insert(0, {"name": "float32 original", "bytes": f"{fp_bytes:,}"})
+        set_card_info(model, sizes=rows)
+        write_model_card(model, tmp, repo_id=out.name)
+
     atomic_save(_save, out)
+    q_bytes = sizes["q"]
     summary.update(checkpoint_bytes=q_bytes, float_checkpoint_bytes=fp_bytes)
     if args.json:
         print(json.dumps(summary))

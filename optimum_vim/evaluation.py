@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .calibration.data import find_image_column
+
 logger = logging.getLogger(__name__)
 
 NAMED_DATASETS = ("fashion-mnist", "mnist-subset", "digits")
@@ -66,7 +68,7 @@ def load_named_dataset(name: str, split: str = "test", limit: int | None = None)
 
 def _image_and_label_columns(ds) -> tuple[str, str]:
     cols = set(ds.column_names)
-    image_col = next((c for c in ("image", "img", "pixel_values") if c in cols), None)
+    image_col = find_image_column(cols)
     label_col = next((c for c in ("label", "labels", "fine_label") if c in cols), None)
     if image_col is None or label_col is None:
         raise ValueError(f"data set needs an image column and a label column; found {sorted(cols)}")

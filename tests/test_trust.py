@@ -289,9 +289,10 @@ def test_cli_recipe_args_reach_config_typed(tiny_vim_dir, tmp_path):
     out = tmp_path / "o"
     assert main(["quantize", tiny_vim_dir, str(out), "--act-bits", "8", "--num-samples", "16",
                  "--recipe-arg", "act_symmetric=no", "--recipe-arg", "targets=in_proj,out_proj",
-                 "--override", "*.out_proj=act_bits:none"]) == 0
+                 "--override", "*.out_proj=act_bits:none", "--base-model", "org/vim-float"]) == 0
     saved = json.loads((out / "config.json").read_text())["quantization_config"]
     assert saved["recipe_args"] == {"act_symmetric": False, "targets": ["in_proj", "out_proj"]}
+    assert saved["base_model"] == "org/vim-float" and "base_model: org/vim-float" in (out / "README.md").read_text()
     assert saved["overrides"] == {"*.out_proj": {"act_bits": None}}
     model = AutoModelForImageClassification.from_pretrained(out)
     assert sum(isinstance(m, QLinear) for m in model.modules()) == 4
@@ -524,3 +525,117 @@ def test_optimum_cli_vim_help_lists_subcommands(capsys):
         args.func(args).run()
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and out.startswith("usage: optimum-cli vim quantize") and "--recipe-arg" in out
+
+
+# ------------------------------------------------------------------------------------ 8. num_parameters
+def test_num_parameters_counts_quantized_layers_like_transformers(tiny_vim_dir, saved_w4a8):
+    fp = AutoModelForImageClassification.from_pretrained(tiny_vim_dir)
+    q = AutoModelForImageClassification.from_pretrained(saved_w4a8)
+    assert q.num_parameters() == fp.num_parameters()  # each quantized layer counts the weights it stands for
+    quantized = sum(m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
+                    for m in q.modules() if isinstance(m, QLinear))
+    assert quantized > 0 and q.num_parameters(only_trainable=True) == fp.num_parameters() - quantized  # frozen
+
+
+# ------------------------------------------------------------------------------------ 9. cleanups
+def test_dead_code_is_gone():
+    from optimum_vim import primitives
+    from optimum_vim.modules import QSelectiveScan
+    from optimum_vim.primitives import quant
+
+    assert not hasattr(quant, "lp_error") and not hasattr(primitives, "lp_error")
+    assert not hasattr(QSelectiveScan, "_q")
+    import optimum_vim.quantizer as quantizer
+
+    assert not hasattr(quantizer, "_exists")  # one submodule test (recipes.base._has_submodule)
+
+
+def test_no_source_comment_points_outside_the_repository():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = [str(p.relative_to(root)) for sub in ("optimum_vim", "kernels", "optimum") for p in (root / sub).rglob("*.py")
+                 if "../shared" in p.read_text() or "/work/" in p.read_text()]
+    assert not offenders
+
+
+def test_calibration_and_evaluation_read_the_same_image_columns(tiny_vim_dir):
+    import datasets
+
+    from optimum_vim.calibration import data as calib_data
+    from optimum_vim.evaluation import _image_and_label_columns
+
+    ds = datasets.Dataset.from_dict({"img": [[0]], "label": [0]})
+    assert _image_and_label_columns(ds)[0] == calib_data._image_column(ds.column_names) == "img"
+    for name in calib_data.IMAGE_COLUMNS:
+        assert _image_and_label_columns(datasets.Dataset.from_dict({name: [[0]], "label": [0]}))[0] == name
+    bad = datasets.Dataset.from_dict({"picture": [[0]], "label": [0]})
+    with pytest.raises(ValueError):
+        _image_and_label_columns(bad)
+    with pytest.raises(ValueError, match="image / img / pixel_values"):
+        calib_data._image_column(bad.column_names)
+
+
+def test_minmax_observers_keep_no_samples(tiny_vim_dir, monkeypatch):
+    from optimum_vim.calibration import observers
+
+    model = AutoModelForImageClassification.from_pretrained(tiny_vim_dir)
+    names = ["vim.layers.0.mixer.in_proj"]
+    lean = observers.collect_activation_stats(model, [_calib(8)], names, keep_samples=False)
+    full = observers.collect_activation_stats(model, [_calib(8)], names)
+    assert not lean[names[0]]._samples and full[names[0]]._samples
+    assert torch.equal(lean[names[0]].min, full[names[0]].min) and torch.equal(lean[names[0]].token_max, full[names[0]].token_max)
+    with pytest.raises(ValueError, match="keep_samples"):
+        lean[names[0]].percentile_range(99.0)
+    kept = []
+    real = observers.ActivationStats.update
+
+    def spy(self, x):
+        real(self, x)
+        kept.append(len(self._samples))
+
+    monkeypatch.setattr(observers.ActivationStats, "update", spy)
+    _load_q(tiny_vim_dir, weight_bits=8, act_bits=8)  # RTN min-max
+    assert kept and max(kept) == 0
+    kept.clear()
+    _load_q(tiny_vim_dir, weight_bits=8, act_bits=8, recipe_args={"observer": "percentile"})
+    assert max(kept) > 0
+
+
+def test_cli_quantize_saves_once(tiny_vim_dir, tmp_path, monkeypatch):
+    from optimum_vim import VimPreTrainedModel
+    from optimum_vim.cli import main
+
+    calls = []
+    real = VimPreTrainedModel.save_pretrained
+
+    def counting(self, *args, **kwargs):
+        calls.append(args[0] if args else kwargs.get("save_directory"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(VimPreTrainedModel, "save_pretrained", counting)
+    out = tmp_path / "q"
+    assert main(["quantize", tiny_vim_dir, str(out), "--weight-bits", "4", "--json"]) == 0
+    assert len(calls) == 1
+    card = (out / "README.md").read_text()
+    size = (out / "model.safetensors").stat().st_size
+    assert f"| quantized (this) | {size:,} |" in card and "| float32 original |" in card
+
+
+def test_conv_and_output_quantizers_propagate_nan():
+    from optimum_vim.modules import build_qmodule
+
+    act = {"bits": 8, "granularity": "tensor", "symmetric": True}
+    conv = build_qmodule({"type": "conv1d", "channels": 4, "kernel_size": 3, "weight": {"bits": 8},
+                          "input": act, "output": act})
+    out_q = build_qmodule({"type": "output", "inner": "silu", "output": act})
+    with torch.no_grad():
+        conv.qweight.fill_(3)
+        for q in (conv.input_quantizer, conv.output_quantizer, out_q.output_quantizer):
+            q.scale.fill_(0.05)
+        conv.weight_scale.fill_(0.1)
+    x = _nan_at((1, 6, 4), [(0, 2, 1)])
+    float_conv = torch.nn.functional.conv1d(torch.nn.functional.pad(x.transpose(1, 2), (2, 0)),
+                                            conv.dequantized_weight(), conv.bias, groups=4).transpose(1, 2)
+    assert torch.equal(torch.isnan(conv(x)), torch.isnan(float_conv)) and torch.isnan(float_conv).sum() == 3
+    assert torch.equal(torch.isnan(out_q(x)), torch.isnan(x))

@@ -51,11 +51,22 @@ def _process(images, processor) -> torch.Tensor:
     return processor(images, return_tensors="pt").pixel_values
 
 
+IMAGE_COLUMNS = ("image", "img", "pixel_values")
+
+
+def find_image_column(columns) -> str | None:
+    """The image column of a data set (the first of :data:`IMAGE_COLUMNS` present), or None; calibration and
+    evaluation read the same columns."""
+    return next((name for name in IMAGE_COLUMNS if name in columns), None)
+
+
 def _image_column(columns) -> str:
-    for name in ("image", "img", "pixel_values"):
-        if name in columns:
-            return name
-    raise CalibrationDataError(f"the calibration data set has no image column (image / img / pixel_values): {columns}")
+    name = find_image_column(columns)
+    if name is None:
+        raise CalibrationDataError(
+            f"the calibration data set has no image column ({' / '.join(IMAGE_COLUMNS)}): {list(columns)}"
+        )
+    return name
 
 
 def collect_pixel_values(source, processor, num_samples: int, seed: int) -> torch.Tensor:

@@ -14,8 +14,9 @@ _SAMPLES_PER_BATCH = 1 << 16  # values kept per batch and module for percentile 
 class ActivationStats:
     """Running statistics of one activation tensor stream of shape (batch, L, C)."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, keep_samples: bool = True):
         self.count = 0
+        self.keep_samples = keep_samples  # a random subset of values per batch, for percentile_range only
         self.min = None  # scalar
         self.max = None
         self.token_min = None  # (L,)
@@ -44,6 +45,8 @@ class ActivationStats:
         self.token_absmean = self._merge(self.token_absmean, a.mean(dim=(0, 2)) * x.shape[0], torch.add)
         self.channel_absmean = self._merge(self.channel_absmean, a.mean(dim=(0, 1)) * x.shape[0], torch.add)
         self.count += x.shape[0]
+        if not self.keep_samples:
+            return
         flat = x.flatten().cpu()
         if flat.numel() > _SAMPLES_PER_BATCH:
             idx = torch.randint(0, flat.numel(), (_SAMPLES_PER_BATCH,), generator=self._gen)
@@ -52,6 +55,9 @@ class ActivationStats:
 
     def percentile_range(self, pct: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(lo, hi) = the (100 - pct) and pct percentiles of the sampled values."""
+        if not self._samples:
+            raise ValueError("these statistics were collected with keep_samples=False; percentiles need the samples "
+                             "(collect_activation_stats(..., keep_samples=True))")
         values = torch.cat(self._samples)
         n = values.numel()
         k_hi = max(1, min(n, int(round(pct / 100.0 * n))))
@@ -100,16 +106,17 @@ def _hooks(model: nn.Module, targets: dict[str, tuple[str, str, int]], stats: di
 @torch.no_grad()
 def collect_activation_stats(
     model: nn.Module, batches: list[torch.Tensor], names, where: str = "input", seed: int = 0,
-    desc: str = "calibrating",
+    desc: str = "calibrating", keep_samples: bool = True,
 ) -> dict[str, ActivationStats]:
     """Runs ``model`` on every batch and returns statistics of the observed tensors.
 
     ``names``: module names (their first input, or output with ``where="output"``), or a dict
     ``key -> (module name, "input" | "output", positional argument index)`` to observe several inputs of a module
-    (e.g. u, delta, B, C of a scan). The model is not modified; hooks are removed afterwards.
+    (e.g. u, delta, B, C of a scan). The model is not modified; hooks are removed afterwards. ``keep_samples=False``
+    skips the random value samples that only :meth:`ActivationStats.percentile_range` reads (min-max observers).
     """
     targets = _normalise_targets(names, where)
-    stats = {key: ActivationStats(seed=seed + i) for i, key in enumerate(targets)}
+    stats = {key: ActivationStats(seed=seed + i, keep_samples=keep_samples) for i, key in enumerate(targets)}
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

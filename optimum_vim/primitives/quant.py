@@ -85,6 +85,3 @@ def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, eps: float = 1e
     zero = torch.round(qmin - lo / scale).clamp(qmin, qmax)
     return scale, zero
 
-
-def lp_error(x: torch.Tensor, x_hat: torch.Tensor, p: float, dim) -> torch.Tensor:
-    return (x - x_hat).abs().pow(p).mean(dim=dim)

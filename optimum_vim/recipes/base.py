@@ -122,7 +122,7 @@ def register_recipe(cls):
     return cls
 
 
-# recipes from ../shared/docs/methods.md that the storage format and module family already anticipate but that are
+# recipes of the README's recipe table that the storage format and module family already anticipate but that are
 # not written yet: asking for one says so instead of "unknown recipe"
 PLANNED_RECIPES = {
     "kscale": "k-scaled PTQ with an 8-bit reparameterized hidden state",

@@ -99,7 +99,8 @@ class RTNRecipe(Recipe):
         if targets:
             if not batches:
                 raise ValueError("activation quantization needs calibration data")
-            stats = collect_activation_stats(model, batches, targets, seed=self.config.seed)
+            stats = collect_activation_stats(model, batches, targets, seed=self.config.seed,
+                                             keep_samples=self.args.observer == "percentile")
         plan = QuantPlan(recipe=self.name)
         for name, s in settings.items():
             linear = model.get_submodule(name)
