@@ -194,7 +194,7 @@ def test_qscan_nan_positions_match_float_scan(reverse, gran):
     ({"recipe_args": {"scan_act_bits": 8.0}}, "'scan_act_bits' must be an int or None; got 8.0"),
     ({"weight_bits": True}, "'weight_bits' must be an int; got True \\(bool\\)"),
     ({"weight_bits": 4.0}, "'weight_bits' must be an int; got 4.0"),
-    ({"num_calibration_samples": True}, "'num_calibration_samples' must be an int; got True"),
+    ({"num_calibration_samples": True}, "'num_calibration_samples' must be an int( or None)?; got True"),
     ({"format_version": "1"}, "'format_version' must be an int; got '1'"),
     ({"dequantize": "yes"}, "'dequantize' must be a bool"),
     ({"modules_to_not_convert": "head"}, "'modules_to_not_convert' must be a list of strings"),
