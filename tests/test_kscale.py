@@ -197,8 +197,9 @@ def test_minmax_baseline_and_float_state(tiny_vim_dir, fp_model):
 
 # ----------------------------------------------------------------------------------------------- hidden state
 def test_state_is_integers_times_scales_at_every_step(kscale_model, monkeypatch):
-    import optimum_vim.modules.scan as scan_mod
     from optimum_vim_kernels.reference import selective_scan_q_ref
+
+    import optimum_vim.modules.scan as scan_mod
 
     seen = []
 
