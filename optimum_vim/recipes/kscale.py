@@ -189,6 +189,8 @@ class KScaleRecipe(Recipe):
                 f"recipe 'kscale' got {images} calibration images; its {k}-cluster k-means needs at least {k} "
                 f"(the paper uses 256): pass more images (num_calibration_samples) or lower num_clusters"
             )
+        if images < 256:
+            logger.info("kscale: calibrating on %d images (the paper uses 256: num_calibration_samples=256)", images)
         skip = self.config.modules_to_not_convert
         mixers = [(n, m) for n, m in model.named_modules()
                   if isinstance(m, VimMixer) and not self._skipped(n, skip)]
