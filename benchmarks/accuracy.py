@@ -57,6 +57,21 @@ SUITES: dict[str, list[dict]] = {
         row("RTN W2 g32", "rtn", 2, weight_group_size=32),
         row("RTN W1 g32 (binary)", "rtn", 1, weight_group_size=32),
     ],
+    # k-scaled PTQ (256 calibration images, as the paper): the full recipe, its MinMax baseline, each component
+    # removed in turn, and RTN W8A8 beside it
+    "kscale": [
+        row("kscale W8A8 + 8-bit h", "kscale", 8, 8, num_calibration_samples=256),
+        row("kscale MinMax baseline W8A8 + 8-bit h", "kscale", 8, 8, num_calibration_samples=256,
+            recipe_args={"num_clusters": 1, "scale_search": "minmax", "reparameterize": False}),
+        row("kscale without k-scaling (k=1)", "kscale", 8, 8, num_calibration_samples=256,
+            recipe_args={"num_clusters": 1}),
+        row("kscale without search (max-abs)", "kscale", 8, 8, num_calibration_samples=256,
+            recipe_args={"scale_search": "minmax"}),
+        row("kscale without reparameterisation", "kscale", 8, 8, num_calibration_samples=256,
+            recipe_args={"reparameterize": False}),
+        row("kscale W8A8, h in float", "kscale", 8, 8, num_calibration_samples=256, recipe_args={"state_bits": None}),
+        row("RTN W8A8 (kscale suite)", "rtn", 8, 8),
+    ],
 }
 
 def logit_sqnr_db(fp: torch.Tensor, q: torch.Tensor) -> float:

@@ -186,6 +186,8 @@ def dequantize_model(model: nn.Module, dtype=None) -> nn.Module:
     from .models.vim.modeling_vim import VimConv1d, VimSelectiveScan
 
     use_mamba = getattr(getattr(model, "config", None), "use_mamba_kernels", True)
+    if isinstance(dtype, str):  # config.dtype of a deep-copied model is a string ("float32")
+        dtype = getattr(torch, dtype)
     for name, mod in quantized_modules(model).items():
         spec = mod.spec
         kind = spec["type"]

@@ -174,6 +174,7 @@ def selective_scan_q_ref(
     h_qmin: int = -128,
     h_qmax: int = 127,
     out_dtype: torch.dtype | None = None,
+    state_callback=None,
 ) -> torch.Tensor:
     """Selective scan over (batch, L, E) tensors with optionally int8 inputs and an 8-bit carried state.
 
@@ -186,6 +187,9 @@ def selective_scan_q_ref(
         h_scale: (L,) per-step scales, or (1,) one for every step: after step t the carried state is replaced by
             ``clamp(round(h / (h_scale[t] * h_channel_scale[e])), h_qmin, h_qmax) * scale`` (the output of step t
             still uses the unquantized state, as in k-scaled PTQ).
+        state_callback: reference-only debugging hook, called as ``state_callback(t, h, scale)`` with the carried
+            state (b, E, N) after step t (re-quantized when ``h_scale`` is given) and its scale (None, or a tensor
+            broadcastable against h); the Triton twin has no such argument.
     Returns ``y = (C . h + D * u) * silu(z)`` in ``out_dtype`` (default: float32).
     """
 
@@ -218,6 +222,8 @@ def selective_scan_q_ref(
             if h_channel_scale is not None:
                 s = s * h_channel_scale.float()[None, :, None]
             h = torch.round(h / s).clamp_(h_qmin, h_qmax) * s
+        if state_callback is not None:
+            state_callback(t, h, s if h_scale is not None else None)
     y = torch.stack(ys, 1)
     if D is not None:
         y = y + uf * D.float()

@@ -8,7 +8,10 @@ QConv1d spec::
 
 Buffers: ``qweight`` (int8 (E, K) or packed uint8), ``weight_scale`` (fp32 (E,) or (1,)), ``bias`` (fp32 (E,)).
 
-QOutput spec: ``{"type": "output", "inner": "silu" | "softplus" | "identity", "output": <QActivation spec>}``.
+QOutput spec: ``{"type": "output", "inner": "silu" | "softplus" | "identity", "output": <QActivation spec>,
+"input": null | <QActivation spec>}``. The optional ``input`` quantizer runs before the function: k-scaled PTQ
+quantizes the *outputs* of in_proj (z half) and dt_proj, which in this module family are the inputs of the gate
+SiLU and of the softplus (buffers ``input_quantizer.*``).
 """
 
 from __future__ import annotations
@@ -75,8 +78,13 @@ class QOutput(QModule):
         super().__init__(spec)
         if spec.get("inner") not in _INNER:
             raise ValueError(f"QOutput inner must be one of {sorted(_INNER)}; got {spec.get('inner')!r}")
+        if not isinstance(spec.get("output"), dict):
+            raise ValueError(f"QOutput needs an output quantizer spec; got {spec.get('output')!r}")
         self.fn = _INNER[spec["inner"]]
+        self.input_quantizer = QActivation(spec["input"]) if spec.get("input") else None
         self.output_quantizer = QActivation(spec["output"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
         return self.output_quantizer(self.fn(x))

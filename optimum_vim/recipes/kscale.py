@@ -1,0 +1,408 @@
+"""k-scaled PTQ (Shi, Lo, Wu, Tsai 2025): W8A8 everywhere in the Vim mixer, the recurrent hidden state included.
+
+What is quantized (methods.md section 2.2), as wired in this module family. The paper quantizes every module's
+*output*; here an output quantizer becomes the input quantizer of the module that consumes the tensor (a QLinear /
+QConv1d / QSelectiveScan input, or a QOutput around SiLU / softplus):
+
+=============================  ==========================  =====================================================
+paper tensor                   granularity                 where it lives here
+=============================  ==========================  =====================================================
+RMSNorm output                 per tensor                  ``in_proj.input_quantizer`` (see deviations)
+in_proj weight / output        per tensor, searched        ``in_proj.qweight``; the output scale is
+                                                           ``conv1d(_b).input_quantizer`` (x half) and
+                                                           ``act_z.input_quantizer`` (z half)
+conv1d(_b) weight / output     per tensor max-abs /        ``conv1d(_b).qweight`` / ``.output_quantizer``
+                               channel k-scaled
+SiLU act(_b), act_z output     channel k-scaled            ``act(_b)`` / ``act_z`` QOutput output quantizer (u
+                                                           feeds x_proj and the scan already quantized)
+x_proj(_b) weight / output     per tensor, searched        ``x_proj.qweight`` (r_D folded into the B / C rows);
+                                                           the output scale is ``dt_proj.input_quantizer`` and
+                                                           the scan's ``B_quantizer`` / ``C_quantizer`` (int8
+                                                           codes into the scan kernel)
+dt_proj(_b) weight / output    per tensor, searched,       ``dt_proj.qweight`` + corrected bias; the output
+                               bias-corrected              scale is ``softplus(_b).input_quantizer``
+softplus Δ                     channel k-scaled            ``softplus(_b)`` QOutput output quantizer
+hidden state h                 8 bit, one scale per step   ``ssm(_b).state_scale`` (s_h[t] r_L[t]) and
+                               after reparameterisation    ``state_channel_scale`` (r_C)
+SSM output y before D skip     token k-scaled, 2^n         ``ssm(_b).y_quantizer`` (token_cluster with
+                                                           ``channel_factor`` = r_C: the paper's y' = y / r_C)
+out_proj weight / input        per tensor, searched /      ``out_proj.qweight`` / ``.input_quantizer``
+                               token k-scaled, 2^n         (token-cluster int8 codes into the GEMM kernel)
+=============================  ==========================  =====================================================
+
+How it decides (section 2.3), all gradient-free and on float inputs (parallel calibration: each module sees the
+float model's tensors, the model is never modified): 1-D k-means (k = ``num_clusters``) over per-token / per-channel
+mean |T|; cosine-similarity scale search over ``search_candidates`` multiples (0.01 ... 1.2) of the max-abs scale,
+``search_rounds`` alternating rounds of weight and output scales; power-of-two cluster scales for token-wise
+tensors; the rank-1 reparameterisation of h from the float scan's mean |h| and the greedy per-step state search on
+next-step output similarity; bias correction of dt_proj(_b). ``num_clusters=1, scale_search="minmax",
+reparameterize=False`` is the paper's MinMax baseline at the same bits.
+
+Deviations from the paper / official code (also in the README recipe table):
+
+* The residual stream and RMSNorm stay float (RMSNorm gain not quantized); the norm's output quantizer is
+  ``in_proj``'s input quantizer, searched like the others (paper: max-abs). out_proj's *output* (added to the
+  residual) is not quantized; out_proj's *input* (the gated direction average) carries the token-wise k-scaled
+  quantizer. Patch embedding and head follow ``modules_to_not_convert`` (float by default).
+* Weights use the symmetric narrow range +-127 of the storage format (paper: [-128, 127]); activations and the
+  state use [-128, 127] as the paper.
+* k-means is the project's shared seeded k-means (k-means++ initialisation; paper: random initial centroids).
+* Power-of-two clusters: clusters c >= 1 are searched over candidates snapped onto ``s_0 * 2^j`` (paper: searched,
+  then snapped).
+* The reparameterisation factors are computed once from the unfolded float states and used consistently (the
+  official code recomputes them after folding r_D, which flattens r_D). r_L and r_C are applied as the
+  per-step / per-channel state scale on the (r_D-folded) state, which equals quantizing ``h / (r_C r_L)`` with one
+  scale per step; r_D is folded into x_proj's B / C rows.
+* Bias correction runs with the similarity search only (the MinMax baseline is plain max-abs).
+* The similarity searches score candidates on the first 64 calibration images (the calibration draw is already a
+  seeded random sample); k-means features, max-abs initial scales of the MinMax path, and the reparameterisation
+  statistics use every image. This keeps a 256-image calibration of the fixture at about a minute per row on 2 CPU
+  cores; the paper scores on all 256.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..calibration.search import (
+    candidate_factors,
+    cluster_labels,
+    fake_quant,
+    hidden_state_abs_mean,
+    initial_scale,
+    reparam_factors,
+    search_cluster_scales,
+    search_linear_scales,
+    search_scale,
+    search_state_scales,
+)
+from ..calibration.tensors import store_weight_codes
+from ..ops import causal_conv1d, selective_scan_torch
+from .base import LayerPlan, QuantPlan, Recipe, is_skipped, layer_overrides, register_recipe
+
+logger = logging.getLogger(__name__)
+
+SCALE_SEARCHES = ("cosine", "minmax")
+_QMIN, _QMAX = -128, 127  # activations and state: the full signed 8-bit range
+_WMIN, _WMAX = -127, 127  # weights: the storage format's symmetric range
+_SEARCH_IMAGES = 64  # images scoring the similarity searches (see the module docstring)
+
+
+@dataclass
+class KScaleArgs:
+    """Options of the kscale recipe (``ViMQuantizationConfig(recipe_args=...)``).
+
+    num_clusters: k of the k-scaled quantizers (1: one scale per tensor, no k-scaling).
+    scale_search: ``"cosine"`` (101-candidate similarity search, bias correction) or ``"minmax"`` (max-abs scales).
+    reparameterize: rank-1 reparameterisation of the hidden state (r_C, r_L, r_D).
+    state_bits: 8 (the carried hidden state re-quantized every step) or None (h in float).
+    search_candidates / search_rounds: the candidate grid size and the alternating rounds of the search.
+    """
+
+    num_clusters: int = 4
+    scale_search: str = "cosine"
+    reparameterize: bool = True
+    state_bits: int | None = 8
+    search_candidates: int = 101
+    search_rounds: int = 3
+
+    def validate(self) -> None:
+        if not isinstance(self.num_clusters, int) or isinstance(self.num_clusters, bool) or not 1 <= self.num_clusters <= 64:
+            raise ValueError(f"num_clusters must be an int in 1..64 (1: no k-scaling); got {self.num_clusters!r}")
+        if self.scale_search not in SCALE_SEARCHES:
+            raise ValueError(f"scale_search must be one of {SCALE_SEARCHES}; got {self.scale_search!r}")
+        if not isinstance(self.reparameterize, bool):
+            raise ValueError(f"reparameterize must be True or False; got {self.reparameterize!r}")
+        if self.state_bits not in (None, 8):
+            raise ValueError(
+                f"state_bits must be 8 (8-bit hidden state, per-step scales) or None (float state); got {self.state_bits!r}"
+            )
+        for name, lo in (("search_candidates", 2), ("search_rounds", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}; got {v!r}")
+
+
+def _tensor_spec(channels: int | None = None, factor: bool = False) -> dict:
+    spec = {"bits": 8, "symmetric": True, "narrow": False, "granularity": "tensor"}
+    if factor:
+        spec.update(channel_factor=True, channels=channels)
+    return spec
+
+
+def _cluster_spec(axis: str, k: int, length: int, channels: int, factor: bool = False) -> dict:
+    if k == 1:
+        return _tensor_spec(channels, factor)
+    spec = {"bits": 8, "symmetric": True, "narrow": False, "granularity": f"{axis}_cluster", "num_clusters": k}
+    spec.update(length=length) if axis == "token" else spec.update(channels=channels)
+    if factor:
+        spec.update(channel_factor=True, channels=channels)
+    return spec
+
+
+def _weight_tensors(w: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
+    """Per-tensor 8-bit weight: one scale repeated per output row (the QLinear (N, 1) layout)."""
+    w = w.detach().float()
+    codes = torch.round(w / scale).clamp_(_WMIN, _WMAX).to(torch.int32)
+    return {"qweight": store_weight_codes(codes, 8).cpu(),
+            "weight_scale": torch.full((w.shape[0], 1), scale, dtype=torch.float32)}
+
+
+@register_recipe
+class KScaleRecipe(Recipe):
+    """k-scaled PTQ of Vision Mamba at W8A8 with an 8-bit reparameterised hidden state."""
+
+    name = "kscale"
+    Args = KScaleArgs
+    weight_bits = (8,)
+    act_bits = (8,)
+
+    @classmethod
+    def check_bits(cls, weight_bits, act_bits) -> None:
+        if weight_bits != 8 or act_bits != 8:
+            raise ValueError(
+                f"recipe 'kscale' is W8A8 (8-bit weights, activations and hidden state): pass weight_bits=8, "
+                f"act_bits=8; got weight_bits={weight_bits!r}, act_bits={act_bits!r}. For 4-bit weights or "
+                "activations use recipe='ptq4vm' or recipe='ouromamba'; for weight-only use recipe='rtn'."
+            )
+
+    @classmethod
+    def requires_data(cls, config) -> bool:
+        return True
+
+    # -------------------------------------------------------------------------------------------- calibration
+    @torch.no_grad()
+    def calibrate(self, model, batches) -> QuantPlan:
+        from ..models.vim.modeling_vim import VimMixer
+
+        k = self.args.num_clusters
+        if not batches:
+            raise ValueError("recipe 'kscale' needs calibration data: set ViMQuantizationConfig(calibration_dataset=...)")
+        images = sum(int(b.shape[0]) for b in batches)
+        if images < k:
+            raise ValueError(
+                f"recipe 'kscale' got {images} calibration images; its {k}-cluster k-means needs at least {k} "
+                f"(the paper uses 256): pass more images (num_calibration_samples) or lower num_clusters"
+            )
+        if images < 256:
+            logger.info("kscale: calibrating on %d images (the paper uses 256: num_calibration_samples=256)", images)
+        skip = self.config.modules_to_not_convert
+        mixers = [(n, m) for n, m in model.named_modules()
+                  if isinstance(m, VimMixer) and not self._skipped(n, skip)]
+        plan = QuantPlan(recipe=self.name)
+        was_training = model.training
+        model.eval()
+        try:
+            for name, mixer in tqdm(mixers, desc="kscale: calibrating mixers", unit="mixer", leave=False):
+                caps = self._capture(model, mixer, batches)
+                self._calibrate_mixer(name, mixer, caps, plan)
+                del caps
+        finally:
+            model.train(was_training)
+        plan.info.update(num_calibration_images=images, args=dict(self.args.__dict__))
+        return plan
+
+    def _skipped(self, name: str, skip) -> bool:
+        return is_skipped(name, skip) or bool(layer_overrides(name, self.config.overrides).get("skip"))
+
+    @staticmethod
+    def _capture(model, mixer, batches) -> dict[str, torch.Tensor]:
+        """Float tensors of one mixer over the calibration set (hooks; the model runs unmodified)."""
+        store: dict[str, list[torch.Tensor]] = {}
+        handles = []
+
+        def keep(key, value):
+            store.setdefault(key, []).append(value.detach().float())
+
+        def out_hook(key):
+            return lambda m, args, out: keep(key, out)
+
+        def in_hook(key):
+            return lambda m, args: keep(key, args[0])
+
+        handles.append(mixer.in_proj.register_forward_pre_hook(in_hook("in_proj.in")))
+        handles.append(mixer.in_proj.register_forward_hook(out_hook("in_proj")))
+        handles.append(mixer.out_proj.register_forward_pre_hook(in_hook("out_proj.in")))
+        handles.append(mixer.out_proj.register_forward_hook(out_hook("out_proj")))
+        for sfx in ("", "_b"):
+            for mod in ("conv1d", "act", "x_proj", "dt_proj", "softplus"):
+                handles.append(getattr(mixer, mod + sfx).register_forward_hook(out_hook(mod + sfx)))
+        device = next(model.parameters()).device
+        try:
+            for batch in tqdm(batches, desc="capturing", unit="batch", leave=False):
+                model(batch.to(device))
+        finally:
+            for h in handles:
+                h.remove()
+        return {key: torch.cat(values) for key, values in store.items()}
+
+    def _view(self, t: torch.Tensor) -> torch.Tensor:
+        """The images a similarity search scores on (all of them for max-abs scales)."""
+        return t[:_SEARCH_IMAGES] if self.args.scale_search == "cosine" else t
+
+    def _rows(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """(R, .) rows of the searched images of (b, L, .) tensors."""
+        return [self._view(t).reshape(-1, t.shape[-1]) for t in tensors]
+
+    def _calibrate_mixer(self, name: str, mixer, caps: dict[str, torch.Tensor], plan: QuantPlan) -> None:
+        a = self.args
+        k = a.num_clusters
+        search = a.scale_search == "cosine"
+        factors = candidate_factors(a.search_candidates)
+        rounds = a.search_rounds
+        seed = self.config.seed
+        e, n, r = mixer.d_inner, mixer.d_state, mixer.dt_rank
+        x_in, xz = caps["in_proj.in"], caps["in_proj"]
+        length, d_model = x_in.shape[1], x_in.shape[2]
+        skip = self.config.modules_to_not_convert
+
+        def add(mod: str, spec: dict, tensors: dict) -> None:
+            full = f"{name}.{mod}"
+            if not self._skipped(full, skip):
+                plan.layers[full] = LayerPlan(spec=spec, tensors=tensors)
+
+        def cluster(x: torch.Tensor, axis: str, power_of_two: bool = False, factor: torch.Tensor | None = None,
+                    ref: torch.Tensor | None = None, tag: str = "") -> tuple[dict, dict]:
+            """k-scaled quantizer of ``x`` (b, L, C): spec and buffers."""
+            channels = x.shape[-1]
+            labels = cluster_labels(x, axis, k, seed=seed, channel_factor=factor)
+            ref = x if ref is None else ref
+            scales = search_cluster_scales(self._view(ref), self._view(x), labels, axis, factors, _QMIN, _QMAX,
+                                           rounds=rounds, power_of_two=power_of_two, channel_factor=factor,
+                                           search=search, num_clusters=k)
+            spec = _cluster_spec(axis, k, length, channels, factor is not None)
+            tensors = {"scale": scales.reshape(-1).float()}
+            if k > 1:
+                tensors["labels"] = labels.to(torch.int32)
+            if factor is not None:
+                tensors["factor"] = factor.float().cpu()
+            return spec, tensors
+
+        def prefixed(prefix: str, tensors: dict) -> dict:
+            return {f"{prefix}.{key}": v.cpu() for key, v in tensors.items()}
+
+        # ---- in_proj: input (the RMSNorm output) per tensor; weight and output searched alternately
+        s_in = initial_scale(x_in, _QMAX)
+        if search:
+            s_in = search_scale(self._view(x_in), self._view(x_in), s_in, factors, _QMIN, _QMAX)
+        xs, ys = self._rows(x_in, xz)
+        s_w, s_xz = search_linear_scales(xs, mixer.in_proj.weight, None, ys, factors, rounds=rounds, search=search)
+        add("in_proj", {"type": "linear", "in_features": d_model, "out_features": 2 * e, "bias": False,
+                        "weight": {"format": "int", "bits": 8, "group_size": None}, "input": _tensor_spec()},
+            {**_weight_tensors(mixer.in_proj.weight, s_w),
+             "input_quantizer.scale": torch.tensor([s_in], dtype=torch.float32)})
+        x_half, z = xz[..., :e], xz[..., e:]
+        s_xz_t = torch.tensor([s_xz], dtype=torch.float32)
+
+        # ---- gate: z (in_proj output, per tensor) -> SiLU -> channel k-scaled
+        g = F.silu(z)
+        g_spec, g_t = cluster(g, "channel")
+        add("act_z", {"type": "output", "inner": "silu", "input": _tensor_spec(), "output": g_spec},
+            {"input_quantizer.scale": s_xz_t.clone(), **prefixed("output_quantizer", g_t)})
+
+        for sfx in ("", "_b"):
+            self._calibrate_direction(name, mixer, sfx, caps, x_half, s_xz_t, add, cluster, prefixed, factors,
+                                      length, e, n, r)
+
+        # ---- out_proj: input (gated average of the directions) token k-scaled 2^n; weight searched on its output
+        x_o, y_o = caps["out_proj.in"], caps["out_proj"]
+        o_spec, o_t = cluster(x_o, "token", power_of_two=True)
+        scale_rows = o_t["scale"][o_t["labels"].long()] if k > 1 else o_t["scale"]
+        x_o_hat = fake_quant(x_o, scale_rows.to(x_o.device).view(1, -1, 1), _QMIN, _QMAX)
+        xs, ys, xh = self._rows(x_o, y_o, x_o_hat)
+        s_w, _ = search_linear_scales(xs, mixer.out_proj.weight, None, ys, factors, out_range=None, rounds=rounds,
+                                      search=search, x_hat=xh)
+        add("out_proj", {"type": "linear", "in_features": e, "out_features": d_model, "bias": False,
+                         "weight": {"format": "int", "bits": 8, "group_size": None}, "input": o_spec},
+            {**_weight_tensors(mixer.out_proj.weight, s_w), **prefixed("input_quantizer", o_t)})
+
+    def _calibrate_direction(self, name, mixer, sfx, caps, x_half, s_xz_t, add, cluster, prefixed, factors,
+                             length, e, n, r) -> None:
+        a = self.args
+        search = a.scale_search == "cosine"
+        rounds = a.search_rounds
+        reverse = sfx == "_b"
+        conv, x_proj, dt_proj = (getattr(mixer, m + sfx) for m in ("conv1d", "x_proj", "dt_proj"))
+        a_log = mixer.A_log if sfx == "" else mixer.A_b_log
+        A = -torch.exp(a_log.detach().float())
+        u, delta, dbc = caps["act" + sfx], caps["softplus" + sfx], caps["x_proj" + sfx]
+        dt, Bm, Cm = torch.split(dbc, [r, n, n], dim=-1)
+
+        # ---- hidden-state reparameterisation: r_D folded into x_proj's B / C rows (exact in float)
+        w_x = x_proj.weight.detach().float().clone()
+        r_c = r_l = None
+        if a.reparameterize:
+            r_c, r_l, r_d = reparam_factors(hidden_state_abs_mean(u, delta, A, Bm, Cm, reverse))
+            r_d = r_d.to(w_x.device)
+            w_x[r : r + n] /= r_d[:, None]
+            w_x[r + n :] *= r_d[:, None]
+            Bm, Cm = Bm / r_d, Cm * r_d
+            dbc = torch.cat([dt, Bm, Cm], dim=-1)
+            r_c, r_l = r_c.to(u.device), r_l.to(u.device)
+
+        # ---- conv1d: weight max-abs per tensor; input = in_proj's output scale; output channel k-scaled
+        w_c = conv.weight.detach().float()
+        s_wc = initial_scale(w_c, _WMAX)
+        codes = torch.round(w_c / s_wc).clamp_(_WMIN, _WMAX)
+        y_conv_q = causal_conv1d(x_half, (codes * s_wc).to(x_half.dtype), conv.bias, reverse=reverse)
+        c_spec, c_t = cluster(y_conv_q, "channel", ref=caps["conv1d" + sfx])
+        ksz = conv.weight.shape[-1]
+        add("conv1d" + sfx, {"type": "conv1d", "channels": e, "kernel_size": ksz, "reverse": reverse,
+                             "weight": {"bits": 8, "granularity": "tensor"}, "input": _tensor_spec(), "output": c_spec},
+            {"qweight": codes.reshape(e, ksz).to(torch.int8).cpu(),
+             "weight_scale": torch.tensor([s_wc], dtype=torch.float32),
+             "bias": conv.bias.detach().float().cpu().clone(), "input_quantizer.scale": s_xz_t.clone(),
+             **prefixed("output_quantizer", c_t)})
+
+        # ---- SiLU output u: channel k-scaled (x_proj and the scan read it already quantized)
+        u_spec, u_t = cluster(u, "channel")
+        add("act" + sfx, {"type": "output", "inner": "silu", "output": u_spec}, prefixed("output_quantizer", u_t))
+
+        # ---- x_proj: weight (r_D folded) and output per tensor, searched alternately
+        xs, ys = self._rows(u, dbc)
+        s_wx, s_dbc = search_linear_scales(xs, w_x, None, ys, factors, rounds=rounds, search=search)
+        add("x_proj" + sfx, {"type": "linear", "in_features": e, "out_features": r + 2 * n, "bias": False,
+                             "weight": {"format": "int", "bits": 8, "group_size": None}, "input": None},
+            _weight_tensors(w_x, s_wx))
+        s_dbc_t = torch.tensor([s_dbc], dtype=torch.float32)
+
+        # ---- dt_proj: input = x_proj's output scale; weight and output searched; bias corrected
+        dt_out = caps["dt_proj" + sfx]
+        w_dt, b_dt = dt_proj.weight.detach().float(), dt_proj.bias.detach().float()
+        xs, ys = self._rows(dt, dt_out)
+        s_wdt, s_dto = search_linear_scales(xs, w_dt, b_dt, ys, factors, rounds=rounds, search=search)
+        bias = b_dt.clone()
+        if search:  # b <- b - mean_rows(x_hat (W_hat - W)^T)
+            x_hat = fake_quant(dt.reshape(-1, r), s_dbc, _QMIN, _QMAX)
+            w_hat = torch.round(w_dt / s_wdt).clamp_(_WMIN, _WMAX) * s_wdt
+            bias = bias - (x_hat @ (w_hat - w_dt).t()).mean(0)
+        add("dt_proj" + sfx, {"type": "linear", "in_features": r, "out_features": e, "bias": True,
+                              "weight": {"format": "int", "bits": 8, "group_size": None}, "input": _tensor_spec()},
+            {**_weight_tensors(w_dt, s_wdt), "bias": bias.cpu(), "input_quantizer.scale": s_dbc_t.clone()})
+
+        # ---- softplus: input = dt_proj's output scale; output delta channel k-scaled
+        d_spec, d_t = cluster(delta, "channel")
+        add("softplus" + sfx, {"type": "output", "inner": "softplus", "input": _tensor_spec(), "output": d_spec},
+            {"input_quantizer.scale": torch.tensor([s_dto], dtype=torch.float32), **prefixed("output_quantizer", d_t)})
+
+        # ---- selective scan: B, C int8 (x_proj's output scale), y token k-scaled 2^n (y / r_C), 8-bit state
+        y = selective_scan_torch(u, delta, A, Bm, Cm, None, None, reverse=reverse)
+        y_spec, y_t = cluster(y, "token", power_of_two=True, factor=r_c)
+        spec = {"type": "scan", "reverse": reverse, "length": length, "channels": e, "d_state": n,
+                "u": None, "delta": None, "B": _tensor_spec(), "C": _tensor_spec(), "y": y_spec, "state": None}
+        tensors = {"B_quantizer.scale": s_dbc_t.clone(), "C_quantizer.scale": s_dbc_t.clone(),
+                   **prefixed("y_quantizer", y_t)}
+        if a.state_bits is not None:
+            spec["state"] = {"bits": a.state_bits, "narrow": False, "channel_scale": a.reparameterize}
+            v = self._view
+            tensors["state_scale"] = search_state_scales(
+                v(u), v(delta), A, v(Bm), v(Cm), reverse=reverse, factors=factors, qmin=_QMIN, qmax=_QMAX, step_factor=r_l,
+                channel_factor=r_c, search=search)
+            if a.reparameterize:
+                tensors["state_channel_scale"] = r_c.float().cpu()
+        add("ssm" + sfx, spec, tensors)
