@@ -101,7 +101,6 @@ PLANNED_RECIPES = {
     "ptq4vm": "PTQ4VM: per-token static activations + JLSS",
     "kscale": "k-scaled PTQ with an 8-bit reparameterized hidden state",
     "ouromamba": "OuroMamba: data-free synthetic calibration + dynamic outlier mixed precision",
-    "vimvq": "ViM-VQ: 1-3 bit vector quantization",
 }
 
 
@@ -115,7 +114,7 @@ def _version() -> str:
 
 
 def get_recipe_class(name: str) -> type[Recipe]:
-    from . import rtn  # noqa: F401 - registration side effect
+    from . import rtn, vimvq  # noqa: F401 - registration side effect
 
     if name not in RECIPES:
         if name in PLANNED_RECIPES:

@@ -1,0 +1,213 @@
+"""ViM-VQ (Deng et al., ICCV 2025): 1-3 bit weight-only vector quantization of the block linears.
+
+Representation (methods.md §5.2): one codebook (C, d) per linear over d-dim sub-vectors of each output row, stored
+as packed ``log2 C``-bit indices + the codebook (``QLinear`` format "vq"), optionally with a per-output-channel
+scale. Defaults per bit width: 3 bit C=64 d=2, 2 bit C=256 d=4, 1 bit C=256 d=8. Codebooks start from the shared
+seeded k-means (``calibration/kmeans.py``).
+
+Size rule (the paper gives none; ours): codebooks and scales are stored in fp16 (``codebook_dtype``), and each
+layer's codebook is halved until (1) it holds at most a quarter of the layer's sub-vectors (VQ4DiT's clamp) and
+(2) the layer's bytes (indices + codebook + scale) do not exceed RTN at the same bits with per-group g32 scales
+(``size_budget="rtn_g32"``; ``None`` keeps only the clamp). Small layers (``x_proj``, ``dt_proj`` on small models)
+therefore get smaller codebooks and fewer index bits than the nominal rate.
+
+``convex=False, incremental=False`` is plain k-means VQ (the paper's "basic VQ" ablation): data-free.
+
+Bad input: a ``vector_dim`` that does not divide a layer's width is padded (the last sub-vector of each row is
+zero-padded; the padding is dropped on decode), a codebook larger than a layer's sub-vector count is refused,
+4+ bits are refused with a pointer to ``rtn`` / ``ptq4vm``, and ``act_bits`` must be None (weight-only; the weight
+quantizer is separate from any activation choice, so a later recipe can combine them).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..calibration.vq import CODEBOOK_DTYPES, DEFAULT_VQ_SETTINGS, VQLayout, choose_codebook_size, kmeans_vq
+from .base import BLOCK_LINEARS, LayerPlan, QuantPlan, Recipe, layer_overrides, register_recipe, select_linears
+
+logger = logging.getLogger(__name__)
+
+SIZE_BUDGETS = {"rtn_g32": 32, None: None}
+
+
+@dataclass
+class ViMVQArgs:
+    """Options of the ViM-VQ recipe (``ViMQuantizationConfig(recipe_args=...)``).
+
+    Representation: ``vector_dim`` / ``codebook_size`` (None: the per-bit defaults; given together they must make
+    ``log2(codebook_size) / vector_dim`` equal the weight bits), ``channel_scale``, ``codebook_dtype``,
+    ``size_budget``, ``kmeans_iterations`` (methods.md §5.2: 100), ``targets``.
+    Optimisation (``convex``): ``candidates`` (hull size n, VQ4DiT's 2), ``iterations`` (steps per block),
+    ``batch_size``, ``lr_codebook`` / ``lr_ratios`` (VQ4DiT's RMSprop 1e-4 / 5e-2), ``replace_every``;
+    ``incremental``: ``confirm_threshold`` (VQ4DiT's 0.99).
+    """
+
+    vector_dim: int | None = None
+    codebook_size: int | None = None
+    channel_scale: bool = False
+    codebook_dtype: str = "float16"
+    size_budget: str | None = "rtn_g32"
+    kmeans_iterations: int = 100
+    convex: bool = False
+    incremental: bool = False
+    candidates: int = 2
+    iterations: int = 200
+    batch_size: int = 32
+    lr_codebook: float = 1e-4
+    lr_ratios: float = 5e-2
+    replace_every: int = 25
+    confirm_threshold: float = 0.99
+    targets: tuple[str, ...] = BLOCK_LINEARS
+
+    def validate(self) -> None:
+        for name in ("vector_dim", "codebook_size"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name} must be a positive int or None; got {v!r}")
+        if self.vector_dim is not None and self.vector_dim > 16:
+            raise ValueError(f"vector_dim must be <= 16 (longer sub-vectors need codebooks beyond 8-bit indices); "
+                             f"got {self.vector_dim}")
+        if self.codebook_size is not None:
+            c = self.codebook_size
+            if c < 2 or c & (c - 1) or c > 256:
+                raise ValueError(f"codebook_size must be a power of two in [2, 256] (indices are stored with "
+                                 f"log2(codebook_size) <= 8 bits); got {c}")
+        if self.codebook_dtype not in CODEBOOK_DTYPES:
+            raise ValueError(f"codebook_dtype must be one of {sorted(CODEBOOK_DTYPES)}; got {self.codebook_dtype!r}")
+        if self.size_budget not in SIZE_BUDGETS:
+            raise ValueError(f"size_budget must be 'rtn_g32' or None; got {self.size_budget!r}")
+        for name in ("channel_scale", "convex", "incremental"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool; got {getattr(self, name)!r}")
+        for name in ("kmeans_iterations", "iterations", "batch_size", "replace_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "kmeans_iterations" else 1):
+                raise ValueError(f"{name} must be a positive int; got {v!r}")
+        if not isinstance(self.candidates, int) or isinstance(self.candidates, bool) or not 2 <= self.candidates <= 16:
+            raise ValueError(f"candidates (codewords per sub-vector hull) must be an int in [2, 16]; got "
+                             f"{self.candidates!r}")
+        for name in ("lr_codebook", "lr_ratios"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0; got {v!r}")
+        if not isinstance(self.confirm_threshold, (int, float)) or not 0.5 < self.confirm_threshold < 1.0:
+            raise ValueError(f"confirm_threshold must be in (0.5, 1); got {self.confirm_threshold!r}")
+        if self.incremental and not self.convex:
+            raise ValueError("incremental=True hardens the convex-combination ratios: it needs convex=True")
+        self.targets = tuple(self.targets)
+
+    def settings_for(self, bits: int) -> tuple[int, int]:
+        """(vector_dim, codebook_size) at ``bits`` per weight."""
+        d_default, c_default = DEFAULT_VQ_SETTINGS[bits]
+        d, c = self.vector_dim, self.codebook_size
+        if d is None and c is None:
+            return d_default, c_default
+        if c is None:
+            if bits * d > 8:
+                raise ValueError(f"{bits} bits x vector_dim {d} needs {bits * d}-bit indices; indices are stored with "
+                                 f"at most 8 bits: use vector_dim <= {8 // bits} at {bits} bits")
+            return d, 1 << (bits * d)
+        log_c = c.bit_length() - 1
+        if d is None:
+            if log_c % bits:
+                raise ValueError(f"codebook_size {c} ({log_c} index bits) is not a whole number of {bits}-bit weights; "
+                                 f"give vector_dim too or use 2**({bits} * d) codewords")
+            return log_c // bits, c
+        if log_c != bits * d:
+            raise ValueError(f"codebook_size {c} with vector_dim {d} is {log_c}/{d} bits per weight, not {bits}; use "
+                             f"codebook_size {1 << (bits * d)} or another vector_dim")
+        return d, c
+
+
+@register_recipe
+class ViMVQRecipe(Recipe):
+    """ViM-VQ: codebook weights (k-means init; convex-combination search and incremental hardening with ``convex``)."""
+
+    name = "vimvq"
+    Args = ViMVQArgs
+    weight_bits = (1, 2, 3)
+    act_bits = (None,)
+
+    @classmethod
+    def check_bits(cls, weight_bits, act_bits) -> None:
+        if act_bits is not None:
+            raise ValueError(
+                f"recipe 'vimvq' quantizes weights only (activations stay float); got act_bits={act_bits!r}: use "
+                "act_bits=None, or 'rtn' / 'ptq4vm' for activation quantization"
+            )
+        if weight_bits not in cls.weight_bits:
+            raise ValueError(
+                f"recipe 'vimvq' is for 1-3 bit weights; got weight_bits={weight_bits!r}: for 4 bits and more use "
+                "recipe='rtn' (round-to-nearest, per group) or 'ptq4vm'"
+            )
+
+    def __init__(self, config):
+        super().__init__(config)
+        # the (vector_dim, codebook_size) choice depends on the bits, which the Args cannot see: check every width
+        # the config uses here, before any layer is touched
+        widths = {config.weight_bits} | {v["weight_bits"] for v in (config.overrides or {}).values()
+                                         if v and not v.get("skip") and "weight_bits" in v}
+        for bits in sorted(widths):
+            self.args.settings_for(bits)
+
+    @classmethod
+    def requires_data(cls, config) -> bool:
+        return bool((config.recipe_args or {}).get("convex", ViMVQArgs.convex))
+
+    def layouts(self, model) -> dict[str, tuple[VQLayout, int]]:
+        """Per quantized linear: its layout and weight bits (overrides and skips applied). Validates every layer
+        before anything is computed, so a bad setting fails before calibration starts."""
+        cfg = self.config
+        out = {}
+        for name in select_linears(model, self.args.targets, cfg.modules_to_not_convert):
+            over = layer_overrides(name, cfg.overrides)
+            if over.get("skip"):
+                continue
+            bits = over.get("weight_bits", cfg.weight_bits)
+            d, c = self.args.settings_for(bits)
+            linear = model.get_submodule(name)
+            n, k = linear.out_features, linear.in_features
+            n_sub = n * -(-k // d)
+            if self.args.codebook_size is None and c > n_sub:  # a default larger than the layer: clamp, not refuse
+                c = 1 << (n_sub.bit_length() - 1)
+            try:
+                size = choose_codebook_size(
+                    n, k, bits, d, c, channel_scale=self.args.channel_scale, codebook_dtype=self.args.codebook_dtype,
+                    budget_group_size=SIZE_BUDGETS[self.args.size_budget],
+                )
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
+            if size != c:
+                logger.info("%s: codebook %d -> %d (size clamp)", name, c, size)
+            out[name] = (VQLayout(n, k, d, size, self.args.channel_scale, self.args.codebook_dtype), bits)
+        return out
+
+    @torch.no_grad()
+    def calibrate(self, model, batches) -> QuantPlan:
+        layouts = self.layouts(model)
+        if self.args.convex:
+            raise NotImplementedError("convex-combination optimisation (convex=True) arrives with the block-wise engine")
+        plan = QuantPlan(recipe=self.name)
+        for i, (name, (layout, _bits)) in enumerate(tqdm(layouts.items(), desc="vimvq k-means", unit="layer",
+                                                          leave=False)):
+            linear = model.get_submodule(name)
+            vq = kmeans_vq(linear.weight, layout, seed=self.config.seed + i, iters=self.args.kmeans_iterations)
+            plan.layers[name] = LayerPlan(spec=layout.spec(linear.bias is not None), tensors=vq.tensors(linear.bias))
+        plan.info["bits_per_weight"] = plan_bits_per_weight(plan)
+        return plan
+
+
+def plan_bits_per_weight(plan: QuantPlan) -> float:
+    """Stored bits per weight of the plan's linears: indices + codebooks + scales (bias excluded)."""
+    bits = weights = 0
+    for layer in plan.layers.values():
+        weights += layer.spec["in_features"] * layer.spec["out_features"]
+        bits += 8 * sum(t.numel() * t.element_size() for k, t in layer.tensors.items()
+                        if k in ("qweight", "codebook", "weight_scale"))
+    return bits / weights if weights else float("nan")
