@@ -238,3 +238,59 @@ def test_codebook_larger_than_a_layer_is_refused_before_any_work(tiny_vim_dir):
     model = AutoModelForImageClassification.from_pretrained(tiny_vim_dir)
     with pytest.raises(ValueError, match="x_proj: a 10x64 weight has 160 sub-vectors.*more codewords than vectors"):
         get_recipe_class("vimvq")(cfg).calibrate(model, None)
+
+
+# --------------------------------------------------------------------------------- convex combination (§5.3-5.4)
+def _convex(candidates=2, scaled=False, seed=0):
+    from optimum_vim.calibration.convex_vq import ConvexVQWeight
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(16, 24, generator=g)
+    init = kmeans_vq(w, VQLayout(16, 24, 4, 16, channel_scale=scaled), seed=1, iters=20)
+    return w, init, ConvexVQWeight(w, init, candidates)
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "channel-scale"])
+def test_convex_init_is_the_kmeans_result_softened(scaled):
+    w, init, cvq = _convex(3, scaled)
+    p = cvq.ratios()
+    assert p.shape == (16 * 6, 3) and torch.allclose(p.sum(1), torch.ones(96))
+    # distance-based init: the nearest codeword gets the largest ratio, the farthest candidate logit 0
+    assert torch.equal(cvq.hull[:, 0], init.indices.reshape(-1)) and bool((p[:, 0] >= p[:, 1]).all())
+    assert torch.equal(cvq.logits[:, -1], torch.zeros(96))
+    assert torch.equal(cvq.export().indices, init.indices)
+    # the soft weight lies between the candidates: closer to W than the hard k-means weight is
+    assert (cvq().detach() - w).pow(2).mean() < (init.dequantize() - w).pow(2).mean()
+
+
+def test_confirm_freezes_confident_then_everything():
+    _, _, cvq = _convex(2)
+    with torch.no_grad():
+        cvq.logits.zero_()  # undecided: ratios 0.5 / 0.5
+        cvq.logits[:10] = torch.tensor([8.0, -8.0])  # ratio ~1 on candidate 0
+        cvq.logits[10:20] = torch.tensor([-8.0, 8.0])  # ratio ~1 on candidate 1
+    assert cvq.confirm(0.99) == 20 and cvq.frozen_fraction == pytest.approx(20 / 96)
+    assert torch.equal(cvq.hard[10:20], cvq.hull[10:20, 1])
+    assert cvq.confirm(0.99, min_fraction=0.5) == 28  # the most confident remaining ones up to half
+    cvq.confirm(0.99, min_fraction=1.0)
+    assert bool(cvq.frozen.all())
+    # fully frozen: the forward is the hard weight, exactly what is exported and stored
+    torch.testing.assert_close(cvq().detach(), cvq.export().dequantize(), rtol=0, atol=1e-3)
+    assert cvq.onehot_penalty().item() == 0
+
+
+def test_hull_replacement_swaps_a_collapsed_candidate_for_a_nearer_codeword():
+    _, _, cvq = _convex(2)
+    with torch.no_grad():
+        cvq.logits[:] = torch.tensor([6.0, -6.0])  # candidate 1 collapsed everywhere
+        far = (cvq.codebook[cvq.hull[0, 0]] - cvq.codebook).norm(dim=1).argmax()
+        cvq.hull[0, 1] = far  # a far-away weak candidate: replaceable
+    before = cvq.hull.clone()
+    swaps = cvq.replace_candidates(0.02)
+    assert swaps >= 1 and cvq.hull[0, 1] != far
+    changed = (cvq.hull != before).any(1)
+    assert bool((cvq.hull[changed, 0] == before[changed, 0]).all())  # the strong candidate is kept
+    assert bool((cvq.hull[:, 0] != cvq.hull[:, 1]).all())  # no codeword twice in a hull
+    current = cvq.subvectors().detach()
+    new_d = (current[0] - cvq.codebook[cvq.hull[0, 1]]).norm()
+    assert new_d < (current[0] - cvq.codebook[far]).norm()

@@ -21,6 +21,7 @@ quantizer is separate from any activation choice, so a later recipe can combine 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -28,12 +29,18 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..calibration.convex_vq import ConvexVQLinear, ConvexVQWeight
 from ..calibration.vq import CODEBOOK_DTYPES, DEFAULT_VQ_SETTINGS, VQLayout, choose_codebook_size, kmeans_vq
 from .base import BLOCK_LINEARS, LayerPlan, QuantPlan, Recipe, layer_overrides, register_recipe, select_linears
 
 logger = logging.getLogger(__name__)
 
 SIZE_BUDGETS = {"rtn_g32": 32, None: None}
+# inferred hyper-parameters (methods.md §5.3-5.4 give no values; ours, named here and in the README):
+# a hull candidate whose ratio fell below REPLACE_BELOW is swapped for a better codeword (§5.3 step 4), and with
+# incremental=True every sub-vector is confirmed by HARDEN_FRACTION of a block's steps (the rest fine-tune codebooks)
+REPLACE_BELOW = 0.02
+HARDEN_FRACTION = 0.75
 
 
 @dataclass
@@ -188,17 +195,35 @@ class ViMVQRecipe(Recipe):
             out[name] = (VQLayout(n, k, d, size, self.args.channel_scale, self.args.codebook_dtype), bits)
         return out
 
-    @torch.no_grad()
+    def kmeans_init(self, name: str, weight: torch.Tensor, layout: VQLayout, order: int):
+        """The k-means codebook of one layer; seeded by the config seed and the layer's position, so ``convex``
+        starts from exactly the plain-VQ result."""
+        return kmeans_vq(weight, layout, seed=self.config.seed + order, iters=self.args.kmeans_iterations)
+
     def calibrate(self, model, batches) -> QuantPlan:
         layouts = self.layouts(model)
-        if self.args.convex:
-            raise NotImplementedError("convex-combination optimisation (convex=True) arrives with the block-wise engine")
         plan = QuantPlan(recipe=self.name)
-        for i, (name, (layout, _bits)) in enumerate(tqdm(layouts.items(), desc="vimvq k-means", unit="layer",
-                                                          leave=False)):
-            linear = model.get_submodule(name)
-            vq = kmeans_vq(linear.weight, layout, seed=self.config.seed + i, iters=self.args.kmeans_iterations)
-            plan.layers[name] = LayerPlan(spec=layout.spec(linear.bias is not None), tensors=vq.tensors(linear.bias))
+        soft = {}
+        if self.args.convex:
+            if not batches:
+                raise ValueError("vimvq with convex=True trains on calibration images; pass calibration_dataset "
+                                 "(or use convex=False for data-free k-means VQ)")
+            from ..calibration.blockwise import calibrate_blockwise
+
+            block_recipe = ViMVQBlockRecipe(self, layouts)
+            soft = calibrate_blockwise(model, torch.cat(list(batches)), block_recipe, seed=self.config.seed,
+                                       desc="vimvq")
+            plan.info["vimvq"] = block_recipe.stats
+        with torch.no_grad():
+            rest = [(i, n) for i, n in enumerate(layouts) if n not in soft]
+            for i, name in tqdm(rest, desc="vimvq k-means", unit="layer", leave=False, disable=not rest):
+                layout = layouts[name][0]
+                linear = model.get_submodule(name)
+                vq = self.kmeans_init(name, linear.weight, layout, i)
+                plan.layers[name] = LayerPlan(spec=layout.spec(linear.bias is not None),
+                                              tensors=vq.tensors(linear.bias))
+        plan.layers.update(soft)
+        plan.layers = {n: plan.layers[n] for n in layouts}  # model order
         plan.info["bits_per_weight"] = plan_bits_per_weight(plan)
         return plan
 
@@ -211,3 +236,85 @@ def plan_bits_per_weight(plan: QuantPlan) -> float:
         bits += 8 * sum(t.numel() * t.element_size() for k, t in layer.tensors.items()
                         if k in ("qweight", "codebook", "weight_scale"))
     return bits / weights if weights else float("nan")
+
+
+class ViMVQBlockRecipe:
+    """The block-wise part of ViM-VQ for :func:`~optimum_vim.calibration.blockwise.calibrate_blockwise`: per block,
+    the target linears become :class:`ConvexVQLinear` stand-ins (k-means codebook, top-n hull, distance-based
+    logits), trained with RMSprop on the engine's block loss; hulls are re-chosen every ``replace_every`` steps;
+    with ``incremental``, sub-vectors are confirmed on a schedule and the codebooks fine-tuned once all are hard.
+
+    Schedule (``iterations`` = T steps per block; methods.md §5.4 leaves it open, this one is ours):
+
+    * ``incremental=False`` (the "+ convex" ablation): T soft steps with hull replacement, then one-shot hardening
+      (each sub-vector takes its highest-ratio codeword) when the block is exported;
+    * ``incremental=True``: during the first ``HARDEN_FRACTION`` of the steps, every ``replace_every`` steps the
+      sub-vectors whose top ratio exceeds ``confirm_threshold`` are frozen, and at least a linearly growing share of
+      every layer (reaching 100 % at ``HARDEN_FRACTION * T``) is frozen, most confident first; the remaining steps
+      fine-tune the codebooks (and scales, biases) with every index hard.
+    """
+
+    grad_clip = None  # RMSprop normalises the step per parameter already
+
+    def __init__(self, recipe: ViMVQRecipe, layouts: dict[str, tuple[VQLayout, int]]):
+        self.recipe = recipe
+        self.args = recipe.args
+        self.layouts = layouts
+        self.order = {name: i for i, name in enumerate(layouts)}
+        self.stats: dict[str, dict] = {}
+        self._stand_ins: dict[str, ConvexVQLinear] = {}
+
+    def _targets(self, ctx) -> list[str]:
+        prefix = ctx.name + "."
+        return [n[len(prefix):] for n in self.layouts if n.startswith(prefix)]
+
+    def prepare_block(self, ctx):
+        student = copy.deepcopy(ctx.block)
+        student.requires_grad_(False)  # weight-only VQ: only the codebook stand-ins train
+        self._stand_ins = {}
+        for rel in self._targets(ctx):
+            full = f"{ctx.name}.{rel}"
+            linear = student.get_submodule(rel)
+            layout = self.layouts[full][0]
+            init = self.recipe.kmeans_init(full, linear.weight, layout, self.order[full])
+            stand_in = ConvexVQLinear(linear, ConvexVQWeight(linear.weight, init, self.args.candidates))
+            student.set_submodule(rel, stand_in)
+            self._stand_ins[rel] = stand_in
+        return student
+
+    def block_optimizer(self, ctx, student):
+        if not self._stand_ins:
+            return None
+        slow = [p for s in self._stand_ins.values() for p in (s.vq.codebook, s.vq.scale, s.bias) if p is not None]
+        fast = [s.vq.logits for s in self._stand_ins.values()]
+        # VQ4DiT's optimiser: RMSprop, alpha 0.9, codebooks (and biases) 1e-4, ratio logits 5e-2 (methods.md §5.5)
+        return torch.optim.RMSprop([{"params": slow, "lr": self.args.lr_codebook},
+                                    {"params": fast, "lr": self.args.lr_ratios}], alpha=0.9)
+
+    def block_schedule(self, ctx) -> tuple[int, int]:
+        return self.args.iterations, min(self.args.batch_size, ctx.num_samples)
+
+    def on_step(self, ctx, student, step: int, steps: int) -> None:
+        every = self.args.replace_every
+        if (step + 1) % every:
+            return
+        harden_at = max(1, round(HARDEN_FRACTION * steps)) if self.args.incremental else None
+        for s in self._stand_ins.values():
+            if harden_at is not None and step + 1 > harden_at:
+                continue  # all hard: codebook fine-tuning only
+            s.vq.replace_candidates(REPLACE_BELOW)
+            if harden_at is not None:
+                # the last confirmation point at or before harden_at freezes everything left
+                last = step + 1 + every > harden_at
+                s.vq.confirm(self.args.confirm_threshold, 1.0 if last else (step + 1) / harden_at)
+
+    def finalize_block(self, ctx, student) -> dict[str, LayerPlan]:
+        out = {}
+        for rel, s in self._stand_ins.items():
+            full = f"{ctx.name}.{rel}"
+            layout = self.layouts[full][0]
+            self.stats[full] = {"frozen_before_export": s.vq.frozen_fraction}
+            vq = s.vq.export()
+            out[full] = LayerPlan(spec=layout.spec(s.bias is not None), tensors=vq.tensors(s.bias))
+        self._stand_ins = {}
+        return out
