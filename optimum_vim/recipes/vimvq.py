@@ -11,7 +11,12 @@ layer's codebook is halved until (1) it holds at most a quarter of the layer's s
 (``size_budget="rtn_g32"``; ``None`` keeps only the clamp). Small layers (``x_proj``, ``dt_proj`` on small models)
 therefore get smaller codebooks and fewer index bits than the nominal rate.
 
-``convex=False, incremental=False`` is plain k-means VQ (the paper's "basic VQ" ablation): data-free.
+Calibration (default ``convex=True, incremental=True``, methods.md §5.3-5.4): block by block on the shared engine
+(``calibration/blockwise.py``, its default 1 - cos block-output loss), every sub-vector is a softmax-weighted convex
+combination of its ``candidates`` nearest codewords; ratios and codewords train jointly (RMSprop), hulls are
+re-chosen as ratios collapse, and sub-vectors are confirmed incrementally until all are hard, after which the
+codebooks are fine-tuned. ``convex=False, incremental=False`` is plain k-means VQ (the paper's "basic VQ"
+ablation): data-free. ``convex=True, incremental=False`` hardens once at the end ("+ convex").
 
 Bad input: a ``vector_dim`` that does not divide a layer's width is padded (the last sub-vector of each row is
 zero-padded; the padding is dropped on decode), a codebook larger than a layer's sub-vector count is refused,
@@ -61,14 +66,14 @@ class ViMVQArgs:
     codebook_dtype: str = "float16"
     size_budget: str | None = "rtn_g32"
     kmeans_iterations: int = 100
-    convex: bool = False
-    incremental: bool = False
+    convex: bool = True
+    incremental: bool = True
     candidates: int = 2
-    iterations: int = 200
+    iterations: int = 100
     batch_size: int = 32
     lr_codebook: float = 1e-4
     lr_ratios: float = 5e-2
-    replace_every: int = 25
+    replace_every: int = 10
     confirm_threshold: float = 0.99
     targets: tuple[str, ...] = BLOCK_LINEARS
 
@@ -201,6 +206,13 @@ class ViMVQRecipe(Recipe):
         return kmeans_vq(weight, layout, seed=self.config.seed + order, iters=self.args.kmeans_iterations)
 
     def calibrate(self, model, batches) -> QuantPlan:
+        from ..calibration.blockwise import fixed_threads
+
+        # the engine's fixed thread count for the k-means too: on a shared CPU a multi-threaded run mostly waits
+        with fixed_threads():
+            return self._calibrate(model, batches)
+
+    def _calibrate(self, model, batches) -> QuantPlan:
         layouts = self.layouts(model)
         plan = QuantPlan(recipe=self.name)
         soft = {}
@@ -211,9 +223,11 @@ class ViMVQRecipe(Recipe):
             from ..calibration.blockwise import calibrate_blockwise
 
             block_recipe = ViMVQBlockRecipe(self, layouts)
+            log: list[dict] = []
             soft = calibrate_blockwise(model, torch.cat(list(batches)), block_recipe, seed=self.config.seed,
-                                       desc="vimvq")
-            plan.info["vimvq"] = block_recipe.stats
+                                       desc="vimvq", log=log)
+            plan.info["blocks"] = log
+            plan.info["layers"] = block_recipe.stats
         with torch.no_grad():
             rest = [(i, n) for i, n in enumerate(layouts) if n not in soft]
             for i, name in tqdm(rest, desc="vimvq k-means", unit="layer", leave=False, disable=not rest):
