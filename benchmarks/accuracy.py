@@ -61,12 +61,16 @@ SUITES: dict[str, list[dict]] = {
     "vimvq": [
         row("RTN W3 (weight-only)", "rtn", 3),
         row("RTN W3 g32", "rtn", 3, weight_group_size=32),
-        row("VQ W3 k-means", "vimvq", 3, calibration_dataset=None, recipe_args={"convex": False}),
+        row("VQ W3 k-means", "vimvq", 3, calibration_dataset=None, recipe_args={"convex": False, "incremental": False}),
+        row("ViM-VQ W3", "vimvq", 3),
         row("RTN W2 (weight-only)", "rtn", 2),
         row("RTN W2 g32", "rtn", 2, weight_group_size=32),
-        row("VQ W2 k-means", "vimvq", 2, calibration_dataset=None, recipe_args={"convex": False}),
+        row("VQ W2 k-means", "vimvq", 2, calibration_dataset=None, recipe_args={"convex": False, "incremental": False}),
+        row("VQ W2 + convex", "vimvq", 2, recipe_args={"incremental": False}),
+        row("ViM-VQ W2 (+ convex + incremental)", "vimvq", 2),
         row("RTN W1 g32 (binary)", "rtn", 1, weight_group_size=32),
-        row("VQ W1 k-means", "vimvq", 1, calibration_dataset=None, recipe_args={"convex": False}),
+        row("VQ W1 k-means", "vimvq", 1, calibration_dataset=None, recipe_args={"convex": False, "incremental": False}),
+        row("ViM-VQ W1", "vimvq", 1),
     ],
 }
 
