@@ -72,6 +72,21 @@ SUITES: dict[str, list[dict]] = {
         row("kscale W8A8, h in float", "kscale", 8, 8, num_calibration_samples=256, recipe_args={"state_bits": None}),
         row("RTN W8A8 (kscale suite)", "rtn", 8, 8),
     ],
+    # ViM-VQ beside RTN at the same bits (per channel and g32: the size budget of the codebook layers)
+    "vimvq": [
+        row("RTN W3 (weight-only)", "rtn", 3),
+        row("RTN W3 g32", "rtn", 3, weight_group_size=32),
+        row("VQ W3 k-means", "vimvq", 3, calibration_dataset=None, recipe_args={"convex": False, "incremental": False}),
+        row("ViM-VQ W3", "vimvq", 3),
+        row("RTN W2 (weight-only)", "rtn", 2),
+        row("RTN W2 g32", "rtn", 2, weight_group_size=32),
+        row("VQ W2 k-means", "vimvq", 2, calibration_dataset=None, recipe_args={"convex": False, "incremental": False}),
+        row("VQ W2 + convex", "vimvq", 2, recipe_args={"incremental": False}),
+        row("ViM-VQ W2 (+ convex + incremental)", "vimvq", 2),
+        row("RTN W1 g32 (binary)", "rtn", 1, weight_group_size=32),
+        row("VQ W1 k-means", "vimvq", 1, calibration_dataset=None, recipe_args={"convex": False, "incremental": False}),
+        row("ViM-VQ W1", "vimvq", 1),
+    ],
 }
 
 def logit_sqnr_db(fp: torch.Tensor, q: torch.Tensor) -> float:
@@ -126,7 +141,8 @@ def main(argv=None) -> int:
     fp_top1 = (fp_pred == labels).float().mean().item()
     rows = [{"label": "float32", "recipe": "fp", "weight_bits": 32, "act_bits": None, "top1": fp_top1,
              "ratio_to_fp": 1.0, "sqnr_db": float("inf"), "agreement": 1.0,
-             "checkpoint_bytes": checkpoint_bytes(args.model), "layer_ratio_vs_fp16": None, "calib_seconds": 0.0}]
+             "checkpoint_bytes": checkpoint_bytes(args.model), "layer_ratio_vs_fp16": None, "layer_bytes": None,
+             "bits_per_weight": 32.0, "calib_seconds": 0.0}]
     for setting in settings:
         kwargs = {"calibration_dataset": calib, "image_processor": processor,
                   "num_calibration_samples": args.num_samples, "seed": args.seed, **setting["config"]}
@@ -138,6 +154,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp, model_card=False)
             size = checkpoint_bytes(tmp)
+        sizes = quantized_layer_bytes(model)
         logits = logits_on(model, pixels)
         pred = logits.argmax(-1)
         top1 = (pred == labels).float().mean().item()
@@ -145,7 +162,8 @@ def main(argv=None) -> int:
             "label": setting["label"], "recipe": setting["recipe"], "weight_bits": setting["weight_bits"],
             "act_bits": setting["act_bits"], "top1": top1, "ratio_to_fp": top1 / fp_top1,
             "sqnr_db": logit_sqnr_db(fp_logits, logits), "agreement": (pred == fp_pred).float().mean().item(),
-            "checkpoint_bytes": size, "layer_ratio_vs_fp16": quantized_layer_bytes(model)["ratio"],
+            "checkpoint_bytes": size, "layer_ratio_vs_fp16": sizes["ratio"], "layer_bytes": sizes["quantized"],
+            "bits_per_weight": sizes["bits_per_weight"],
             "calib_seconds": calib_s,
         })
         print(f"{setting['label']}: {100 * top1:.2f}%  SQNR {rows[-1]['sqnr_db']:.2f} dB", flush=True)
@@ -155,13 +173,15 @@ def main(argv=None) -> int:
           f"images unless a row says otherwise, seed {args.seed}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads\n")
     print("| setting | top-1 | ratio to FP | logit SQNR (dB) | agreement with FP | checkpoint bytes "
-          "| quantized layers vs fp16 | quantize + calibrate (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| quantized layers vs fp16 | quantized layer bytes | bits/weight | quantize + calibrate (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         layer = "-" if r["layer_ratio_vs_fp16"] is None else f"{r['layer_ratio_vs_fp16']:.3f}x"
+        layer_bytes = "-" if r["layer_bytes"] is None else f"{r['layer_bytes']:,}"
         sqnr = "-" if math.isinf(r["sqnr_db"]) else f"{r['sqnr_db']:.2f}"
         print(f"| {r['label']} | {100 * r['top1']:.2f}% | {r['ratio_to_fp']:.4f} | {sqnr} | "
-              f"{100 * r['agreement']:.2f}% | {r['checkpoint_bytes']:,} | {layer} | {r['calib_seconds']:.1f} |")
+              f"{100 * r['agreement']:.2f}% | {r['checkpoint_bytes']:,} | {layer} | {layer_bytes} | "
+              f"{r['bits_per_weight']:.3f} | {r['calib_seconds']:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=str) + "\n")
     return 0

@@ -36,4 +36,20 @@ def quantized_layer_bytes(model: nn.Module) -> dict[str, int | float]:
         fp16 += weight_holding
         q_bytes += sum(b.numel() * b.element_size() for b in mod.buffers())
     return {"quantized": q_bytes, "fp16": fp16, "ratio": (q_bytes / fp16) if fp16 else float("nan"),
-            "layers": len(mods)}
+            "layers": len(mods), "bits_per_weight": bits_per_weight(model)}
+
+
+_WEIGHT_BUFFERS = ("qweight", "weight_scale", "codebook")
+
+
+def bits_per_weight(model: nn.Module) -> float:
+    """Stored bits per weight of the quantized linears: codes or codebook indices, scales and codebooks (bias,
+    smoothing and activation quantizers excluded); nan when the model has none."""
+    bits = weights = 0
+    for mod in quantized_modules(model).values():
+        if mod.spec.get("type") != "linear":
+            continue
+        weights += mod.spec["in_features"] * mod.spec["out_features"]
+        bits += 8 * sum(b.numel() * b.element_size() for name, b in mod.named_buffers(recurse=False)
+                        if name in _WEIGHT_BUFFERS)
+    return bits / weights if weights else float("nan")

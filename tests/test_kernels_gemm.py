@@ -87,10 +87,13 @@ def test_float_activations(m, n, k, dtype, bits, group):
     assert err < FLOAT_TOL[dtype], float(err)
 
 
-@pytest.mark.parametrize("index_bits,vec", [(8, 4), (4, 2), (8, 8)], ids=["i8-d4", "i4-d2", "i8-d8"])
+@pytest.mark.parametrize(
+    "index_bits,vec", [(8, 4), (4, 2), (8, 8), (6, 2), (5, 8), (7, 4), (3, 1)],
+    ids=["i8-d4", "i4-d2", "i8-d8", "i6-d2", "i5-d8", "i7-d4", "i3-d1"],
+)
 @pytest.mark.parametrize("scaled", [False, True], ids=["no-scale", "channel-scale"])
 def test_codebook_weights(index_bits, vec, scaled):
-    m, n, k = 19, 27, 72
+    m, n, k = 19, 27, 70  # 70: the last sub-vector of a row is padded for d = 4 and 8
     cb = torch.randn(1 << index_bits, vec)
     idx = torch.randint(0, 1 << index_bits, (n, -(-k // vec)))
     qw = pack_codes(idx, index_bits)
@@ -99,6 +102,9 @@ def test_codebook_weights(index_bits, vec, scaled):
     ref = reference.quant_gemm_ref(a, qw, ws, bits=index_bits, in_features=k, codebook=cb)
     out = gemm.quant_gemm(*_dev(a, qw, ws), bits=index_bits, in_features=k, codebook=cb.to(DEVICE)).cpu()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if ws is not None:  # the scale is applied (a kernel ignoring it would match an unscaled reference)
+        unscaled = reference.quant_gemm_ref(a, qw, None, bits=index_bits, in_features=k, codebook=cb)
+        assert (unscaled - ref).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("num_outliers", [0, 7], ids=["no-outliers", "p7"])

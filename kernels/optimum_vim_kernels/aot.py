@@ -78,6 +78,8 @@ def variants():
                         {**base, "BITS": bits, "INT_A": False, "GROUP": 128, "PER_GROUP": True, "BLOCK_K": 128}, ()))
     out.append(("gemm VQ 8-bit idx d4 (fp16)", gemm._quant_gemm_kernel, {**gemm_ptrs, "a_ptr": "*fp16"},
                 {**base, "BITS": 8, "VQ": True, "VEC": 4, "INT_A": False}, ()))
+    out.append(("gemm VQ 6-bit idx d2 (fp16)", gemm._quant_gemm_kernel, {**gemm_ptrs, "a_ptr": "*fp16"},
+                {**base, "BITS": 6, "VQ": True, "VEC": 2, "INT_A": False}, ()))
     out.append(("outlier gemm W4A8", outlier._outlier_gemm_kernel,
                 {"a_ptr": "*i8", "as_ptr": "*fp32", "w_ptr": "*u8", "ws_ptr": "*fp32", "idx_ptr": "*i32",
                  "ov_ptr": "*fp32", "bias_ptr": "*fp32", "c_ptr": "*fp16"},

@@ -4,7 +4,7 @@
 
 * weights: int8 (``bits=8``), packed int4 / int2 (storage format v1: low bits first, offset-binary), packed
   binary 1-bit (0 -> -1, 1 -> +1), or codebook
-  (packed 4/8-bit indices selecting ``vector_dim``-wide codewords, optional per-channel scale);
+  (packed 1..8-bit indices selecting ``vector_dim``-wide codewords, optional per-channel scale);
   per-channel ``w_scale (N, 1)`` or per-group ``w_scale (N, G)``;
 * activations: float (fp16 / bf16 / fp32: the weight tile is dequantized in registers, fp32 accumulation:
   W8A16, W4A16, W2A16, W1A16, VQ) or int8 codes (int8 x int8 -> int32 ``tl.dot``: W8A8, W4A8, W2A8) with per-row or
@@ -49,20 +49,32 @@ def _decode_int_tile(w_ptr, offs_k, offs_n, K, N, stride_wn, BITS: tl.constexpr)
 
 
 @triton.jit
-def _decode_vq_tile(w_ptr, cb_ptr, offs_k, offs_n, K, N, stride_wn, BITS: tl.constexpr, VEC: tl.constexpr):
-    """Codebook values (fp32) of the weight tile [BLOCK_K, BLOCK_N]: packed BITS-bit indices pick VEC-wide codewords."""
+def _decode_vq_tile(w_ptr, cb_ptr, offs_k, offs_n, K, N, stride_wn, row_bytes, BITS: tl.constexpr,
+                    VEC: tl.constexpr):
+    """Codebook values (fp32) of the weight tile [BLOCK_K, BLOCK_N]: packed BITS-bit indices pick VEC-wide codewords.
+
+    BITS in {1, 2, 4, 8} never straddle bytes (shift-and-mask one byte); other widths (3, 5, 6, 7: the index widths
+    a clamped codebook gets) read the 16-bit little-endian window holding the index's bits."""
     mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
     vec = offs_k // VEC
-    per_byte = 8 // BITS
-    byte = tl.load(w_ptr + offs_n[None, :] * stride_wn + (vec // per_byte)[:, None], mask=mask, other=0)
-    idx = (byte.to(tl.int32) >> ((vec % per_byte) * BITS)[:, None]) & ((1 << BITS) - 1)
+    if 8 % BITS == 0:
+        per_byte = 8 // BITS
+        byte = tl.load(w_ptr + offs_n[None, :] * stride_wn + (vec // per_byte)[:, None], mask=mask, other=0)
+        idx = (byte.to(tl.int32) >> ((vec % per_byte) * BITS)[:, None]) & ((1 << BITS) - 1)
+    else:
+        bit = vec * BITS
+        first = bit // 8
+        row = w_ptr + offs_n[None, :] * stride_wn
+        lo = tl.load(row + first[:, None], mask=mask, other=0).to(tl.int32)
+        hi = tl.load(row + first[:, None] + 1, mask=mask & ((first + 1) < row_bytes)[:, None], other=0).to(tl.int32)
+        idx = ((lo | (hi << 8)) >> (bit % 8)[:, None]) & ((1 << BITS) - 1)
     return tl.load(cb_ptr + idx * VEC + (offs_k % VEC)[:, None], mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _quant_gemm_kernel(
     a_ptr, w_ptr, ws_ptr, cb_ptr, bias_ptr, as_ptr, az_ptr, os_ptr, c_ptr,
-    M, N, K, stride_am, stride_ak, stride_wn, stride_cm, stride_cn, n_groups,
+    M, N, K, stride_am, stride_ak, stride_wn, stride_cm, stride_cn, n_groups, w_row_bytes,
     BITS: tl.constexpr, VQ: tl.constexpr, VEC: tl.constexpr, GROUP: tl.constexpr, PER_GROUP: tl.constexpr,
     INT_A: tl.constexpr, HAS_WS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     A_PER_ROW: tl.constexpr, REQUANT: tl.constexpr, OS_PER_ROW: tl.constexpr, DOT_F32: tl.constexpr,
@@ -85,7 +97,7 @@ def _quant_gemm_kernel(
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
                     mask=m_mask[:, None] & k_mask[None, :], other=0)
         if VQ:
-            w = _decode_vq_tile(w_ptr, cb_ptr, offs_k, offs_n, K, N, stride_wn, BITS, VEC)
+            w = _decode_vq_tile(w_ptr, cb_ptr, offs_k, offs_n, K, N, stride_wn, w_row_bytes, BITS, VEC)
         else:
             w = _decode_int_tile(w_ptr, offs_k, offs_n, K, N, stride_wn, BITS)
         if INT_A:
@@ -146,8 +158,8 @@ def supports_quant_gemm(*, m, n, k, bits, group_size=None, codebook=False, int_a
     if codebook:
         if int_activations:
             return "codebook weights take float activations"
-        if bits not in (4, 8):
-            return f"codebook indices of {bits} bits are decoded by the reference only (kernel: 4 or 8)"
+        if bits not in range(1, 9):
+            return f"codebook indices of {bits} bits do not fit the 1..8-bit packing"
         if vector_dim is not None and (vector_dim < 1 or vector_dim & (vector_dim - 1)):
             return f"codebook vector_dim {vector_dim} is not a power of two (kernel tiles need one)"
     elif bits not in (1, 2, 4, 8):
@@ -215,6 +227,7 @@ def quant_gemm(
         a_zero.to(torch.int32).contiguous() if a_zero is not None else torch.zeros(1, device=dev, dtype=torch.int32),
         out_scale.float().contiguous() if out_scale is not None else dummy, c,
         m, n, k, a.stride(0), a.stride(1), qweight.stride(0), c.stride(0), c.stride(1), ws.shape[1] if ws.dim() == 2 else 1,
+        qweight.shape[1],
     )
     meta = dict(
         BITS=bits, VQ=codebook is not None, VEC=vec, GROUP=group or 1, PER_GROUP=per_group, INT_A=int_a,

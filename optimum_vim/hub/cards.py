@@ -121,6 +121,9 @@ def render_model_card(
         )
         layers = qc.layers or {}
         kinds = sorted({spec["type"] for spec in layers.values()})
+        from ..size import bits_per_weight
+
+        bpw = bits_per_weight(model)
         card = ModelCard.from_template(
             data,
             template_str=template_text("quantized"),
@@ -143,6 +146,7 @@ def render_model_card(
                 if qc.calibration_source not in (None, "none") else "none (data-free for these settings)"
             ),
             recipe_args=qc.recipe_args or "defaults",
+            bits_per_weight=f"{bpw:.3f}" if bpw == bpw else "-",
             accuracy={k: (_fmt(v) if k.endswith("top1") else v) for k, v in accuracy.items()} if accuracy else None,
             sizes=sizes,
             plot=plot_file,

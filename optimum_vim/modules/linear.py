@@ -4,13 +4,21 @@ Spec::
 
     {"type": "linear", "in_features": K, "out_features": N, "bias": bool,
      "weight": {"format": "int", "bits": 1..8, "group_size": null | G}  # symmetric, +-(2^(b-1)-1); 1 bit: +-1
-            or {"format": "vq", "index_bits": b, "vector_dim": d, "codebook_size": C, "channel_scale": bool},
+            or {"format": "vq", "index_bits": b, "vector_dim": d, "codebook_size": C, "channel_scale": bool,
+                "codebook_dtype": "float32" | "float16"},   # codebook format (below)
      "input": null | <QActivation spec>,      # static / dynamic activation quantizer
      "smooth": bool}                          # PTQ4VM smoothing: inputs divided by smooth_scale (folded into W)
 
 Buffers (state-dict names under the module): ``qweight`` (int8 (N, K) for 8 bit, packed uint8 otherwise, or packed
 codebook indices), ``weight_scale`` (fp32 (N, G) or (N, 1)), ``codebook`` (fp32 (C, d)), ``bias`` (fp32 (N,)),
 ``smooth_scale`` (fp32 (K,)), and ``input_quantizer.*``.
+
+Codebook format ("vq"): each output row is cut into ``ceil(K / d)`` sub-vectors of ``d`` inputs (the last one
+zero-padded when ``d`` does not divide ``K``; the padding is dropped on decode), each stored as an ``index_bits``-bit
+index (packed, storage format v1: ``qweight`` (N, ceil(ceil(K/d) * b / 8)) uint8) into the layer's ``codebook``
+(C, d); ``W[n] = weight_scale[n] * concat(codebook[idx[n, j]])[:K]``. ``codebook_dtype`` (default float32) is the
+storage dtype of ``codebook`` and of the optional per-channel ``weight_scale`` (N, 1); both are widened to fp32
+before any arithmetic, so fp16 storage halves the codebook overhead without changing the GEMM.
 """
 
 from __future__ import annotations
@@ -21,6 +29,9 @@ from ..ops.quantized import combine_directions, dequantize_weight_ref, quant_gem
 from ..primitives import packed_row_bytes
 from .activation import QActivation
 from .base import QModule, mark_nan, nan_rows, register_qmodule
+
+
+_CODEBOOK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def validate_weight_spec(spec: dict) -> None:
@@ -35,8 +46,14 @@ def validate_weight_spec(spec: dict) -> None:
         for key in ("index_bits", "vector_dim", "codebook_size"):
             if not isinstance(spec.get(key), int) or spec[key] < 1:
                 raise ValueError(f"codebook weight spec needs a positive int {key}; got {spec.get(key)!r}")
+        if spec["index_bits"] > 8:
+            raise ValueError(f"codebook indices are packed with at most 8 bits; got index_bits={spec['index_bits']}")
         if spec["codebook_size"] > 1 << spec["index_bits"]:
             raise ValueError(f"{spec['codebook_size']} codewords need more than {spec['index_bits']} index bits")
+        if spec.get("codebook_dtype", "float32") not in _CODEBOOK_DTYPES:
+            raise ValueError(
+                f"codebook_dtype must be one of {sorted(_CODEBOOK_DTYPES)}; got {spec.get('codebook_dtype')!r}"
+            )
     else:
         raise ValueError(f"weight format must be 'int' or 'vq'; got {fmt!r}")
 
@@ -67,10 +84,11 @@ class QLinear(QModule):
             self.bits = w["index_bits"]
             self.group_size = None
             d = w["vector_dim"]
+            cb_dtype = _CODEBOOK_DTYPES[w.get("codebook_dtype", "float32")]
             self._buffer("qweight", (n, packed_row_bytes(-(-k // d), self.bits)), torch.uint8)
-            self._buffer("codebook", (w["codebook_size"], d), torch.float32)
+            self._buffer("codebook", (w["codebook_size"], d), cb_dtype)
             if w.get("channel_scale"):
-                self._buffer("weight_scale", (n, 1), torch.float32)
+                self._buffer("weight_scale", (n, 1), cb_dtype)
             else:
                 self.weight_scale = None
         if spec.get("bias"):

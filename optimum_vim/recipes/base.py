@@ -126,7 +126,6 @@ def register_recipe(cls):
 # not written yet: asking for one says so instead of "unknown recipe"
 PLANNED_RECIPES = {
     "ouromamba": "OuroMamba: data-free synthetic calibration + dynamic outlier mixed precision",
-    "vimvq": "ViM-VQ: 1-3 bit vector quantization",
 }
 
 
@@ -140,7 +139,7 @@ def _version() -> str:
 
 
 def get_recipe_class(name: str) -> type[Recipe]:
-    from . import kscale, ptq4vm, rtn  # noqa: F401 - registration side effect
+    from . import kscale, ptq4vm, rtn, vimvq  # noqa: F401 - registration side effect
 
     if name not in RECIPES:
         if name in PLANNED_RECIPES:
