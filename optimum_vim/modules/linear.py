@@ -11,13 +11,17 @@ Spec::
 Buffers (state-dict names under the module): ``qweight`` (int8 (N, K) for 8 bit, packed uint8 otherwise, or packed
 codebook indices), ``weight_scale`` (fp32 (N, G) or (N, 1)), ``codebook`` (fp32 (C, d)), ``bias`` (fp32 (N,)),
 ``smooth_scale`` (fp32 (K,)), and ``input_quantizer.*``.
+
+An input quantizer of granularity ``dynamic_outlier`` (OuroMamba) in front of per-channel integer weights runs the
+layer as ``ops.outlier_gemm``: the int8 inlier codes on the full matrix plus a gathered GEMM over the outlier columns
+(the Triton ``outlier_gemm`` kernel on CUDA, its reference on CPU).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..ops.quantized import combine_directions, dequantize_weight_ref, quant_gemm
+from ..ops.quantized import combine_directions, dequantize_weight_ref, outlier_gemm, quant_gemm
 from ..primitives import packed_row_bytes
 from .activation import QActivation
 from .base import QModule, register_qmodule
@@ -117,6 +121,8 @@ class QLinear(QModule):
             out_dtype=out_dtype,
         )
         if self.input_quantizer is not None:
+            if self._outlier_gemm_ok():
+                return self._forward_outliers(x, out_dtype).reshape(out_shape)
             rows = self.input_quantizer.row_quantize(x) if self.format == "int" else None
             if rows is not None:
                 codes, scale, zero = rows
@@ -128,6 +134,18 @@ class QLinear(QModule):
             **gemm_args,
         )
         return y.reshape(out_shape)
+
+    def _outlier_gemm_ok(self) -> bool:
+        """OuroMamba's dynamic outlier extractor in front of per-channel integer weights, symmetric int8 inliers:
+        the inlier GEMM + gathered outlier GEMM (``ops.outlier_gemm``) serves the layer."""
+        iq = self.input_quantizer
+        return (iq.granularity == "dynamic_outlier" and iq.symmetric and iq.qmax <= 127 and self.format == "int"
+                and not self.group_size and self.smooth_scale is None)
+
+    def _forward_outliers(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        codes, a_scale, idx, values = self.input_quantizer.outlier_gemm_operands(x)
+        return outlier_gemm(codes, a_scale, self.qweight, self.weight_scale, idx, values, bits=self.bits,
+                            in_features=self.in_features, bias=self.bias, out_dtype=out_dtype)
 
     def can_fuse_combine(self) -> bool:
         """Whether :meth:`forward` can take Vim's two scan directions and the gate (``combine=``): integer weights
