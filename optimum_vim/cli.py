@@ -95,7 +95,7 @@ def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a float Vim with a recipe and save the packed checkpoint")
     p.add_argument("model", help="float model folder or Hub repo id")
     p.add_argument("output_dir", help="new folder for the quantized checkpoint")
-    p.add_argument("--recipe", default="rtn", help="rtn (planned recipes are listed in the README)")
+    p.add_argument("--recipe", default="rtn", help="rtn | ptq4vm (planned recipes are listed in the README)")
     p.add_argument("--weight-bits", type=int, default=8)
     p.add_argument("--act-bits", type=int, default=None, help="omit for weight-only quantization")
     p.add_argument("--group-size", type=int, default=None, help="inputs per weight scale (default: per channel)")
@@ -103,7 +103,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--calibration-dataset", default="fashion-mnist",
                    help="fashion-mnist | mnist-subset | digits | save_to_disk folder | image folder")
     p.add_argument("--calibration-split", default="train")
-    p.add_argument("--num-samples", type=int, default=128, help="calibration images")
+    p.add_argument("--num-samples", type=int, default=None, help="calibration images (default: the recipe's, "
+                   "128 for rtn, 256 for ptq4vm)")
     p.add_argument("--calibration-batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", default="head,patch_embed", help="comma-separated modules left in float")

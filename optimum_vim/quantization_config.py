@@ -18,7 +18,8 @@ class ViMQuantizationConfig(QuantizationConfigMixin):
     """Quantization settings for ``from_pretrained(..., quantization_config=ViMQuantizationConfig(...))``.
 
     Args:
-        recipe: ``"rtn"`` (round-to-nearest baseline); the recipe decides scales/codebooks.
+        recipe: ``"rtn"`` (round-to-nearest baseline) or ``"ptq4vm"`` (per-token static + JLSS); the recipe decides
+            scales/codebooks.
         weight_bits: bits of the integer weight codes (or equivalent bits of a codebook recipe).
         act_bits: bits of the activation quantizers; ``None`` quantizes weights only.
         weight_group_size: inputs per weight scale (``None``: one scale per output channel).
@@ -26,7 +27,8 @@ class ViMQuantizationConfig(QuantizationConfigMixin):
         calibration_dataset: calibration images (runtime only, never saved): a ``datasets.Dataset`` /
             ``IterableDataset``, an image folder path, a list of PIL images, a (N, C, H, W) tensor or a DataLoader.
         image_processor: processor for calibration images (runtime only); defaults to the checkpoint's.
-        num_calibration_samples / calibration_batch_size / seed: the seeded calibration draw.
+        num_calibration_samples / calibration_batch_size / seed: the seeded calibration draw
+            (``num_calibration_samples=None``: the recipe's default, 128 for RTN, 256 for PTQ4VM).
         modules_to_not_convert: module names (or globs) left in float; defaults to ``["head", "patch_embed"]``.
         overrides: per-module settings by name pattern (glob on the full or leaf name, or ``"re:<regex>"``), e.g.
             ``{"*.x_proj*": {"weight_bits": 8}, "vim.layers.0.*": None}`` (None: keep in float): mixed precision.
@@ -44,7 +46,7 @@ class ViMQuantizationConfig(QuantizationConfigMixin):
         recipe_args: dict | None = None,
         calibration_dataset: Any = None,
         image_processor: Any = None,
-        num_calibration_samples: int = 128,
+        num_calibration_samples: int | None = None,
         calibration_batch_size: int = 32,
         seed: int = 0,
         modules_to_not_convert: list[str] | None = None,
@@ -93,6 +95,9 @@ class ViMQuantizationConfig(QuantizationConfigMixin):
         if self.weight_group_size is not None and (not isinstance(self.weight_group_size, int) or self.weight_group_size < 1):
             raise ValueError(f"weight_group_size must be a positive int or None; got {self.weight_group_size!r}")
         recipe_cls.build_args(self.recipe_args)
+        recipe_cls.check_config(self)
+        if self.num_calibration_samples is None:
+            self.num_calibration_samples = recipe_cls.default_calibration_samples
         for pattern, value in self.overrides.items():
             if value is None:
                 continue

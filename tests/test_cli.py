@@ -78,6 +78,6 @@ def test_module_entry_point():
     for module in ("optimum_vim.cli", "optimum_vim"):
         proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and all(c in proc.stdout for c in ("quantize", "evaluate", "convert", "push"))
-    proc = subprocess.run([sys.executable, "-m", "optimum_vim", "quantize", "x", "y", "--recipe", "ptq4vm"],
+    proc = subprocess.run([sys.executable, "-m", "optimum_vim", "quantize", "x", "y", "--recipe", "kscale"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "not implemented" in proc.stderr and "Traceback" not in proc.stderr

@@ -54,6 +54,7 @@ class Recipe:
     Args: ClassVar[type] = type(None)
     weight_bits: ClassVar[tuple[int, ...]] = ()
     act_bits: ClassVar[tuple[int | None, ...]] = (None,)
+    default_calibration_samples: ClassVar[int] = 128  # used when num_calibration_samples is not given
 
     def __init__(self, config):
         self.config = config
@@ -82,8 +83,24 @@ class Recipe:
             raise ValueError(f"recipe {cls.name!r} supports act_bits in {shown}; got {act_bits!r}")
 
     @classmethod
+    def check_config(cls, config) -> None:
+        """Recipe-specific checks of the rest of the config (called by ``ViMQuantizationConfig.post_init``)."""
+
+    @classmethod
     def requires_data(cls, config) -> bool:
         return True
+
+    def layer_settings(self, name: str) -> dict | None:
+        """Bits of module ``name`` after the config's ``overrides`` (None: the module stays in float)."""
+        cfg = self.config
+        over = layer_overrides(name, cfg.overrides)
+        if over.get("skip"):
+            return None
+        return {
+            "weight_bits": over.get("weight_bits", cfg.weight_bits),
+            "act_bits": over.get("act_bits", cfg.act_bits),
+            "group_size": over.get("weight_group_size", cfg.weight_group_size),
+        }
 
     def calibrate(self, model: nn.Module, batches: list[torch.Tensor] | None) -> QuantPlan:
         raise NotImplementedError
@@ -98,7 +115,6 @@ def register_recipe(cls):
 # recipes from ../shared/docs/methods.md that the storage format and module family already anticipate but that are
 # not written yet: asking for one says so instead of "unknown recipe"
 PLANNED_RECIPES = {
-    "ptq4vm": "PTQ4VM: per-token static activations + JLSS",
     "kscale": "k-scaled PTQ with an 8-bit reparameterized hidden state",
     "ouromamba": "OuroMamba: data-free synthetic calibration + dynamic outlier mixed precision",
     "vimvq": "ViM-VQ: 1-3 bit vector quantization",
@@ -115,7 +131,7 @@ def _version() -> str:
 
 
 def get_recipe_class(name: str) -> type[Recipe]:
-    from . import rtn  # noqa: F401 - registration side effect
+    from . import ptq4vm, rtn  # noqa: F401 - registration side effect
 
     if name not in RECIPES:
         if name in PLANNED_RECIPES:

@@ -76,17 +76,6 @@ class RTNRecipe(Recipe):
             (v or {}).get("act_bits") for v in (config.overrides or {}).values()
         )
 
-    def _layer_settings(self, name: str) -> dict | None:
-        cfg = self.config
-        over = layer_overrides(name, cfg.overrides)
-        if over.get("skip"):
-            return None
-        return {
-            "weight_bits": over.get("weight_bits", cfg.weight_bits),
-            "act_bits": over.get("act_bits", cfg.act_bits),
-            "group_size": over.get("weight_group_size", cfg.weight_group_size),
-        }
-
     def _act_tensors(self, stats, bits: int, symmetric: bool | None = None) -> tuple[dict, dict]:
         a = self.args
         symmetric = a.act_symmetric if symmetric is None else symmetric
@@ -101,7 +90,7 @@ class RTNRecipe(Recipe):
     @torch.no_grad()
     def calibrate(self, model, batches) -> QuantPlan:
         names = select_linears(model, self.args.targets, self.config.modules_to_not_convert)
-        settings = {n: s for n in names if (s := self._layer_settings(n)) is not None}
+        settings = {n: s for n in names if (s := self.layer_settings(n)) is not None}
         targets = {n: (n, "input", 0) for n, s in settings.items() if s["act_bits"] is not None}
         scans = self._scan_modules(model) if self.args.scan_act_bits else []
         for scan in scans:

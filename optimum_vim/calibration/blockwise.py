@@ -1,0 +1,253 @@
+"""The block-wise calibration engine shared by the learned recipes (PTQ4VM, OuroMamba, ViM-VQ).
+
+:func:`calibrate_blockwise` walks the Vim blocks in order. For block ``i``:
+
+1. the float block (the *teacher*) runs on the **float stream** (hidden states and the fp32 residual stream that Vim
+   carries, both as the float model computes them) and gives the target;
+2. the recipe builds a *student* from the block (``prepare_block``: usually a copy whose linears are swapped for the
+   differentiable stand-ins of :mod:`optimum_vim.calibration.fakequant`), which runs on the **quantized stream** (the
+   outputs of the blocks quantized so far) and is trained with the recipe's optimiser, schedule and loss
+   (default: mean over batch and tokens of ``1 - cos`` along the hidden dimension of the block's hidden output);
+3. the recipe freezes the student into ``LayerPlan``\\ s (``finalize_block``); the engine applies them to a copy of
+   the float block with :func:`~optimum_vim.recipes.base.apply_plan` (the real quantized modules, reference ops) and
+   pushes the quantized stream through it, so the next block trains on exactly what inference will feed it.
+
+Memory: the engine holds the current block's float and quantized input streams (and the target) for the calibration
+set, never the whole model's activations. The model itself is not modified: the plans are returned and applied by
+the caller, so a failing block leaves nothing half-applied.
+
+Reproducibility: batches are drawn with a generator seeded per block, and the whole calibration runs with a fixed
+intra-op thread count (:data:`CALIBRATION_THREADS`), because CPU reductions and GEMMs split their sums by thread
+count; seeded runs are then bit-identical whatever ``torch.get_num_threads()`` the caller uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..recipes.base import LayerPlan, QuantPlan, apply_plan
+
+CALIBRATION_THREADS = int(os.environ.get("OPTIMUM_VIM_CALIBRATION_THREADS", "1"))
+"""Intra-op threads used while calibrating (``OPTIMUM_VIM_CALIBRATION_THREADS``); results depend on it, not on the
+caller's ``torch.get_num_threads()``. One by default: the block-sized GEMMs gain little from a second thread, and on
+a busy machine a multi-threaded run spends most of its time waiting for its slowest thread (measured 35x slower
+with two threads on two cores shared with other jobs)."""
+
+_CHUNK = 64  # samples per forward when streaming the calibration set through a block
+
+
+class BlockwiseCalibrationError(RuntimeError):
+    """A block's calibration diverged (non-finite loss or output); the message names the block."""
+
+
+class BlockRecipe(Protocol):
+    """What a recipe implements to use the engine (duck-typed; optional members are marked)."""
+
+    def prepare_block(self, ctx: BlockContext) -> nn.Module: ...
+
+    def block_optimizer(self, ctx: BlockContext, student: nn.Module) -> torch.optim.Optimizer | None: ...
+
+    def block_schedule(self, ctx: BlockContext) -> tuple[int, int]: ...
+
+    def finalize_block(self, ctx: BlockContext, student: nn.Module) -> dict[str, LayerPlan]: ...
+
+    # optional: grad_clip (float | None attribute), block_loss(ctx, out, target), on_step(ctx, student, step, steps)
+
+
+@dataclass
+class BlockContext:
+    """What the recipe sees of block ``index``: the float block, its streams, a seeded generator."""
+
+    index: int
+    name: str  # full module name of the block, e.g. "vim.layers.3"
+    block: nn.Module  # the float teacher (fp32 copy); recipes must not modify it
+    model_config: Any
+    generator: torch.Generator
+    num_samples: int
+    num_blocks: int
+    streams: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(repr=False, default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # per-block notes the recipe or engine records
+
+    def inputs(self, stream: str = "float") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(hidden, residual)`` entering the block on the ``"float"`` or ``"quant"`` stream (residual None for
+        block 0)."""
+        if stream not in self.streams:
+            raise ValueError(f"stream must be one of {sorted(self.streams)}; got {stream!r}")
+        return self.streams[stream]
+
+    @torch.no_grad()
+    def capture(self, names: list[str], stream: str = "float") -> dict[str, torch.Tensor]:
+        """The first positional input of each named submodule of the float block (names relative to the block,
+        e.g. ``"mixer.in_proj"``) when the float block runs on ``stream``, concatenated over the calibration set."""
+        hidden, residual = self.inputs(stream)
+        got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        handles = []
+        for n in names:
+            mod = self.block.get_submodule(n)
+            handles.append(mod.register_forward_pre_hook(lambda _m, args, n=n: got[n].append(args[0].detach())))
+        try:
+            for h, r in _chunks(hidden, residual):
+                self.block(h, r)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {n: torch.cat(v) for n, v in got.items()}
+
+
+def _chunks(hidden: torch.Tensor, residual: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    for i in range(0, hidden.shape[0], _CHUNK):
+        yield hidden[i:i + _CHUNK], None if residual is None else residual[i:i + _CHUNK]
+
+
+@torch.no_grad()
+def _run_block(block: nn.Module, hidden, residual) -> tuple[torch.Tensor, torch.Tensor]:
+    outs, ress = [], []
+    for h, r in _chunks(hidden, residual):
+        o, res = block(h, r)
+        outs.append(o)
+        ress.append(res)
+    return torch.cat(outs), torch.cat(ress)
+
+
+@contextlib.contextmanager
+def fixed_threads(n: int = CALIBRATION_THREADS):
+    """Runs the body with ``torch.set_num_threads(n)`` and restores the caller's setting."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def cosine_block_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PTQ4VM's block loss: mean over (batch, token) of ``1 - cos`` along the hidden dimension."""
+    return (1 - nn.functional.cosine_similarity(out.float(), target.float(), dim=-1)).mean()
+
+
+def _backbone(model: nn.Module) -> tuple[str, nn.Module]:
+    from ..models.vim.modeling_vim import VimModel
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, VimModel):
+            return name, mod
+    raise TypeError(f"block-wise calibration needs a Vim model; got {type(model).__name__}")
+
+
+def _check_finite(t: torch.Tensor, what: str, block: str) -> None:
+    if not torch.isfinite(t).all():
+        raise BlockwiseCalibrationError(
+            f"block {block}: {what} is not finite; the calibration diverged or the model produces NaN/inf there. "
+            "Nothing was applied to the model. Lower the learning rates, check the calibration images, or skip this "
+            "block (modules_to_not_convert)."
+        )
+
+
+def calibrate_blockwise(model: nn.Module, pixel_values: torch.Tensor, recipe: BlockRecipe, *, seed: int = 0,
+                        desc: str = "calibrating", threads: int | None = None,
+                        log: list[dict] | None = None) -> dict[str, LayerPlan]:
+    """Calibrates ``model``'s blocks one after another with ``recipe`` and returns the ``LayerPlan``\\ s of all blocks
+    (full module names). ``model`` is not modified. See the module docstring for the procedure.
+
+    ``log``, when given, receives one dict per block: its name, the first and last training loss and
+    ``quantized_loss``, the default cosine loss of the frozen quantized block (on the quantized stream) against the
+    float target."""
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[0] == 0:
+        raise ValueError("block-wise calibration needs a non-empty (n, C, H, W) tensor of calibration images")
+    if not torch.isfinite(pixel_values).all():
+        raise ValueError("the calibration images contain NaN or inf values")
+    prefix, vim = _backbone(model)
+    device = next(vim.parameters()).device
+    blocks = list(vim.layers)
+    plans: dict[str, LayerPlan] = {}
+    with fixed_threads(CALIBRATION_THREADS if threads is None else threads), torch.no_grad():
+        hidden = torch.cat([vim.embed(p.to(device)).float() for p in pixel_values.split(_CHUNK)])
+        streams = {"float": (hidden, None), "quant": (hidden, None)}
+        for i, float_block in enumerate(blocks):
+            name = f"{prefix}.layers.{i}" if prefix else f"layers.{i}"
+            teacher = copy.deepcopy(float_block).float().eval()
+            ctx = BlockContext(
+                index=i, name=name, block=teacher, model_config=vim.config,
+                generator=torch.Generator().manual_seed(seed * 1_000_003 + i), num_samples=hidden.shape[0],
+                num_blocks=len(blocks), streams=dict(streams),
+            )
+            target, next_residual = _run_block(teacher, *streams["float"])
+            _check_finite(target, "the float block's output", name)
+            with torch.enable_grad():
+                student = recipe.prepare_block(ctx)
+                _train_block(ctx, recipe, student, target, desc)
+            block_plans = recipe.finalize_block(ctx, student)
+            for key, lp in block_plans.items():
+                if not key.startswith(name + "."):
+                    raise ValueError(f"finalize_block of {name} returned a plan for {key!r}, outside the block")
+                for t_name, t in lp.tensors.items():
+                    if t.is_floating_point():
+                        _check_finite(t, f"the exported tensor {key}.{t_name}", name)
+            plans.update(block_plans)
+            quant_block = copy.deepcopy(teacher)
+            local = QuantPlan(recipe="blockwise", layers={k[len(name) + 1:]: v for k, v in block_plans.items()})
+            apply_plan(quant_block, local)
+            q_out, q_res = _run_block(quant_block, *streams["quant"])
+            _check_finite(q_out, "the quantized block's output", name)
+            if log is not None:
+                log.append({"block": name, **ctx.info, "quantized_loss": cosine_block_loss(q_out, target).item()})
+            streams = {"float": (target, next_residual), "quant": (q_out, q_res)}
+            del teacher, student, quant_block
+    return plans
+
+
+def _train_block(ctx: BlockContext, recipe, student: nn.Module, target: torch.Tensor, desc: str) -> None:
+    optimizer = recipe.block_optimizer(ctx, student)
+    if optimizer is None:
+        return
+    steps, batch_size = recipe.block_schedule(ctx)
+    if steps <= 0:
+        return
+    batch_size = min(batch_size, ctx.num_samples)
+    hidden, residual = ctx.inputs("quant")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    loss_fn = getattr(recipe, "block_loss", None)
+    clip = getattr(recipe, "grad_clip", None)
+    on_step = getattr(recipe, "on_step", None)
+    student.train()
+    bar = tqdm(range(steps), desc=f"{desc} block {ctx.index + 1}/{ctx.num_blocks}", leave=False,
+               disable=None)
+    first = last = None
+    for step in bar:
+        if batch_size >= ctx.num_samples:
+            idx = None
+        else:
+            idx = torch.randperm(ctx.num_samples, generator=ctx.generator)[:batch_size].sort().values
+            idx = idx.to(hidden.device)
+        h = hidden if idx is None else hidden[idx]
+        r = residual if residual is None or idx is None else residual[idx]
+        t = target if idx is None else target[idx]
+        optimizer.zero_grad(set_to_none=True)
+        out, _ = student(h, r)
+        loss = loss_fn(ctx, out, t) if loss_fn is not None else cosine_block_loss(out, t)
+        if not torch.isfinite(loss):
+            raise BlockwiseCalibrationError(
+                f"block {ctx.name}: the calibration loss became {loss.item()} at step {step + 1}/{steps}. Nothing was "
+                "applied to the model; lower the learning rates or check the calibration images."
+            )
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        if on_step is not None:
+            on_step(ctx, student, step, steps)
+        value = loss.item()
+        first = value if first is None else first
+        last = value
+        bar.set_postfix(loss=f"{value:.5f}")
+    student.eval()
+    ctx.info.update(first_loss=first, last_loss=last, steps=steps)

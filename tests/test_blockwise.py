@@ -1,0 +1,182 @@
+"""The block-wise calibration engine: streams, reproducibility, divergence handling, the shared stand-ins."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForImageClassification
+
+from optimum_vim import ViMQuantizationConfig
+from optimum_vim.calibration.blockwise import BlockwiseCalibrationError, calibrate_blockwise, cosine_block_loss
+from optimum_vim.calibration.fakequant import FakeQuantLinear, LearnedActQuantizer, LearnedWeightQuantizer
+from optimum_vim.calibration.lp_init import lp_token_affine, lp_weight_scale
+from optimum_vim.modules import QLinear, build_qmodule, load_qmodule_tensors
+from optimum_vim.recipes.ptq4vm import PTQ4VMRecipe
+
+
+def _recipe(cls=PTQ4VMRecipe, **args):
+    cfg = ViMQuantizationConfig(recipe="ptq4vm", weight_bits=4, act_bits=4, recipe_args={"steps": 2, **args})
+    return cls(cfg)
+
+
+def _prepared(recipe, model, pixels):
+    from optimum_vim.recipes.base import select_linears
+
+    names = select_linears(model, recipe.args.targets, recipe.config.modules_to_not_convert)
+    recipe._settings = {n: recipe.layer_settings(n) for n in names}
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_vim_dir):
+    return AutoModelForImageClassification.from_pretrained(tiny_vim_dir)
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+
+
+def test_student_trains_on_the_quantized_stream_teacher_on_the_float_one(tiny, pixels):
+    seen = []
+
+    class Recording(PTQ4VMRecipe):
+        def prepare_block(self, ctx):
+            seen.append({s: ctx.inputs(s) for s in ("float", "quant")})
+            return super().prepare_block(ctx)
+
+    recipe = _prepared(_recipe(Recording), tiny, pixels)
+    log = []
+    plans = calibrate_blockwise(tiny, pixels, recipe, seed=0, log=log)
+    assert len(plans) == 12 and all(k.startswith("vim.layers.") for k in plans)
+    (h0f, r0f), (h0q, r0q) = seen[0]["float"], seen[0]["quant"]
+    assert r0f is None and r0q is None and torch.equal(h0f, h0q)  # block 0: both streams are the embedding
+    with torch.no_grad():
+        emb = tiny.vim.embed(pixels)
+        out0, res0 = tiny.vim.layers[0](emb, None)
+    (h1f, r1f), (h1q, r1q) = seen[1]["float"], seen[1]["quant"]
+    torch.testing.assert_close(h1f, out0)  # the float stream is the float model's
+    torch.testing.assert_close(r1f, res0)
+    assert r1q.dtype == torch.float32 and not torch.equal(h1q, h1f)  # the quantized stream carries block 0's error
+    assert [entry["block"] for entry in log] == ["vim.layers.0", "vim.layers.1"]
+    assert all(0 <= entry["quantized_loss"] < 1 for entry in log)
+    assert all(isinstance(tiny.get_submodule(n), torch.nn.Linear) for n in plans)  # the model is left untouched
+
+
+def test_calibration_is_bit_identical_whatever_the_thread_count(tiny, pixels):
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            recipe = _prepared(_recipe(), tiny, pixels)
+            results.append(calibrate_blockwise(tiny, pixels, recipe, seed=5))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.get_num_threads() == old
+    a, b = results
+    assert a.keys() == b.keys()
+    for name in a:
+        for t in a[name].tensors:
+            assert torch.equal(a[name].tensors[t], b[name].tensors[t]), f"{name}.{t}"
+
+
+def test_non_finite_loss_stops_with_the_block_name(tiny, pixels):
+    class Diverging(PTQ4VMRecipe):
+        def block_loss(self, ctx, out, target):
+            loss = cosine_block_loss(out, target)
+            return loss * float("nan") if ctx.index == 1 else loss
+
+    recipe = _prepared(_recipe(Diverging), tiny, pixels)
+    with pytest.raises(BlockwiseCalibrationError, match=r"vim\.layers\.1.*step 1/2.*Nothing was applied"):
+        calibrate_blockwise(tiny, pixels, recipe)
+    assert all(isinstance(m, torch.nn.Linear) for n, m in tiny.named_modules() if n.endswith("in_proj"))
+
+
+def test_a_block_producing_nan_is_named(tiny_vim_dir, pixels):
+    model = AutoModelForImageClassification.from_pretrained(tiny_vim_dir)
+    with torch.no_grad():
+        model.vim.layers[1].mixer.out_proj.weight[0, 0] = float("nan")
+    recipe = _prepared(_recipe(), model, pixels)
+    with pytest.raises(BlockwiseCalibrationError, match=r"block vim\.layers\.1: the float block's output"):
+        calibrate_blockwise(model, pixels, recipe)
+
+
+def test_capture_returns_the_float_inputs_of_submodules(tiny, pixels):
+    captured = {}
+
+    class Capturing(PTQ4VMRecipe):
+        def prepare_block(self, ctx):
+            if ctx.index == 0:
+                captured.update(ctx.capture(["mixer.in_proj", "mixer.out_proj"]))
+            return super().prepare_block(ctx)
+
+    calibrate_blockwise(tiny, pixels, _prepared(_recipe(Capturing, steps=0), tiny, pixels))
+    x = captured["mixer.in_proj"]
+    assert x.shape == (16, 50, 32) and captured["mixer.out_proj"].shape == (16, 50, 64)
+    with torch.no_grad():
+        block = tiny.vim.layers[0]
+        normed = block.norm(tiny.vim.embed(pixels))
+    torch.testing.assert_close(x, normed)
+
+
+def test_bad_pixel_values_are_refused(tiny):
+    recipe = _recipe()
+    with pytest.raises(ValueError, match="non-empty"):
+        calibrate_blockwise(tiny, torch.empty(0, 1, 28, 28), recipe)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        calibrate_blockwise(tiny, torch.full((2, 1, 28, 28), float("nan")), recipe)
+    with pytest.raises(TypeError, match="Vim"):
+        calibrate_blockwise(torch.nn.Linear(2, 2), torch.randn(2, 1, 28, 28), recipe)
+
+
+# ------------------------------------------------------------------------------------------ shared stand-ins
+def test_lp_weight_scale_beats_minmax_and_never_loses():
+    w = torch.randn(8, 256, generator=torch.Generator().manual_seed(0))
+    w[:, 0] = 12.0  # one outlier column: clipping pays off at 4 bits
+    step = lp_weight_scale(w, 4)
+    minmax = w.abs().amax(1, keepdim=True) / 7
+    assert (step <= minmax + 1e-7).all() and (step < minmax - 1e-6).any()
+
+    def err(s):
+        q = (w / s).round().clamp(-7, 7) * s
+        return (w - q).abs().pow(2.4).mean(1)
+
+    assert (err(step) <= err(minmax) + 1e-7).all()
+
+
+def test_lp_token_affine_per_position_and_includes_minmax():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 5, 64, generator=g) * torch.tensor([0.1, 1, 10, 1, 1]).view(1, 5, 1)
+    x[:, 3] = x[:, 3].abs() + 2  # a positive-only position: the range is widened to include 0
+    scale, zero = lp_token_affine(x, 4, candidates=20)
+    assert scale.shape == zero.shape == (5,)
+    assert scale[0] < scale[1] < scale[2]  # follows the per-position spread
+    assert zero[3] == 0 and (zero >= 0).all() and (zero <= 15).all()
+    one = lp_token_affine(x, 4, candidates=1)  # the single candidate is plain min-max
+    lo, hi = x.amin((0, 2)).clamp(max=0), x.amax((0, 2)).clamp(min=0)
+    torch.testing.assert_close(one[0], (hi - lo) / 15)
+    with pytest.raises(ValueError, match="positive"):
+        lp_token_affine(x, 4, p=0)
+
+
+def test_fake_quant_linear_exports_the_module_it_simulates():
+    g = torch.Generator().manual_seed(2)
+    linear = torch.nn.Linear(32, 16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(16, 32, generator=g))
+    x = torch.randn(3, 7, 32, generator=g)
+    sigma = torch.rand(32, generator=g) + 0.5
+    w = linear.weight * sigma
+    step, zero = lp_token_affine(x / sigma, 4, candidates=10)
+    fq = FakeQuantLinear(linear, LearnedWeightQuantizer(lp_weight_scale(w, 4, candidates=10), 4),
+                         LearnedActQuantizer(step, 4, zero), sigma)
+    plan = fq.export()
+    assert plan.spec["smooth"] and plan.spec["input"]["granularity"] == "token" and not plan.spec["input"]["symmetric"]
+    q = build_qmodule(plan.spec)
+    load_qmodule_tensors(q, plan.tensors)
+    assert isinstance(q, QLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), fq(x), rtol=1e-5, atol=1e-5)
+    # sigma is folded into the stored codes: the effective weight is the float weight up to 4-bit rounding
+    assert (q.effective_weight() - linear.weight).abs().max() < (w.abs().amax(1) / 7 / sigma.min()).max()
