@@ -57,6 +57,17 @@ SUITES: dict[str, list[dict]] = {
         row("RTN W2 g32", "rtn", 2, weight_group_size=32),
         row("RTN W1 g32 (binary)", "rtn", 1, weight_group_size=32),
     ],
+    # data-free rows: calibration_dataset=None, the recipe generates its own set (OuroMamba-Gen); --gen-iterations
+    # shortens the generation of every such row (the paper's 1000 iterations take about an hour per row on 2 cores)
+    "ouromamba": [
+        row("OuroMamba W4A8O16 (128 synthetic)", "ouromamba", 4, 8, calibration_dataset=None),
+        row("OuroMamba W4A4O8 (128 synthetic)", "ouromamba", 4, 4, calibration_dataset=None),
+        row("OuroMamba W4A4O8 static outliers", "ouromamba", 4, 4, calibration_dataset=None,
+            recipe_args={"dynamic_outliers": False}),
+        row("OuroMamba W4A4O8 no InfoNCE (class loss only)", "ouromamba", 4, 4, calibration_dataset=None,
+            recipe_args={"contrastive_weight": 0.0}),
+        row("OuroMamba W4A4O8 real data (128 images)", "ouromamba", 4, 4, num_calibration_samples=128),
+    ],
 }
 
 def logit_sqnr_db(fp: torch.Tensor, q: torch.Tensor) -> float:
@@ -96,6 +107,8 @@ def main(argv=None) -> int:
     p.add_argument("--suite", default=None, help=f"comma-separated suites (default: all of {sorted(SUITES)})")
     p.add_argument("--only", default=None, help="comma-separated substrings selecting rows by label")
     p.add_argument("--json", default=None, help="also write the rows as JSON (for model-card plots)")
+    p.add_argument("--gen-iterations", type=int, default=None,
+                   help="OuroMamba-Gen iterations of the data-free rows (default: the recipe's 1000)")
     args = p.parse_args(argv)
     settings = select_rows(args.suite, args.only)
 
@@ -115,6 +128,8 @@ def main(argv=None) -> int:
     for setting in settings:
         kwargs = {"calibration_dataset": calib, "image_processor": processor,
                   "num_calibration_samples": args.num_samples, "seed": args.seed, **setting["config"]}
+        if setting["recipe"] == "ouromamba" and args.gen_iterations is not None:
+            kwargs["recipe_args"] = {"gen_iterations": args.gen_iterations, **kwargs.get("recipe_args", {})}
         cfg = ViMQuantizationConfig(recipe=setting["recipe"], weight_bits=setting["weight_bits"],
                                     act_bits=setting["act_bits"], **kwargs)
         start = time.perf_counter()

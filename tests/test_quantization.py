@@ -182,7 +182,7 @@ def test_device_map_cpu_and_disk_refusal(tiny_vim_dir, tmp_path):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"recipe": "gptq"}, "unknown recipe"),
+        ({"recipe": "gptq"}, "unknown recipe.*available recipes: \\[.*'rtn'.*\\]"),
         ({"weight_bits": 7}, "weight_bits"),
         ({"weight_bits": 8, "act_bits": 3}, "act_bits"),
         ({"weight_group_size": 0}, "weight_group_size"),
