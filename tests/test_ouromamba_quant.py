@@ -172,3 +172,44 @@ def test_cli_needs_no_data_flag(fixture_dir, tmp_path, monkeypatch, capsys):
                "--recipe-arg", "num_synthetic=4", "--recipe-arg", "gen_iterations=2", "--recipe-arg", "epochs=0"])
     assert rc == 0 and (out / "model.safetensors").exists()
     assert "calibrated on 4 synthetic images" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "delta-affine"])
+def test_stand_in_computes_what_the_exported_quantizer_computes(symmetric):
+    from optimum_vim.calibration.lp_init import lp_token_affine
+    from optimum_vim.modules import build_qmodule, load_qmodule_tensors
+    from optimum_vim.recipes.ouromamba.quantize import LearnedOutlierActQuantizer, lp_token_symmetric
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 13, 24, generator=g)
+    x[:, 5, 3] = 30.0
+    if not symmetric:
+        x = x.abs()
+    if symmetric:
+        step, zero = lp_token_symmetric(x, 4), None
+    else:
+        step, zero = lp_token_affine(x, 4)
+    stand_in = LearnedOutlierActQuantizer(step, 4, zero_point=zero, refresh=4, sigma=3.0, reverse=not symmetric,
+                                          outlier_bits=8)
+    spec, tensors = stand_in.export(24)
+    q = build_qmodule({"type": "activation", **spec})
+    load_qmodule_tensors(q, tensors)
+    with torch.no_grad():
+        assert torch.equal(stand_in(x), q(x))
+    out = stand_in(x)
+    out.sum().backward()
+    assert stand_in.step.grad is not None and stand_in.step.grad.abs().sum() > 0  # the inlier steps learn
+
+
+def test_lp_symmetric_init_beats_min_max():
+    from optimum_vim.recipes.ouromamba.quantize import lp_token_symmetric
+
+    x = torch.randn(8, 6, 64, generator=torch.Generator().manual_seed(1))
+    step = lp_token_symmetric(x, 4)
+    minmax = x.abs().amax(dim=(0, 2)) / 7
+
+    def err(s):
+        s3 = s.view(1, -1, 1)
+        return (x - torch.round(x / s3).clamp(-7, 7) * s3).abs().pow(2.4).mean(dim=(0, 2))
+
+    assert (err(step) <= err(minmax) + 1e-7).all() and (step < minmax).all()
