@@ -57,6 +57,19 @@ SUITES: dict[str, list[dict]] = {
         row("RTN W2 g32", "rtn", 2, weight_group_size=32),
         row("RTN W1 g32 (binary)", "rtn", 1, weight_group_size=32),
     ],
+    # PTQ4VM (256 calibration images, its default) beside RTN per-token static scales at the same bits; then the
+    # W4A4 ablation: PTS only -> + smoothing -> + JLSS (= "PTQ4VM W4A4"); RTN W4A4 min-max / pct / per-token: "rtn"
+    "ptq4vm": [
+        row("RTN W8A8 per-token", "rtn", 8, 8, recipe_args={"act_granularity": "token"}),
+        row("PTQ4VM W8A8", "ptq4vm", 8, 8),
+        row("RTN W6A6 per-token", "rtn", 6, 6, recipe_args={"act_granularity": "token"}),
+        row("PTQ4VM W6A6", "ptq4vm", 6, 6),
+        row("RTN W4A8 per-token", "rtn", 4, 8, recipe_args={"act_granularity": "token"}),
+        row("PTQ4VM W4A8", "ptq4vm", 4, 8),
+        row("PTQ4VM W4A4 PTS only", "ptq4vm", 4, 4, recipe_args={"smoothing": False, "jlss": False}),
+        row("PTQ4VM W4A4 PTS + smoothing", "ptq4vm", 4, 4, recipe_args={"jlss": False}),
+        row("PTQ4VM W4A4", "ptq4vm", 4, 4),
+    ],
     # k-scaled PTQ (256 calibration images, as the paper): the full recipe, its MinMax baseline, each component
     # removed in turn, and RTN W8A8 beside it
     "kscale": [
@@ -86,6 +99,17 @@ SUITES: dict[str, list[dict]] = {
         row("RTN W1 g32 (binary)", "rtn", 1, weight_group_size=32),
         row("VQ W1 k-means", "vimvq", 1, calibration_dataset=None, recipe_args={"convex": False, "incremental": False}),
         row("ViM-VQ W1", "vimvq", 1),
+    ],
+    # data-free rows: calibration_dataset=None, the recipe generates its own set (OuroMamba-Gen); --gen-iterations
+    # shortens the generation of every such row (the paper's 1000 iterations take about an hour per row on 2 cores)
+    "ouromamba": [
+        row("OuroMamba W4A8O16 (128 synthetic)", "ouromamba", 4, 8, calibration_dataset=None),
+        row("OuroMamba W4A4O8 (128 synthetic)", "ouromamba", 4, 4, calibration_dataset=None),
+        row("OuroMamba W4A4O8 static outliers", "ouromamba", 4, 4, calibration_dataset=None,
+            recipe_args={"dynamic_outliers": False}),
+        row("OuroMamba W4A4O8 no InfoNCE (class loss only)", "ouromamba", 4, 4, calibration_dataset=None,
+            recipe_args={"contrastive_weight": 0.0}),
+        row("OuroMamba W4A4O8 real data (128 images)", "ouromamba", 4, 4, num_calibration_samples=128),
     ],
 }
 
@@ -121,11 +145,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(FIXTURE))
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images")
-    p.add_argument("--num-samples", type=int, default=128, help="calibration images of rows that set none")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="calibration images of rows that set none (default: each recipe's, 128 RTN, 256 PTQ4VM)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--suite", default=None, help=f"comma-separated suites (default: all of {sorted(SUITES)})")
     p.add_argument("--only", default=None, help="comma-separated substrings selecting rows by label")
     p.add_argument("--json", default=None, help="also write the rows as JSON (for model-card plots)")
+    p.add_argument("--gen-iterations", type=int, default=None,
+                   help="OuroMamba-Gen iterations of the data-free rows (default: the recipe's 1000)")
     args = p.parse_args(argv)
     settings = select_rows(args.suite, args.only)
 
@@ -146,6 +173,8 @@ def main(argv=None) -> int:
     for setting in settings:
         kwargs = {"calibration_dataset": calib, "image_processor": processor,
                   "num_calibration_samples": args.num_samples, "seed": args.seed, **setting["config"]}
+        if setting["recipe"] == "ouromamba" and args.gen_iterations is not None:
+            kwargs["recipe_args"] = {"gen_iterations": args.gen_iterations, **kwargs.get("recipe_args", {})}
         cfg = ViMQuantizationConfig(recipe=setting["recipe"], weight_bits=setting["weight_bits"],
                                     act_bits=setting["act_bits"], **kwargs)
         start = time.perf_counter()

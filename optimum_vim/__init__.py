@@ -14,6 +14,7 @@ from . import hub  # noqa: E402
 from .evaluation import evaluate  # noqa: E402
 from .quantization_config import ViMQuantizationConfig  # noqa: E402
 from .quantizer import ViMHfQuantizer, dequantize_model, quantize_model  # noqa: E402
+from .recipes.ouromamba.generation import generate_calibration_images  # noqa: E402
 
 __all__ = [
     "VimConfig",
@@ -26,6 +27,7 @@ __all__ = [
     "__version__",
     "dequantize_model",
     "evaluate",
+    "generate_calibration_images",
     "hub",
     "quantize_model",
     "register_vim_with_transformers",

@@ -153,6 +153,8 @@ def _run_quantize(args) -> int:
     if get_recipe_class(args.recipe).requires_data(config):
         config.calibration_dataset = load_named_dataset(args.calibration_dataset, args.calibration_split)
         config.image_processor = processor
+    else:  # a data-free recipe (ouromamba) reads no images, but bounds its synthetic pixels with the processor
+        config.image_processor = processor
     import time
 
     start = time.perf_counter()

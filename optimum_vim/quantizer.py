@@ -161,7 +161,10 @@ def run_recipe(model: nn.Module, cfg: ViMQuantizationConfig) -> nn.Module:
         raise ValueError("nothing was quantized: every target module is excluded by modules_to_not_convert / overrides")
     apply_plan(model, plan)
     cfg.layers = plan.specs()
-    cfg.calibration_source = describe_source(cfg.calibration_dataset) if batches is not None else "none"
+    # a data-free recipe that made its own calibration set says so (e.g. "calibrated on 128 synthetic images")
+    cfg.calibration_source = plan.info.get("calibration_source") or (
+        describe_source(cfg.calibration_dataset) if batches is not None else "none"
+    )
     if cfg.base_model is None:
         cfg.base_model = _hub_source(model)
     model.config.quantization_config = cfg

@@ -142,7 +142,8 @@ def render_model_card(
             layer_kinds=", ".join(kinds) or "-",
             skipped=", ".join(qc.modules_to_not_convert) or "nothing",
             calibration=(
-                f"{qc.calibration_source}, {qc.num_calibration_samples} samples, seed {qc.seed}"
+                f"{qc.calibration_source}, seed {qc.seed}" if str(qc.calibration_source).startswith("calibrated on")
+                else f"{qc.calibration_source}, {qc.num_calibration_samples} samples, seed {qc.seed}"
                 if qc.calibration_source not in (None, "none") else "none (data-free for these settings)"
             ),
             recipe_args=qc.recipe_args or "defaults",

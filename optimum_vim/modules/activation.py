@@ -12,7 +12,20 @@ token_cluster      ``labels (L,)`` -> ``scale (k,)``           k-scaled (token-w
 channel            ``scale (C,)``                              --
 channel_cluster    ``labels (C,)`` -> ``scale (k,)``           k-scaled (channel-wise)
 dynamic_token      none (absmax of each token at run time)     --
+dynamic_outlier    ``scale (L,)`` static inlier scale per      OuroMamba (W4A4O8 / W4A8O16)
+                   token (+ ``zero_point (L,)`` if affine);
+                   ``outlier_channels (C,)`` uint8 with
+                   ``static_outliers``
 =================  ==========================================  ================================
+
+``dynamic_outlier`` (OuroMamba's mixed-precision extractor, ``optimum_vim.primitives.outliers``): inliers on the
+static per-token grid; outlier channels detected **per sample at run time** (``|x| > mean + outlier_sigma·std``
+over channels, triggered when a token leaves its static range), accumulated over windows of ``refresh`` tokens in
+scan order (``reverse: true`` for the backward scan) and reset at each window; outliers in ``outlier_bits`` 8
+(symmetric, per (sample, token) absmax) or 16 (fp16). Extra spec keys, all stored so reloads are bit-identical:
+``length``, ``outlier_bits`` (8 | 16, default 8), ``refresh`` (int >= 1, default 10), ``outlier_sigma`` (> 0,
+default 3.0), ``reverse`` (bool), ``static_outliers`` (bool: a fixed list ``outlier_channels`` instead of the
+detection; needs ``channels``).
 
 ``channel_factor: true`` multiplies every scale by a per-channel vector ``factor (C,)`` (the k-scaled
 reparameterisation factor r_C). Zero points are stored as int32 codes.
@@ -25,7 +38,7 @@ import torch
 from ..primitives import dequantize, int_range, quantize
 from .base import QModule, register_qmodule
 
-GRANULARITIES = ("tensor", "token", "token_cluster", "channel", "channel_cluster", "dynamic_token")
+GRANULARITIES = ("tensor", "token", "token_cluster", "channel", "channel_cluster", "dynamic_token", "dynamic_outlier")
 ROW_GRANULARITIES = ("tensor", "token", "token_cluster", "dynamic_token")  # one scale per (sample, token) row
 
 
@@ -45,6 +58,23 @@ def validate_activation_spec(spec: dict) -> None:
         raise ValueError(f"granularity {gran!r} needs num_clusters")
     if gran == "dynamic_token" and not spec.get("symmetric", True):
         raise ValueError("dynamic_token quantization is symmetric only")
+    if gran == "dynamic_outlier":
+        _validate_outlier_spec(spec)
+
+
+def _validate_outlier_spec(spec: dict) -> None:
+    if not isinstance(spec.get("length"), int) or spec["length"] < 1:
+        raise ValueError(f"granularity 'dynamic_outlier' needs the sequence length; got {spec.get('length')!r}")
+    if spec.get("outlier_bits", 8) not in (8, 16):
+        raise ValueError(f"outlier_bits must be 8 (int8 outliers) or 16 (fp16); got {spec.get('outlier_bits')!r}")
+    refresh = spec.get("refresh", 10)
+    if not isinstance(refresh, int) or isinstance(refresh, bool) or refresh < 1:
+        raise ValueError(f"refresh must be a positive int (tokens per outlier window); got {refresh!r}")
+    sigma = spec.get("outlier_sigma", 3.0)
+    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not sigma > 0:
+        raise ValueError(f"outlier_sigma must be a positive number; got {sigma!r}")
+    if spec.get("static_outliers") and not spec.get("channels"):
+        raise ValueError("static_outliers needs the channel count (channels)")
 
 
 @register_qmodule("activation")
@@ -53,6 +83,9 @@ class QActivation(QModule):
 
     def __init__(self, spec: dict):
         spec = {"symmetric": True, "narrow": True, **spec}
+        if spec.get("granularity") == "dynamic_outlier":
+            spec = {"outlier_bits": 8, "refresh": 10, "outlier_sigma": 3.0, "reverse": False,
+                    "static_outliers": False, **spec}
         validate_activation_spec(spec)
         super().__init__(spec)
         self.bits = spec["bits"]
@@ -66,6 +99,7 @@ class QActivation(QModule):
             "token_cluster": spec.get("num_clusters"),
             "channel_cluster": spec.get("num_clusters"),
             "dynamic_token": 0,
+            "dynamic_outlier": spec.get("length"),
         }[self.granularity]
         if n:
             self._buffer("scale", (n,), torch.float32)
@@ -77,6 +111,8 @@ class QActivation(QModule):
             self._buffer("labels", (spec["channels"],), torch.int32)
         if spec.get("channel_factor"):
             self._buffer("factor", (spec["channels"],), torch.float32)
+        if self.granularity == "dynamic_outlier" and spec["static_outliers"]:
+            self._buffer("outlier_channels", (spec["channels"],), torch.uint8)
 
     # ------------------------------------------------------------------ scales
     def _check_input(self, x: torch.Tensor) -> None:
@@ -126,6 +162,8 @@ class QActivation(QModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize-dequantize (the reference path): float output in ``x.dtype``."""
+        if self.granularity == "dynamic_outlier":
+            return self.outlier_split(x).dequantize().reshape(x.shape).to(x.dtype)
         q, scale, zero = self.quantize(x)
         return dequantize(q, scale, zero).reshape(x.shape).to(x.dtype)
 
@@ -165,3 +203,40 @@ class QActivation(QModule):
             codes = codes - shift
             zero_rows = (zero.expand(b, length, 1).reshape(-1) - shift).to(torch.int32)
         return codes.to(torch.int8), scale_rows, zero_rows
+
+    # ------------------------------------------------------------------ dynamic_outlier
+    def outlier_split(self, x: torch.Tensor, scale: torch.Tensor | None = None, ste: bool = False):
+        """OuroMamba's extractor on ``x`` (batch, L, C): an :class:`~optimum_vim.primitives.outliers.OutlierSplit`
+        (inlier codes on the static per-token grid, outlier mask and quantized outlier values). ``scale`` overrides
+        the stored inlier scales (calibration with learned steps, ``ste=True``)."""
+        if self.granularity != "dynamic_outlier":
+            raise ValueError(f"outlier_split needs granularity 'dynamic_outlier'; this quantizer is {self.granularity!r}")
+        x3 = self._as3d(x)
+        if x3.shape[-2] != self.spec["length"]:
+            raise ValueError(
+                f"static per-token inlier scales were calibrated for {self.spec['length']} tokens; got {x3.shape[-2]}"
+            )
+        from ..primitives.outliers import extract_outliers
+
+        spec = self.spec
+        static = self.outlier_channels.bool() if spec["static_outliers"] else None
+        return extract_outliers(
+            x3, self.scale if scale is None else scale, None if self.symmetric else self.zero_point, self.qmin,
+            self.qmax, refresh=spec["refresh"], sigma=float(spec["outlier_sigma"]), reverse=bool(spec["reverse"]),
+            outlier_bits=spec["outlier_bits"], static_mask=static, ste=ste,
+        )
+
+    def outlier_gemm_operands(self, x: torch.Tensor):
+        """For :func:`optimum_vim.ops.outlier_gemm`: ``(codes int8 (M, C), scale fp32 (M,), outlier_idx int32 (P,),
+        outlier_values fp32 (M, P))`` with M = batch * L; the P columns are the union of every row's outlier
+        channels (a row's values are zero where the column is an outlier of other rows only, and its inlier code
+        holds that value instead). Symmetric inlier grids with codes in int8 only; else None."""
+        if not self.symmetric or self.qmax > 127:
+            return None
+        split = self.outlier_split(x)
+        b, length, c = split.inlier_codes.shape
+        codes = split.inlier_codes.reshape(-1, c).to(torch.int8)
+        scale_rows = split.scale.reshape(1, length).expand(b, length).reshape(-1).contiguous()
+        idx = split.outlier_mask.reshape(-1, c).any(0).nonzero().reshape(-1).to(torch.int32)
+        values = split.outlier_values.reshape(-1, c)[:, idx.long()].contiguous()
+        return codes, scale_rows, idx, values

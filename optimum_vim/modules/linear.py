@@ -19,13 +19,17 @@ index (packed, storage format v1: ``qweight`` (N, ceil(ceil(K/d) * b / 8)) uint8
 (C, d); ``W[n] = weight_scale[n] * concat(codebook[idx[n, j]])[:K]``. ``codebook_dtype`` (default float32) is the
 storage dtype of ``codebook`` and of the optional per-channel ``weight_scale`` (N, 1); both are widened to fp32
 before any arithmetic, so fp16 storage halves the codebook overhead without changing the GEMM.
+
+An input quantizer of granularity ``dynamic_outlier`` (OuroMamba) in front of per-channel integer weights runs the
+layer as ``ops.outlier_gemm``: the int8 inlier codes on the full matrix plus a gathered GEMM over the outlier columns
+(the Triton ``outlier_gemm`` kernel on CUDA, its reference on CPU).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..ops.quantized import combine_directions, dequantize_weight_ref, quant_gemm
+from ..ops.quantized import combine_directions, dequantize_weight_ref, outlier_gemm, quant_gemm
 from ..primitives import packed_row_bytes
 from .activation import QActivation
 from .base import QModule, mark_nan, nan_rows, register_qmodule
@@ -139,6 +143,8 @@ class QLinear(QModule):
             out_dtype=out_dtype,
         )
         if self.input_quantizer is not None:
+            if self._outlier_gemm_ok():
+                return self._forward_outliers(x, out_dtype).reshape(out_shape)
             rows = self.input_quantizer.row_quantize(x) if self.format == "int" else None
             if rows is not None:
                 codes, scale, zero = rows
@@ -150,6 +156,18 @@ class QLinear(QModule):
             **gemm_args,
         )
         return y.reshape(out_shape)
+
+    def _outlier_gemm_ok(self) -> bool:
+        """OuroMamba's dynamic outlier extractor in front of per-channel integer weights, symmetric int8 inliers:
+        the inlier GEMM + gathered outlier GEMM (``ops.outlier_gemm``) serves the layer."""
+        iq = self.input_quantizer
+        return (iq.granularity == "dynamic_outlier" and iq.symmetric and iq.qmax <= 127 and self.format == "int"
+                and not self.group_size and self.smooth_scale is None)
+
+    def _forward_outliers(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        codes, a_scale, idx, values = self.input_quantizer.outlier_gemm_operands(x)
+        return outlier_gemm(codes, a_scale, self.qweight, self.weight_scale, idx, values, bits=self.bits,
+                            in_features=self.in_features, bias=self.bias, out_dtype=out_dtype)
 
     def can_fuse_combine(self) -> bool:
         """Whether :meth:`forward` can take Vim's two scan directions and the gate (``combine=``): integer weights

@@ -6,6 +6,7 @@ import torch
 from optimum_vim_kernels.reference import (
     combine_directions_ref,
     dequantize_weight_ref,
+    outlier_gemm_ref,
     quant_gemm_ref,
     selective_scan_q_ref,
 )
@@ -41,6 +42,30 @@ def quant_gemm(
     if kernel is not None:
         return kernel(a, qweight, w_scale, **kwargs)
     return quant_gemm_ref(a, qweight, w_scale, **kwargs)
+
+
+def outlier_gemm(
+    a_codes: torch.Tensor,
+    a_scale: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    outlier_idx: torch.Tensor,
+    outlier_values: torch.Tensor,
+    *,
+    bits: int,
+    in_features: int,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """OuroMamba's mixed-precision GEMM ``(M, K) -> (M, N)``: inlier int8 codes on the full matrix plus the gathered
+    outlier columns; see ``optimum_vim_kernels.reference.outlier_gemm_ref``."""
+    kwargs = dict(bits=bits, in_features=in_features, bias=bias, out_dtype=out_dtype)
+    kernel = pick_kernel(
+        "outlier", "outlier_gemm", a_codes, m=a_codes.shape[0], n=qweight.shape[0], k=in_features, bits=bits,
+        num_outliers=int(outlier_idx.numel()),
+    )
+    fn = kernel if kernel is not None else outlier_gemm_ref
+    return fn(a_codes, a_scale, qweight, w_scale, outlier_idx, outlier_values, **kwargs)
 
 
 def _dequantize_scan_input(x, scale, zero=None):
@@ -86,4 +111,4 @@ def combine_directions(y_f, y_b, z, *, divide=True, out_scale, out_zero=None, qm
     return fn(y_f, y_b, z, divide=divide, out_scale=out_scale, out_zero=out_zero, qmin=qmin, qmax=qmax)
 
 
-__all__ = ["combine_directions", "dequantize_weight_ref", "quant_gemm", "selective_scan_q"]
+__all__ = ["combine_directions", "dequantize_weight_ref", "outlier_gemm", "quant_gemm", "selective_scan_q"]

@@ -1,0 +1,430 @@
+"""OuroMamba-Gen: synthetic calibration images for a Vision Mamba, optimised from Gaussian noise through the float
+model (Ramachandran et al., ICCV 2025, stage 1; ``../shared/docs/methods.md`` §4.2).
+
+The paper's generation loop is not in the official release (only a modified scan is), so the pieces below are built
+from the method description; every choice the paper leaves open is marked ``[open]`` with what we picked.
+
+Per block and scan direction, the float model's selective-scan inputs (Δ, A, B, C) are captured by pre-hooks on the
+``VimSelectiveScan`` modules (they stay in the autograd graph). From them:
+
+1. **Implicit attention toward the class token.** Mamba's implicit attention of output token i to source token j is
+   ``α[i, j, e] = Σ_n C_i[n] · Π_{k between j and i} exp(Δ_k[e] A[e, n]) · Δ_j[e] B_j[n]``. We take the row of the
+   class token (the token at ``config.token_position``): the forward scan reaches the patches before it, the backward
+   scan the patches after it, so each direction contributes one side of the grid and the two are summed ("both scan
+   directions"). The product of Ā is computed in closed form, ``exp(A · Σ Δ)``, from a cumulative sum of Δ.
+   Deviation from the official attention code: it stops the Ā product one step short of the class token (it omits the
+   class token's own Ā_cls); we keep the exact recurrence, which includes it.
+2. **Δ-weighted p×p patching** (``patch_size``, p = 5 by default, the paper's best; the official code uses 3). The
+   state contributions of the patches are aggregated over each patch's p×p neighbourhood on the patch grid, weighted
+   by ``w_k = Σ_e Δ_k[e]`` min-max normalised to [0, 1], replicate padding at the borders. The attention is linear in
+   the state, so patching the states equals patching the per-patch attention vectors, which is what we compute
+   (``(b, P, E)`` instead of ``(b, P, E, N)``). The min-max normalisation is taken **per image over its patches**:
+   the official ``selective_scan_ref`` normalises along the batch axis (``dim=0``), which makes one image's weights
+   depend on the other images in the batch; we treat that as unintended. The class token is excluded from the grid
+   wherever the config puts it (the official code drops index 0, which is a patch in the midclstok models).
+3. **Patch-level InfoNCE** (``L_C``, CLAMP-ViT style) over the enhanced attention vectors of the patches of one image:
+   for every anchor patch, the ``positives`` (12) most cosine-similar other patches are its positives (selected
+   without gradient), all other patches its negatives.
+4. **Class output loss** (``L_O``): cross-entropy of the logits toward a target class sampled per image.
+
+``L = contrastive_weight · mean_over_blocks(L_C) + class_weight · L_O``, minimised with Adam on the pixels.
+Images never interact (no batch statistics), so they are optimised in independent chunks of ``batch_size``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+class GenerationDivergedError(RuntimeError):
+    """The generation loss became NaN or infinite; the message names the iteration (no images are returned)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model access
+def _backbone_and_head(model: nn.Module):
+    from ...models.vim.modeling_vim import VimForImageClassification, VimModel
+
+    if isinstance(model, VimForImageClassification):
+        return model.vim, model
+    if isinstance(model, VimModel):
+        return model, None
+    raise TypeError(
+        f"generate_calibration_images needs a float VimForImageClassification (or VimModel); got "
+        f"{type(model).__name__}. Load the float checkpoint with AutoModelForImageClassification.from_pretrained."
+    )
+
+
+def _scan_modules(backbone: nn.Module, layers: Sequence[int] | None) -> list[tuple[int, bool, nn.Module]]:
+    from ...models.vim.modeling_vim import VimSelectiveScan
+
+    depth = len(backbone.layers)
+    chosen = range(depth) if layers is None else layers
+    out = []
+    for i in chosen:
+        if not isinstance(i, int) or not -depth <= i < depth:
+            raise ValueError(f"layers must be block indices in [0, {depth}); got {list(layers)}")
+        mixer = backbone.layers[i].mixer
+        for name, reverse in (("ssm", False), ("ssm_b", True)):
+            mod = getattr(mixer, name)
+            if not isinstance(mod, VimSelectiveScan):
+                raise TypeError(
+                    f"block {i}'s {name} is a {type(mod).__name__}, not the float VimSelectiveScan: generation runs "
+                    "on the float model (call it before quantizing, or on a fresh from_pretrained)"
+                )
+            out.append((i % depth, reverse, mod))
+    if not out:
+        raise ValueError("layers selects no block; pass None (all blocks) or a non-empty list of block indices")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the enhanced implicit attention
+def class_token_attention(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, cls_pos: int,
+                          reverse: bool) -> torch.Tensor:
+    """Implicit attention of the class token's output to every token of one scan direction.
+
+    Args:
+        delta: (b, L, E) soft-plussed step sizes. A: (E, N). B, C: (b, L, N). cls_pos: class-token index.
+        reverse: the backward scan (it reaches the tokens after the class token).
+
+    Returns:
+        (b, L, E) fp32: ``α[cls, j, e]`` for the tokens the direction carries into the class token's state, zero for
+        the class token itself and for the tokens on the other side.
+    """
+    b, length, e = delta.shape
+    delta, A, B, C = delta.float(), A.float(), B.float(), C.float()
+    out = delta.new_zeros(b, length, e)
+    c_cls = C[:, cls_pos]  # (b, N)
+    if not reverse:
+        if cls_pos == 0:
+            return out
+        src = slice(0, cls_pos)
+        # Σ_{k=j+1}^{cls} Δ_k for j < cls: a suffix sum over tokens 1..cls
+        gap = delta[:, 1 : cls_pos + 1].flip(1).cumsum(1).flip(1)
+    else:
+        if cls_pos == length - 1:
+            return out
+        src = slice(cls_pos + 1, length)
+        # the backward scan walks j, j-1, ..., cls: Σ_{k=cls}^{j-1} Δ_k for j > cls
+        gap = delta[:, cls_pos : length - 1].cumsum(1)
+    decay = torch.exp(gap.unsqueeze(-1) * A)  # (b, J, E, N), exponent <= 0
+    bc = B[:, src] * c_cls.unsqueeze(1)  # (b, J, N)
+    out[:, src] = torch.einsum("bjen,bjn->bje", decay, bc) * delta[:, src]
+    return out
+
+
+def patch_weights(delta: torch.Tensor, cls_pos: int) -> torch.Tensor:
+    """(b, L, E) Δ -> (b, P) patching weights: Σ_e Δ per patch token, min-max normalised per image (class token
+    excluded). A constant Δ map gives all-ones weights (plain neighbourhood sum)."""
+    w = delta.float().sum(-1)
+    w = torch.cat([w[:, :cls_pos], w[:, cls_pos + 1 :]], dim=1)
+    lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    span = hi - lo
+    return torch.where(span > 0, (w - lo) / span.clamp_min(torch.finfo(w.dtype).tiny), torch.ones_like(w))
+
+
+def patch_neighbourhood(features: torch.Tensor, weights: torch.Tensor, grid: int, patch_size: int) -> torch.Tensor:
+    """Δ-weighted p×p aggregation on the patch grid: ``f_p(τ) = Σ_{k∈N_p(τ)} w_k f(k)``, replicate padding.
+
+    Args:
+        features: (b, P, E) per-patch vectors in row-major grid order (P = grid²). weights: (b, P).
+
+    Returns:
+        (b, P, E).
+    """
+    b, p_count, e = features.shape
+    if p_count != grid * grid:
+        raise ValueError(f"expected {grid * grid} patches for a {grid}x{grid} grid; got {p_count}")
+    x = (features * weights.unsqueeze(-1)).transpose(1, 2).reshape(b, e, grid, grid)
+    if patch_size > 1:
+        half = patch_size // 2
+        x = F.pad(x, (half, half, half, half), mode="replicate")
+        x = F.avg_pool2d(x, patch_size, stride=1) * float(patch_size * patch_size)
+    return x.reshape(b, e, p_count).transpose(1, 2)
+
+
+def patch_info_nce(features: torch.Tensor, positives: int, temperature: float) -> torch.Tensor:
+    """Patch-level InfoNCE within each image: for each anchor, the ``positives`` most cosine-similar other patches
+    (chosen without gradient) against all other patches. features: (b, P, E) -> scalar (mean over anchors, images)."""
+    b, p_count, _ = features.shape
+    k = min(positives, p_count - 2)  # [open] small grids: keep at least one negative
+    if k < 1:
+        raise ValueError(f"the patch InfoNCE needs at least 3 patches per image; this model has {p_count}")
+    f = F.normalize(features, dim=-1, eps=1e-12)
+    logits = f @ f.transpose(1, 2) / temperature  # (b, P, P)
+    eye = torch.eye(p_count, dtype=torch.bool, device=features.device)
+    logits = logits.masked_fill(eye, float("-inf"))
+    pos_idx = logits.detach().topk(k, dim=-1).indices
+    pos = torch.gather(logits, -1, pos_idx)
+    return (torch.logsumexp(logits, -1) - torch.logsumexp(pos, -1)).mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the generation loss
+class _ScanCapture:
+    """Forward pre-hooks on the chosen scan modules, keeping their (Δ, A, B, C) inputs of the last forward."""
+
+    def __init__(self, modules):
+        self.modules = modules
+        self.captured: dict[tuple[int, bool], tuple] = {}
+        self.handles = []
+
+    def __enter__(self):
+        for layer, reverse, mod in self.modules:
+            def hook(_mod, args, key=(layer, reverse)):
+                _u, delta, A, B, C = args[:5]
+                self.captured[key] = (delta, A, B, C)
+
+            self.handles.append(mod.register_forward_pre_hook(hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def generation_loss(model: nn.Module, pixel_values: torch.Tensor, targets: torch.Tensor | None = None, *,
+                    patch_size: int = 5, positives: int = 12, temperature: float = 0.1,
+                    contrastive_weight: float = 1.0, class_weight: float = 1.0,
+                    layers: Sequence[int] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """OuroMamba-Gen's loss on a batch of images (differentiable w.r.t. ``pixel_values``).
+
+    Returns ``(loss, {"loss", "contrastive", "class"})``; the dict holds floats for logging.
+    """
+    backbone, classifier = _backbone_and_head(model)
+    config = backbone.config
+    if class_weight and classifier is None:
+        raise ValueError("the class output loss needs a classifier head: pass a VimForImageClassification, or "
+                         "class_weight=0 for the contrastive loss only")
+    modules = _scan_modules(backbone, layers)
+    cls_pos, grid = config.token_position, config.grid_size
+    with _ScanCapture(modules) as cap:
+        if classifier is not None:
+            logits = classifier(pixel_values=pixel_values).logits
+        else:
+            logits = None
+            backbone(pixel_values=pixel_values)
+    parts = {}
+    total = pixel_values.new_zeros((), dtype=torch.float32)
+    if contrastive_weight:
+        per_layer: dict[int, torch.Tensor] = {}
+        for (layer, _reverse), (delta, A, B, C) in sorted(cap.captured.items()):
+            attn = class_token_attention(delta, A, B, C, cls_pos, _reverse)
+            attn = torch.cat([attn[:, :cls_pos], attn[:, cls_pos + 1 :]], dim=1)  # (b, P, E) patch tokens only
+            patched = patch_neighbourhood(attn, patch_weights(delta, cls_pos), grid, patch_size)
+            per_layer[layer] = per_layer[layer] + patched if layer in per_layer else patched
+        l_c = torch.stack([patch_info_nce(f, positives, temperature) for f in per_layer.values()]).mean()
+        total = total + contrastive_weight * l_c
+        parts["contrastive"] = float(l_c.detach())
+    if class_weight:
+        if targets is None:
+            raise ValueError("class_weight > 0 needs target classes")
+        l_o = F.cross_entropy(logits.float(), targets)
+        total = total + class_weight * l_o
+        parts["class"] = float(l_o.detach())
+    parts["loss"] = float(total.detach())
+    return total, parts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the public generator
+def _pixel_bounds(processor, channels: int):
+    """Valid range of normalised pixels, (lo, hi) each (1, C, 1, 1), from a processor's mean/std; None without one."""
+    if processor is None:
+        return None
+    mean = torch.as_tensor(processor.image_mean, dtype=torch.float32).reshape(-1)
+    std = torch.as_tensor(processor.image_std, dtype=torch.float32).reshape(-1)
+    if mean.numel() == 1:
+        mean, std = mean.expand(channels), std.expand(channels)
+    if mean.numel() != channels or std.numel() != channels:
+        raise ValueError(f"processor mean/std have {mean.numel()} channels; the model has {channels}")
+    lo, hi = (0.0 - mean) / std, (1.0 - mean) / std
+    return lo.reshape(1, -1, 1, 1), hi.reshape(1, -1, 1, 1)
+
+
+def to_pil_images(images: torch.Tensor, processor=None) -> list:
+    """(n, C, H, W) normalised pixels -> PIL images (un-normalised with the processor's mean/std when given)."""
+    from PIL import Image
+
+    x = images.detach().float().cpu()
+    if processor is not None:
+        mean = torch.as_tensor(processor.image_mean, dtype=torch.float32).reshape(1, -1, 1, 1)
+        std = torch.as_tensor(processor.image_std, dtype=torch.float32).reshape(1, -1, 1, 1)
+        x = x * std + mean
+    else:  # no statistics known: stretch each image to [0, 1] for display
+        lo = x.amin((1, 2, 3), keepdim=True)
+        hi = x.amax((1, 2, 3), keepdim=True)
+        x = (x - lo) / (hi - lo).clamp_min(1e-12)
+    arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a[..., 0], mode="L") if a.shape[-1] == 1 else Image.fromarray(a) for a in arr]
+
+
+def _sample_targets(n: int, num_labels: int, generator: torch.Generator) -> torch.Tensor:
+    # [open] the paper does not say how target classes are drawn: class-balanced (each class n / num_labels times,
+    # the remainder to random classes), shuffled with the seed
+    base = torch.arange(n) % num_labels
+    return base[torch.randperm(n, generator=generator)]
+
+
+def generate_calibration_images(
+    model: nn.Module,
+    n: int = 128,
+    *,
+    iterations: int = 1000,
+    patch_size: int = 5,
+    positives: int = 12,
+    temperature: float = 0.1,
+    lr: float = 0.1,
+    batch_size: int = 32,
+    contrastive_weight: float = 1.0,
+    class_weight: float = 1.0,
+    targets: torch.Tensor | Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
+    processor=None,
+    seed: int = 0,
+    progress: bool = True,
+    callback: Callable[[int, int, dict], None] | None = None,
+    return_pil: bool = False,
+    return_targets: bool = False,
+):
+    """Generates ``n`` data-free calibration images with OuroMamba-Gen (see the module docstring for the loss).
+
+    Args:
+        model: the float ``VimForImageClassification`` (``VimModel`` with ``class_weight=0``). It is not modified
+            (its parameters' ``requires_grad`` and train/eval mode are restored).
+        n: number of images (the paper: 128). iterations: Adam steps per image (the paper: 1000).
+        patch_size: odd neighbourhood side p of the state patching (paper's best 5; 1 disables patching).
+        positives: positives per anchor patch in the InfoNCE (paper: top 12).
+        temperature: InfoNCE temperature. [open] not given by the paper; 0.1.
+        lr: Adam learning rate on the normalised pixels. [open] not given; 0.1 (CLAMP-ViT-style Adam on pixels).
+        batch_size: images optimised together; images are independent, so this only bounds memory.
+        contrastive_weight, class_weight: weights of ``L_C`` and ``L_O`` ([open] the paper sums them: 1 and 1;
+            ``contrastive_weight=0`` is the "class loss only" ablation).
+        targets: (n,) target classes; default class-balanced and shuffled with ``seed``.
+        layers: block indices whose scans feed ``L_C`` ([open] default all blocks, averaged).
+        processor: the model's image processor; when given, pixels are kept inside the valid normalised range
+            (the image of [0, 1] under its mean/std) and PIL images are un-normalised with it.
+        seed: seeds the Gaussian init and the target sampling; equal seeds give bit-identical images.
+        callback: called as ``callback(iteration, chunk_index, parts)`` after every step (``parts``: float losses).
+        return_pil: return a list of PIL images instead of a tensor. return_targets: also return the targets.
+
+    Returns:
+        ``(n, C, H, W)`` fp32 normalised pixel values (model input space) on the model's device, or PIL images;
+        with ``return_targets`` a tuple ``(images, targets)``.
+
+    Raises:
+        GenerationDivergedError: the loss became NaN / infinite (names the iteration; nothing is returned).
+    """
+    backbone, classifier = _backbone_and_head(model)
+    config = backbone.config
+    _validate(n, iterations, patch_size, positives, temperature, lr, batch_size, contrastive_weight, class_weight)
+    if class_weight and classifier is None:
+        raise ValueError("the class output loss needs a classifier head: pass a VimForImageClassification, or "
+                         "class_weight=0")
+    _scan_modules(backbone, layers)  # validates the block selection before any work
+    if contrastive_weight and config.num_patches < 3:
+        raise ValueError(f"the patch InfoNCE needs at least 3 patches; this model has {config.num_patches}")
+    param = next(model.parameters())
+    device = param.device
+    gen = torch.Generator().manual_seed(seed)
+    channels, size = config.num_channels, config.image_size
+    # Gaussian noise in the model's (normalised) input space, drawn once for all images so that the images do not
+    # depend on batch_size
+    init = torch.randn(n, channels, size, size, generator=gen)
+    num_labels = getattr(classifier.config, "num_labels", 0) if classifier is not None else 0
+    if targets is None:
+        tgt = _sample_targets(n, num_labels, gen) if class_weight else torch.zeros(n, dtype=torch.long)
+    else:
+        tgt = torch.as_tensor(targets, dtype=torch.long).reshape(-1)
+        if tgt.numel() != n or (class_weight and (tgt.min() < 0 or tgt.max() >= num_labels)):
+            raise ValueError(f"targets must be {n} class indices in [0, {num_labels}); got {tgt.tolist()[:8]}...")
+    bounds = _pixel_bounds(processor, channels)
+    if bounds is not None:
+        init = torch.maximum(torch.minimum(init, bounds[1]), bounds[0])
+        bounds = (bounds[0].to(device), bounds[1].to(device))
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    chunks = list(range(0, n, batch_size))
+    bar = tqdm(total=len(chunks) * iterations, desc="ouromamba-gen", unit="it", disable=not progress)
+    out = []
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for ci, start in enumerate(chunks):
+            x = init[start : start + batch_size].to(device=device, dtype=param.dtype).clone().requires_grad_(True)
+            t = tgt[start : start + batch_size].to(device)
+            # [open] optimizer: Adam with default betas on the pixels, constant learning rate
+            opt = torch.optim.Adam([x], lr=lr)
+            for it in range(iterations):
+                opt.zero_grad(set_to_none=True)
+                loss, parts = generation_loss(
+                    model, x, t, patch_size=patch_size, positives=positives, temperature=temperature,
+                    contrastive_weight=contrastive_weight, class_weight=class_weight, layers=layers,
+                )
+                if not torch.isfinite(loss):
+                    raise GenerationDivergedError(
+                        f"OuroMamba-Gen diverged at iteration {it} (images {start}..{start + x.shape[0] - 1}): "
+                        f"loss {parts['loss']}; lower lr (now {lr}) or pass a processor to bound the pixels"
+                    )
+                loss.backward()
+                opt.step()
+                if bounds is not None:
+                    with torch.no_grad():
+                        x.copy_(torch.maximum(torch.minimum(x, bounds[1]), bounds[0]))
+                if callback is not None:
+                    callback(it, ci, parts)
+                bar.update(1)
+                if it % 10 == 0 or it == iterations - 1:
+                    bar.set_postfix(loss=f"{parts['loss']:.4f}")
+            out.append(x.detach().float())
+    finally:
+        bar.close()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    images = torch.cat(out, 0)
+    logger.info("OuroMamba-Gen: %d images, %d iterations each", n, iterations)
+    result = to_pil_images(images, processor) if return_pil else images
+    return (result, tgt) if return_targets else result
+
+
+def _validate(n, iterations, patch_size, positives, temperature, lr, batch_size, contrastive_weight, class_weight):
+    checks = [
+        (isinstance(n, int) and n >= 1, f"n must be a positive int; got {n!r}"),
+        (isinstance(iterations, int) and iterations >= 0, f"iterations must be an int >= 0; got {iterations!r}"),
+        (isinstance(patch_size, int) and patch_size >= 1 and patch_size % 2 == 1,
+         f"patch_size must be an odd int >= 1 (a centred p x p neighbourhood; the paper uses 5); got {patch_size!r}"),
+        (isinstance(positives, int) and positives >= 1, f"positives must be an int >= 1; got {positives!r}"),
+        (temperature > 0 and math.isfinite(temperature), f"temperature must be > 0; got {temperature!r}"),
+        (lr > 0 and math.isfinite(lr), f"lr must be > 0; got {lr!r}"),
+        (isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be a positive int; got {batch_size!r}"),
+        (contrastive_weight >= 0 and class_weight >= 0 and (contrastive_weight + class_weight) > 0,
+         f"contrastive_weight and class_weight must be >= 0 and not both 0; got {contrastive_weight}, {class_weight}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+
+
+__all__ = [
+    "GenerationDivergedError",
+    "to_pil_images",
+    "class_token_attention",
+    "generate_calibration_images",
+    "generation_loss",
+    "patch_info_nce",
+    "patch_neighbourhood",
+    "patch_weights",
+]

@@ -1,0 +1,411 @@
+"""OuroMamba-Quant (Ramachandran et al., ICCV 2025, stage 2; ``../shared/docs/methods.md`` §4.3) on the shared
+block-wise engine (:mod:`optimum_vim.calibration.blockwise`), registered as recipe ``"ouromamba"``.
+
+What is quantized, per block:
+
+* the six block linears: weights 4-bit symmetric per output channel (Lp(2.4) grid init, learned step); inputs
+  through the mixed-precision extractor (``QActivation`` granularity ``dynamic_outlier``): a static per-token inlier
+  step (learned) and outlier channels detected per sample at inference, refreshed every ``refresh`` tokens in scan
+  order, outliers in 8 bit (W4A4O8) or fp16 (W4A8O16);
+* the S6 tensors of **each** scan direction: the scan input u, B and C (symmetric, ``outlier_sigma``) and Δ
+  (asymmetric, ``delta_sigma`` = 4σ), through the same extractor (QSelectiveScan's input quantizers).
+
+Calibration: the set is ``num_synthetic`` OuroMamba-Gen images (:mod:`.generation`), or the config's
+``calibration_dataset`` when one is given (the "real data" ablation). Per block (engine): static inlier steps are
+initialised after removing the outliers of the calibration tensor with the same windowed σ rule (detection at every
+token), by the Lp(2.4) search over ``candidates`` clipping ratios per token position (Δ: the shared two-sided affine
+search); then weight and linear-input steps train ``epochs`` epochs with AdamW (lr 5e-4, weight decay 1e-5, grad clip
+2.0) on the block's cosine loss, no smoothing.
+
+Deviations from the official code (also in the README recipe table):
+
+* Each scan direction has its own u / Δ / B / C quantizers. The official code uses one set per block for both
+  directions, so one per-token scale serves tensors walked in opposite orders with different parameters.
+* Each sample detects its own outliers (the official code triggers the detection for the whole batch), see
+  :mod:`optimum_vim.primitives.outliers`.
+* The S6 quantizers are grid-initialised only (as the official training loop leaves them); A and D stay float
+  (parameters, not activations); the hidden state is float (the official fast path does not quantize it either).
+* ``dynamic_outliers=False`` (the "static outliers" ablation) flags, per tensor, the channels whose summed |x| over
+  the calibration set exceeds mean + 4σ over channels (the official optional list) and keeps them in outlier precision
+  at every token.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...calibration.blockwise import BlockContext, calibrate_blockwise
+from ...calibration.fakequant import FakeQuantLinear, LearnedWeightQuantizer
+from ...calibration.lp_init import lp_token_affine, lp_weight_scale
+from ...primitives import int_range
+from ...primitives.outliers import detect_outlier_masks, extract_outliers
+from ..base import BLOCK_LINEARS, LayerPlan, QuantPlan, Recipe, layer_overrides, register_recipe, select_linears
+
+_MIN_STEP = 1e-8
+_REVERSE_LINEARS = ("x_proj_b", "dt_proj_b")  # run on the backward scan's tensors: their scan order is reversed
+_SCAN_INPUTS = {"u": 0, "delta": 1, "B": 3, "C": 4}  # positional inputs of VimSelectiveScan.forward
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class OuroMambaArgs:
+    """Options of the OuroMamba recipe (``ViMQuantizationConfig(recipe="ouromamba", recipe_args=...)``)."""
+
+    num_synthetic: int = 128  # OuroMamba-Gen images (paper: 128)
+    gen_iterations: int = 1000  # Adam steps per synthetic image (paper: 1000)
+    patch_size: int = 5  # p of the Δ-weighted p x p state patching (paper's best: 5)
+    positives: int = 12  # InfoNCE positives per anchor patch (paper: top 12)
+    gen_lr: float = 0.1  # [open] Adam learning rate on the pixels
+    contrastive_weight: float = 1.0  # 0: the "class loss only" ablation (no InfoNCE)
+    refresh: int = 10  # tokens per outlier window (paper: 10)
+    outlier_sigma: float = 3.0  # detection threshold of u, B, C and the linear inputs
+    delta_sigma: float = 4.0  # detection threshold of Δ (official: 4σ)
+    outlier_bits: int | None = None  # 8 | 16; None: 8 at A4 (W4A4O8), 16 at A8 (W4A8O16)
+    dynamic_outliers: bool = True  # False: static outlier list (ablation)
+    quantize_scan: bool = True  # the S6 tensors u, Δ, B, C of both directions
+    epochs: int = 10  # block-wise step learning (paper: 10)
+    lr: float = 5e-4  # weight and activation steps (official: 5e-4 both)
+    batch_size: int | None = None  # images per optimiser step; None: the whole set (one step per epoch)
+    weight_decay: float = 1e-5
+    grad_clip: float | None = 2.0
+    p_norm: float = 2.4
+    candidates: int = 100
+
+    def validate(self) -> None:
+        for name in ("num_synthetic", "positives", "refresh", "candidates"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"ouromamba {name} must be a positive int; got {v!r}")
+        for name in ("gen_iterations", "epochs"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 0:
+                raise ValueError(f"ouromamba {name} must be an int >= 0; got {v!r}")
+        if not _is_int(self.patch_size) or self.patch_size < 1 or self.patch_size % 2 == 0:
+            raise ValueError(f"ouromamba patch_size must be an odd positive int (paper: 5); got {self.patch_size!r}")
+        for name in ("gen_lr", "outlier_sigma", "delta_sigma", "lr", "p_norm"):
+            v = getattr(self, name)
+            if not _is_number(v) or not v > 0:
+                raise ValueError(f"ouromamba {name} must be a positive number; got {v!r}")
+        if not _is_number(self.contrastive_weight) or self.contrastive_weight < 0:
+            raise ValueError(f"ouromamba contrastive_weight must be a number >= 0; got {self.contrastive_weight!r}")
+        if self.outlier_bits not in (None, 8, 16):
+            raise ValueError(f"ouromamba outlier_bits must be 8 (W4A4O8), 16 (W4A8O16) or None; got "
+                             f"{self.outlier_bits!r}")
+        for name in ("dynamic_outliers", "quantize_scan"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ouromamba {name} must be true or false; got {getattr(self, name)!r}")
+        if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
+            raise ValueError(f"ouromamba batch_size must be a positive int or None; got {self.batch_size!r}")
+        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"ouromamba weight_decay must be a number >= 0; got {self.weight_decay!r}")
+        if self.grad_clip is not None and (not _is_number(self.grad_clip) or not self.grad_clip > 0):
+            raise ValueError(f"ouromamba grad_clip must be a positive number or None; got {self.grad_clip!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# static inlier-scale initialisation
+@torch.no_grad()
+def calibration_outlier_masks(x: torch.Tensor, refresh: int, sigma: float, reverse: bool) -> torch.Tensor:
+    """Outliers of a calibration tensor (n, L, C) removed before the inlier grid search: the windowed σ rule with the
+    detection run at every token (there is no static scale to trigger it yet)."""
+    zeros = torch.zeros(x.shape[1], device=x.device)
+    return detect_outlier_masks(x, zeros, zeros, refresh=refresh, sigma=sigma, reverse=reverse)
+
+
+@torch.no_grad()
+def lp_token_symmetric(x: torch.Tensor, bits: int, p: float = 2.4, candidates: int = 100) -> torch.Tensor:
+    """Per-token-position symmetric step (L,) of (n, L, C) inliers: candidate k clips at ``(1 - k / candidates)`` of
+    the position's max |x| for k = 0..candidates-1 (OuroMamba's grid, plus min-max itself), Lp error."""
+    x = x.detach().float()
+    _, qmax = int_range(bits, True, True)
+    absmax = x.abs().amax(dim=(0, 2)).clamp(min=1e-8)
+    best = absmax / qmax
+    best_err = torch.full_like(absmax, float("inf"))
+    for k in range(candidates):
+        step = (absmax * (1 - k / candidates) / qmax).clamp(min=_MIN_STEP)
+        s3 = step.view(1, -1, 1)
+        err = (x - torch.round(x / s3).clamp(-qmax, qmax) * s3).abs().pow(p).mean(dim=(0, 2))
+        better = err < best_err
+        best = torch.where(better, step, best)
+        best_err = torch.where(better, err, best_err)
+    return best
+
+
+@torch.no_grad()
+def static_outlier_channels(x: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
+    """The static list (ablation): channels whose summed |x| over (n, L) exceeds mean + σ·std over channels."""
+    total = x.detach().float().abs().sum(dim=(0, 1))
+    return total > total.mean() + sigma * total.std()
+
+
+class LearnedOutlierActQuantizer(nn.Module):
+    """Training stand-in of a ``dynamic_outlier`` QActivation: a trainable static inlier step per token position
+    ``step (L,)`` (zero points frozen), the extractor with straight-through rounding; ``export()`` gives the spec."""
+
+    def __init__(self, step: torch.Tensor, bits: int, *, zero_point: torch.Tensor | None = None, refresh: int,
+                 sigma: float, reverse: bool, outlier_bits: int, static_mask: torch.Tensor | None = None,
+                 trainable: bool = True):
+        super().__init__()
+        self.bits, self.symmetric = bits, zero_point is None
+        self.qmin, self.qmax = int_range(bits, self.symmetric, True)
+        self.refresh, self.sigma, self.reverse, self.outlier_bits = refresh, float(sigma), reverse, outlier_bits
+        self.step = nn.Parameter(step.detach().float().clone(), requires_grad=trainable)
+        self.register_buffer("zero_point", None if zero_point is None else zero_point.detach().float().round())
+        self.register_buffer("static_mask", None if static_mask is None else static_mask.detach().bool())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        split = extract_outliers(x, self.step.clamp(min=_MIN_STEP), self.zero_point, self.qmin, self.qmax,
+                                 refresh=self.refresh, sigma=self.sigma, reverse=self.reverse,
+                                 outlier_bits=self.outlier_bits, static_mask=self.static_mask, ste=True)
+        return split.dequantize().to(x.dtype)
+
+    @torch.no_grad()
+    def export(self, channels: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+        spec = {"granularity": "dynamic_outlier", "bits": self.bits, "symmetric": self.symmetric,
+                "length": self.step.numel(), "outlier_bits": self.outlier_bits, "refresh": self.refresh,
+                "outlier_sigma": self.sigma, "reverse": self.reverse, "static_outliers": self.static_mask is not None}
+        if channels is not None or self.static_mask is not None:
+            spec["channels"] = int(channels if channels is not None else self.static_mask.numel())
+        tensors = {"scale": self.step.clamp(min=_MIN_STEP).detach().float().contiguous()}
+        if self.zero_point is not None:
+            tensors["zero_point"] = self.zero_point.to(torch.int32).contiguous()
+        if self.static_mask is not None:
+            tensors["outlier_channels"] = self.static_mask.to(torch.uint8).contiguous()
+        return spec, tensors
+
+
+class _ChannelsExport(nn.Module):
+    """Wraps a LearnedOutlierActQuantizer so that FakeQuantLinear's ``export()`` records the channel count."""
+
+    def __init__(self, inner: LearnedOutlierActQuantizer, channels: int):
+        super().__init__()
+        self.inner, self.channels = inner, channels
+
+    def forward(self, x):
+        return self.inner(x)
+
+    def export(self):
+        return self.inner.export(self.channels)
+
+
+class FakeQuantScan(nn.Module):
+    """Training stand-in of a QSelectiveScan: the float scan of one direction behind outlier-aware fake quantizers
+    of u, Δ, B and C (the direction's own; ``None`` leaves an input in float)."""
+
+    def __init__(self, scan: nn.Module, quantizers: dict[str, LearnedOutlierActQuantizer | None], d_state: int):
+        super().__init__()
+        self.scan = scan
+        self.reverse = bool(scan.reverse)
+        self.d_state = d_state
+        self.quantizers = nn.ModuleDict({k: v for k, v in quantizers.items() if v is not None})
+
+    def forward(self, u, delta, A, B, C, D=None, z=None):
+        args = {"u": u, "delta": delta, "B": B, "C": C}
+        for name, q in self.quantizers.items():
+            args[name] = q(args[name])
+        return self.scan(args["u"], args["delta"], A, args["B"], args["C"], D, z)
+
+    @torch.no_grad()
+    def export(self, length: int, channels: int) -> LayerPlan:
+        spec = {"type": "scan", "reverse": self.reverse, "length": length, "channels": channels,
+                "d_state": self.d_state, "u": None, "delta": None, "B": None, "C": None, "y": None, "state": None}
+        tensors = {}
+        for name, q in self.quantizers.items():
+            width = channels if name in ("u", "delta") else self.d_state
+            spec[name], t = q.export(width)
+            tensors.update({f"{name}_quantizer.{k}": v for k, v in t.items()})
+        return LayerPlan(spec=spec, tensors=tensors)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the recipe
+@register_recipe
+class OuroMambaRecipe(Recipe):
+    """OuroMamba: data-free calibration (OuroMamba-Gen) + dynamic outlier-aware mixed precision (see module doc)."""
+
+    name = "ouromamba"
+    Args = OuroMambaArgs
+    weight_bits = (4,)
+    act_bits = (4, 8)
+    default_calibration_samples = 128
+
+    @classmethod
+    def check_bits(cls, weight_bits, act_bits) -> None:
+        if weight_bits != 4:
+            raise ValueError(
+                f"recipe 'ouromamba' quantizes weights to 4 bits (symmetric per output channel: W4A4O8 / W4A8O16); got "
+                f"weight_bits={weight_bits!r}. Use weight_bits=4 with act_bits 4 or 8, or recipe 'rtn' / 'ptq4vm' for "
+                "other weight widths."
+            )
+        if act_bits not in cls.act_bits:
+            raise ValueError(f"recipe 'ouromamba' supports act_bits 4 (W4A4O8) or 8 (W4A8O16); got {act_bits!r}")
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        if config.weight_group_size is not None:
+            raise ValueError("recipe 'ouromamba' uses one weight scale per output channel; weight_group_size must be "
+                             "None")
+
+    @classmethod
+    def requires_data(cls, config) -> bool:
+        # data-free: it generates its calibration set unless real images are passed (the real-data ablation)
+        return config.calibration_dataset is not None
+
+    def _outlier_bits(self, act_bits: int) -> int:
+        return self.args.outlier_bits or (8 if act_bits <= 4 else 16)
+
+    # ---------------------------------------------------------------------------------------------- calibration
+    def calibrate(self, model, batches) -> QuantPlan:
+        from .generation import generate_calibration_images
+
+        cfg, a = self.config, self.args
+        info = {}
+        if batches:
+            pixels = torch.cat(list(batches))
+            info["calibration_real_images"] = pixels.shape[0]
+        else:
+            pixels = generate_calibration_images(
+                model, a.num_synthetic, iterations=a.gen_iterations, patch_size=a.patch_size, positives=a.positives,
+                lr=a.gen_lr, contrastive_weight=a.contrastive_weight, processor=cfg.image_processor, seed=cfg.seed,
+            )
+            info["calibration_source"] = (
+                f"calibrated on {pixels.shape[0]} synthetic images (OuroMamba-Gen, {a.gen_iterations} iterations, "
+                "data-free)"
+            )
+        skip = cfg.modules_to_not_convert
+        self._linears = {}
+        for name in select_linears(model, BLOCK_LINEARS, skip):
+            over = layer_overrides(name, cfg.overrides)
+            if over.get("skip"):
+                continue
+            self.check_bits(over.get("weight_bits", cfg.weight_bits), over.get("act_bits", cfg.act_bits))
+            self._linears[name] = over.get("act_bits", cfg.act_bits)
+        from ...models.vim.modeling_vim import VimSelectiveScan
+
+        self._scans = {} if not a.quantize_scan else {
+            n: cfg.act_bits for n, m in model.named_modules()
+            if isinstance(m, VimSelectiveScan) and not layer_overrides(n, cfg.overrides).get("skip")
+            and not _skipped(n, skip)
+        }
+        if not self._linears and not self._scans:
+            return QuantPlan(recipe=self.name)
+        log: list[dict] = []
+        layers = calibrate_blockwise(model, pixels.float(), self, seed=cfg.seed, desc="ouromamba", log=log)
+        info["blocks"] = log
+        return QuantPlan(recipe=self.name, layers=layers, info=info)
+
+    def _rel(self, ctx: BlockContext, table: dict) -> dict:
+        start = ctx.name + "."
+        return {n[len(start):]: v for n, v in table.items() if n.startswith(start)}
+
+    @torch.no_grad()
+    def _capture_scan_inputs(self, ctx: BlockContext, rel_scans) -> dict[str, dict[str, torch.Tensor]]:
+        hidden, residual = ctx.inputs("float")
+        got = {n: {k: [] for k in _SCAN_INPUTS} for n in rel_scans}
+        handles = []
+        for n in rel_scans:
+            def hook(_m, args, n=n):
+                for k, i in _SCAN_INPUTS.items():
+                    got[n][k].append(args[i].detach().float())
+            handles.append(ctx.block.get_submodule(n).register_forward_pre_hook(hook))
+        try:
+            for i in range(0, hidden.shape[0], 64):
+                ctx.block(hidden[i:i + 64], None if residual is None else residual[i:i + 64])
+        finally:
+            for h in handles:
+                h.remove()
+        return {n: {k: torch.cat(v) for k, v in d.items()} for n, d in got.items()}
+
+    def _act_quantizer(self, x: torch.Tensor, bits: int, *, symmetric: bool, sigma: float, reverse: bool,
+                       trainable: bool) -> LearnedOutlierActQuantizer:
+        a = self.args
+        masks = calibration_outlier_masks(x, a.refresh, sigma, reverse) if a.dynamic_outliers else None
+        static = None
+        if not a.dynamic_outliers:
+            static = static_outlier_channels(x)
+            masks = static.view(1, 1, -1).expand_as(x)
+        inliers = x.masked_fill(masks, 0.0)
+        zero = None
+        if symmetric:
+            step = lp_token_symmetric(inliers, bits, a.p_norm, a.candidates)
+        else:
+            step, zero = lp_token_affine(inliers, bits, a.p_norm, a.candidates)
+        return LearnedOutlierActQuantizer(step, bits, zero_point=zero, refresh=a.refresh, sigma=sigma, reverse=reverse,
+                                          outlier_bits=self._outlier_bits(bits), static_mask=static,
+                                          trainable=trainable)
+
+    @torch.no_grad()
+    def prepare_block(self, ctx: BlockContext):
+        a = self.args
+        linears, scans = self._rel(ctx, self._linears), self._rel(ctx, self._scans)
+        student = copy.deepcopy(ctx.block).requires_grad_(False)
+        inputs = ctx.capture(list(linears), stream="float") if linears else {}
+        for rel, act_bits in linears.items():
+            linear = ctx.block.get_submodule(rel)
+            w = linear.weight.detach().float()
+            wq = LearnedWeightQuantizer(lp_weight_scale(w, 4, a.p_norm, a.candidates), 4)
+            reverse = rel.rsplit(".", 1)[-1] in _REVERSE_LINEARS
+            aq = self._act_quantizer(inputs[rel].float(), act_bits, symmetric=True, sigma=a.outlier_sigma,
+                                     reverse=reverse, trainable=True)
+            student.set_submodule(rel, FakeQuantLinear(linear, wq, _ChannelsExport(aq, linear.in_features)))
+        captured = self._capture_scan_inputs(ctx, list(scans)) if scans else {}
+        for rel, bits in scans.items():
+            scan = ctx.block.get_submodule(rel)
+            quantizers = {
+                name: self._act_quantizer(
+                    x, bits, symmetric=name != "delta", sigma=a.delta_sigma if name == "delta" else a.outlier_sigma,
+                    reverse=bool(scan.reverse), trainable=False,
+                )
+                for name, x in captured[rel].items()
+            }
+            student.set_submodule(rel, FakeQuantScan(copy.deepcopy(scan), quantizers, ctx.model_config.d_state))
+        return student
+
+    def block_optimizer(self, ctx: BlockContext, student):
+        a = self.args
+        if a.epochs == 0:
+            return None
+        params = []
+        for rel in self._rel(ctx, self._linears):
+            for group in student.get_submodule(rel).trainable().values():
+                params.extend(group)
+        if not params:
+            return None
+        return torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay)
+
+    @property
+    def grad_clip(self):
+        return self.args.grad_clip
+
+    def block_schedule(self, ctx: BlockContext) -> tuple[int, int]:
+        batch = min(self.args.batch_size or ctx.num_samples, ctx.num_samples)
+        return self.args.epochs * -(-ctx.num_samples // batch), batch
+
+    def finalize_block(self, ctx: BlockContext, student) -> dict[str, LayerPlan]:
+        cfg = ctx.model_config
+        plans = {f"{ctx.name}.{rel}": student.get_submodule(rel).export() for rel in self._rel(ctx, self._linears)}
+        for rel in self._rel(ctx, self._scans):
+            plans[f"{ctx.name}.{rel}"] = student.get_submodule(rel).export(cfg.sequence_length,
+                                                                           cfg.intermediate_size)
+        return plans
+
+
+def _skipped(name: str, skip) -> bool:
+    from ..base import is_skipped
+
+    return is_skipped(name, skip)
+
+
+__all__ = ["FakeQuantScan", "LearnedOutlierActQuantizer", "OuroMambaArgs", "OuroMambaRecipe"]

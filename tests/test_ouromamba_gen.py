@@ -1,0 +1,185 @@
+"""OuroMamba-Gen (recipes/ouromamba/generation.py): the attention it optimises is Mamba's real implicit attention,
+the patching and the InfoNCE do what they claim, and generation is seeded, improves its loss and works on any grid."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import optimum_vim
+from optimum_vim import VimConfig, VimForImageClassification
+from optimum_vim.ops.scan import selective_scan_torch
+from optimum_vim.recipes.ouromamba.generation import (
+    GenerationDivergedError,
+    class_token_attention,
+    generation_loss,
+    patch_info_nce,
+    patch_neighbourhood,
+    patch_weights,
+)
+
+
+def _tiny(image_size=12, patch=4, stride=4, layers=2, channels=1, seed=0):
+    torch.manual_seed(seed)
+    cfg = VimConfig(hidden_size=16, num_hidden_layers=layers, d_state=4, expand=1, patch_size=patch, stride=stride,
+                    image_size=image_size, num_channels=channels, num_labels=5)
+    return VimForImageClassification(cfg).eval()
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_class_token_attention_is_the_jacobian_of_the_scan(reverse):
+    # y_cls = Σ_j α[cls, j] u_j + D u_cls: the attention toward the class token is d y_cls / d u_j (j != cls)
+    torch.manual_seed(0)
+    b, length, e, n, cls = 2, 9, 3, 4, 4
+    delta = torch.rand(b, length, e) * 0.8 + 0.05
+    A = -torch.rand(e, n) * 2 - 0.1
+    B, C = torch.randn(b, length, n), torch.randn(b, length, n)
+    u = torch.randn(b, length, e, requires_grad=True)
+    y = selective_scan_torch(u, delta, A, B, C, None, reverse=reverse)
+    jac = torch.zeros(b, length, e)
+    for ch in range(e):
+        g, = torch.autograd.grad(y[:, cls, ch].sum(), u, retain_graph=True)
+        jac[:, :, ch] = g[:, :, ch]
+    attn = class_token_attention(delta, A, B, C, cls, reverse)
+    seen = slice(cls + 1, length) if reverse else slice(0, cls)
+    unseen = slice(0, cls + 1) if reverse else slice(cls, length)
+    torch.testing.assert_close(attn[:, seen], jac[:, seen], rtol=1e-5, atol=1e-6)
+    assert torch.count_nonzero(attn[:, unseen]) == 0
+    assert torch.count_nonzero(jac[:, seen]) > 0
+
+
+def test_patch_weights_are_per_image():
+    # the official code min-max normalises along the batch axis; ours must not depend on the other images
+    torch.manual_seed(0)
+    delta = torch.rand(3, 10, 4)
+    w = patch_weights(delta, cls_pos=4)
+    assert w.shape == (3, 9)
+    for i in range(3):
+        torch.testing.assert_close(w[i : i + 1], patch_weights(delta[i : i + 1], 4))
+        assert w[i].min() == 0 and w[i].max() == 1
+    scaled = delta.clone()
+    scaled[0] *= 100  # a different image in the batch leaves image 1's weights unchanged
+    torch.testing.assert_close(patch_weights(scaled, 4)[1], w[1])
+
+
+def test_patch_neighbourhood_matches_a_direct_sum():
+    torch.manual_seed(0)
+    grid, p, e = 4, 3, 2
+    f, w = torch.randn(2, grid * grid, e), torch.rand(2, grid * grid)
+    got = patch_neighbourhood(f, w, grid, p)
+    fw = (f * w[..., None]).reshape(2, grid, grid, e)
+    want = torch.zeros_like(fw)
+    for r in range(grid):
+        for c in range(grid):
+            for dr in range(-1, 2):
+                for dc in range(-1, 2):
+                    rr, cc = min(max(r + dr, 0), grid - 1), min(max(c + dc, 0), grid - 1)  # replicate padding
+                    want[:, r, c] += fw[:, rr, cc]
+    torch.testing.assert_close(got, want.reshape(2, grid * grid, e))
+    torch.testing.assert_close(patch_neighbourhood(f, w, grid, 1), f * w[..., None])
+
+
+def test_info_nce_prefers_clustered_patches():
+    torch.manual_seed(0)
+    centres = torch.randn(2, 8) * 5
+    clustered = torch.cat([centres[0] + 0.1 * torch.randn(8, 8), centres[1] + 0.1 * torch.randn(8, 8)])[None]
+    noise = torch.randn(1, 16, 8)
+    assert patch_info_nce(clustered, 7, 0.1) < patch_info_nce(noise, 7, 0.1)
+    with pytest.raises(ValueError, match="at least 3 patches"):
+        patch_info_nce(torch.randn(1, 2, 4), 12, 0.1)
+
+
+def test_generation_is_seeded_improves_its_loss_and_leaves_the_model_alone():
+    model = _tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    hist = []
+    kw = dict(iterations=6, patch_size=3, positives=3, lr=0.05, batch_size=3, progress=False)
+    x, t = optimum_vim.generate_calibration_images(model, 5, seed=3, return_targets=True,
+                                                   callback=lambda it, ci, parts: hist.append((ci, parts["loss"])),
+                                                   **kw)
+    assert x.shape == (5, 1, 12, 12) and x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert sorted(t.tolist()) == [0, 1, 2, 3, 4]  # class-balanced: 5 images, 5 classes, shuffled
+    # bit-identical with the same seed, different with another one and from the Gaussian start
+    x2 = optimum_vim.generate_calibration_images(model, 5, seed=3, **kw)
+    assert torch.equal(x, x2)
+    assert not torch.equal(x, optimum_vim.generate_calibration_images(model, 5, seed=4, **kw))
+    init = torch.randn(5, 1, 12, 12, generator=torch.Generator().manual_seed(3))
+    assert (x - init).abs().max() > 0.05
+    # each chunk's loss went down over its iterations
+    for chunk in (0, 1):
+        losses = [loss for ci, loss in hist if ci == chunk]
+        assert len(losses) == 6 and losses[-1] < losses[0]
+    # the model is untouched, its mode and grad flags restored
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_batch_size_does_not_change_the_images():
+    model = _tiny()
+    kw = dict(iterations=3, patch_size=3, positives=2, seed=1, progress=False)
+    a = optimum_vim.generate_calibration_images(model, 4, batch_size=4, **kw)
+    b = optimum_vim.generate_calibration_images(model, 4, batch_size=2, **kw)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_the_class_loss_reaches_its_targets(fixture_dir):
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(fixture_dir)
+    targets = torch.tensor([9, 1, 3])  # ankle boot, trouser, dress
+    x = optimum_vim.generate_calibration_images(model, 3, iterations=15, lr=0.1, targets=targets,
+                                                contrastive_weight=0.0, progress=False)
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=x).logits.argmax(-1), targets)
+
+
+@pytest.mark.parametrize(
+    "image_size,patch,stride,layers", [(12, 4, 4, 2), (16, 4, 4, 1), (14, 4, 2, 1)], ids=["3x3", "4x4-even", "6x6-overlap"]
+)
+def test_any_vim_geometry(image_size, patch, stride, layers):
+    model = _tiny(image_size=image_size, patch=patch, stride=stride, layers=layers, channels=3)
+    cfg = model.config
+    x = torch.randn(2, 3, image_size, image_size, requires_grad=True)
+    loss, parts = generation_loss(model, x, torch.tensor([0, 1]), patch_size=5, positives=12)
+    loss.backward()
+    assert torch.isfinite(loss) and x.grad.abs().sum() > 0 and set(parts) == {"loss", "contrastive", "class"}
+    imgs = optimum_vim.generate_calibration_images(model, 2, iterations=2, patch_size=5, progress=False,
+                                                   return_pil=True)
+    assert len(imgs) == 2 and imgs[0].size == (image_size, image_size) and imgs[0].mode == "RGB"
+    assert cfg.grid_size ** 2 == cfg.num_patches
+
+
+def test_processor_bounds_the_pixels():
+    model = _tiny()
+
+    class Proc:
+        image_mean, image_std = [0.5], [0.25]
+
+    x = optimum_vim.generate_calibration_images(model, 2, iterations=3, lr=1.0, processor=Proc(), progress=False)
+    assert x.min() >= -2.0 - 1e-6 and x.max() <= 2.0 + 1e-6
+    assert (x.abs() >= 2.0 - 1e-6).any()  # the bound is active (a large lr pushes pixels against it)
+    pil = optimum_vim.generate_calibration_images(model, 2, iterations=0, processor=Proc(), progress=False,
+                                                  return_pil=True)
+    assert pil[0].mode == "L" and pil[0].size == (12, 12)
+
+
+def test_bad_input_is_refused_with_what_to_do():
+    model = _tiny()
+    with pytest.raises(ValueError, match="odd"):
+        optimum_vim.generate_calibration_images(model, 2, patch_size=4, progress=False)
+    with pytest.raises(ValueError, match="block indices"):
+        optimum_vim.generate_calibration_images(model, 2, layers=[7], progress=False)
+    with pytest.raises(TypeError, match="VimForImageClassification"):
+        optimum_vim.generate_calibration_images(torch.nn.Linear(2, 2), 2, progress=False)
+    with pytest.raises(ValueError, match="class indices"):
+        optimum_vim.generate_calibration_images(model, 2, targets=[0, 9], progress=False)
+
+
+def test_a_diverging_generation_stops_with_the_iteration():
+    model = _tiny()
+    with torch.no_grad():  # a model whose logits overflow: the class loss is not finite
+        model.head.weight.fill_(float("inf"))
+    with pytest.raises(GenerationDivergedError, match="iteration 0"):
+        optimum_vim.generate_calibration_images(model, 2, iterations=3, progress=False)
