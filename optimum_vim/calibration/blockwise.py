@@ -9,7 +9,7 @@
    outputs of the blocks quantized so far) and is trained with the recipe's optimiser, schedule and loss
    (default: mean over batch and tokens of ``1 - cos`` along the hidden dimension of the block's hidden output);
 3. the recipe freezes the student into ``LayerPlan``\\ s (``finalize_block``); the engine applies them to a copy of
-   the float block with :func:`~optimum_vim.recipes.base.apply_plan` (the real quantized modules, reference ops) and
+   the float block with :func:`~optimum_vim.modules.plan.apply_plan` (the real quantized modules, reference ops) and
    pushes the quantized stream through it, so the next block trains on exactly what inference will feed it.
 
 Memory: the engine holds the current block's float and quantized input streams (and the target) for the calibration
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..recipes.base import LayerPlan, QuantPlan, apply_plan
+from ..modules.plan import LayerPlan, QuantPlan, apply_plan
 
 CALIBRATION_THREADS = int(os.environ.get("OPTIMUM_VIM_CALIBRATION_THREADS", "1"))
 """Intra-op threads used while calibrating (``OPTIMUM_VIM_CALIBRATION_THREADS``); results depend on it, not on the

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..modules.plan import LayerPlan
 from ..primitives import fake_quantize, int_range, quantize
-from ..recipes.base import LayerPlan
 from .tensors import store_weight_codes
 
 _MIN_STEP = 1e-8

@@ -34,7 +34,6 @@ from ..primitives import packed_row_bytes
 from .activation import QActivation
 from .base import QModule, mark_nan, nan_rows, register_qmodule
 
-
 _CODEBOOK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 

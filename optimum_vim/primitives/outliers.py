@@ -1,4 +1,4 @@
-"""OuroMamba's inlier/outlier extractor (``../shared/docs/methods.md`` §4.3): static per-token inlier scales plus
+"""OuroMamba's inlier/outlier extractor (the methods specification §4.3): static per-token inlier scales plus
 outlier channels detected per sample at run time, refreshed every ``refresh`` tokens in scan order.
 
 For a tensor (b, L, C) walked in scan order and cut into windows of ``refresh`` tokens (the last one zero-padded;

@@ -10,39 +10,18 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ..modules import QModule, build_qmodule, load_qmodule_tensors
+from ..modules import QModule, build_qmodule
+from ..modules.plan import LayerPlan, QuantPlan, apply_plan  # noqa: F401 - re-exported: the recipe API
 
 RECIPES: dict[str, type[Recipe]] = {}
 
 # the six block linears every published Vim PTQ method quantizes (both scan directions)
 BLOCK_LINEARS = ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj")
-
-
-@dataclass
-class LayerPlan:
-    """What replaces one module: the quantized module's spec and its buffers (names relative to the module)."""
-
-    spec: dict
-    tensors: dict[str, torch.Tensor]
-
-
-@dataclass
-class QuantPlan:
-    """The full outcome of a recipe's calibration."""
-
-    recipe: str
-    layers: dict[str, LayerPlan] = field(default_factory=dict)
-    float_overrides: dict[str, torch.Tensor] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def specs(self) -> dict[str, dict]:
-        return {name: lp.spec for name, lp in self.layers.items()}
 
 
 class Recipe:
@@ -193,25 +172,6 @@ def select_linears(model: nn.Module, leaf_names=BLOCK_LINEARS, skip: list[str] |
 
 # ---------------------------------------------------------------------------------------------------------------
 # applying plans
-def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
-    """Swaps every planned module for its quantized version (in place) and applies the float overrides."""
-    params = dict(model.named_parameters())
-    for name, value in plan.float_overrides.items():
-        if name not in params:
-            raise ValueError(f"float override for unknown parameter {name!r}")
-        with torch.no_grad():
-            params[name].copy_(value.to(params[name].dtype))
-    for name, layer in plan.layers.items():
-        old = model.get_submodule(name)
-        device = next(iter(old.buffers()), next(iter(old.parameters()), torch.empty(0))).device
-        with torch.device(device):
-            new = build_qmodule(layer.spec)
-        load_qmodule_tensors(new, layer.tensors)
-        new.requires_grad_(False)
-        model.set_submodule(name, new)
-    return model
-
-
 def build_quantized_skeleton(model: nn.Module, specs: dict[str, dict]) -> nn.Module:
     """Replaces the modules named in ``specs`` with empty quantized modules on the meta device (pre-quantized load)."""
     missing = [name for name in specs if not _has_submodule(model, name)]

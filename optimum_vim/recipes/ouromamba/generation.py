@@ -1,5 +1,5 @@
 """OuroMamba-Gen: synthetic calibration images for a Vision Mamba, optimised from Gaussian noise through the float
-model (Ramachandran et al., ICCV 2025, stage 1; ``../shared/docs/methods.md`` §4.2).
+model (Ramachandran et al., ICCV 2025, stage 1; the methods specification §4.2).
 
 The paper's generation loop is not in the official release (only a modified scan is), so the pieces below are built
 from the method description; every choice the paper leaves open is marked ``[open]`` with what we picked.

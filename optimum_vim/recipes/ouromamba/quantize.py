@@ -1,4 +1,4 @@
-"""OuroMamba-Quant (Ramachandran et al., ICCV 2025, stage 2; ``../shared/docs/methods.md`` §4.3) on the shared
+"""OuroMamba-Quant (Ramachandran et al., ICCV 2025, stage 2; the methods specification §4.3) on the shared
 block-wise engine (:mod:`optimum_vim.calibration.blockwise`), registered as recipe ``"ouromamba"``.
 
 What is quantized, per block:

@@ -1,0 +1,55 @@
+"""Plans: what a recipe decides (pure data), and the one function that swaps modules on a model.
+
+They live with the module family (below calibration and recipes) so that the calibration engine, which applies each
+block's plan to a copy of the block, and the recipes share them; ``optimum_vim.recipes`` re-exports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import build_qmodule, load_qmodule_tensors
+
+
+@dataclass
+class LayerPlan:
+    """What replaces one module: the quantized module's spec and its buffers (names relative to the module)."""
+
+    spec: dict
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass
+class QuantPlan:
+    """The full outcome of a recipe's calibration."""
+
+    recipe: str
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    float_overrides: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def specs(self) -> dict[str, dict]:
+        return {name: lp.spec for name, lp in self.layers.items()}
+
+
+def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
+    """Swaps every planned module for its quantized version (in place) and applies the float overrides."""
+    params = dict(model.named_parameters())
+    for name, value in plan.float_overrides.items():
+        if name not in params:
+            raise ValueError(f"float override for unknown parameter {name!r}")
+        with torch.no_grad():
+            params[name].copy_(value.to(params[name].dtype))
+    for name, layer in plan.layers.items():
+        old = model.get_submodule(name)
+        device = next(iter(old.buffers()), next(iter(old.parameters()), torch.empty(0))).device
+        with torch.device(device):
+            new = build_qmodule(layer.spec)
+        load_qmodule_tensors(new, layer.tensors)
+        new.requires_grad_(False)
+        model.set_submodule(name, new)
+    return model
