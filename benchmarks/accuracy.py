@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -129,6 +131,39 @@ def logits_on(model, pixel_values: torch.Tensor, batch_size: int = 500) -> torch
                       for i in range(0, pixel_values.shape[0], batch_size)])
 
 
+class PeakRSS:
+    """Peak resident memory of this process above its level at entry, sampled every 5 ms (Linux /proc; 0 elsewhere).
+    Rows run one after another in one process, so each row's figure is its own quantize + calibrate peak."""
+
+    def __enter__(self):
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def megabytes(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            return 0
+
+
 def select_rows(suites: str | None, only: str | None) -> list[dict]:
     names = list(SUITES) if not suites else [s.strip() for s in suites.split(",")]
     unknown = [n for n in names if n not in SUITES]
@@ -169,7 +204,8 @@ def main(argv=None) -> int:
     rows = [{"label": "float32", "recipe": "fp", "weight_bits": 32, "act_bits": None, "top1": fp_top1,
              "ratio_to_fp": 1.0, "sqnr_db": float("inf"), "agreement": 1.0,
              "checkpoint_bytes": checkpoint_bytes(args.model), "layer_ratio_vs_fp16": None, "layer_bytes": None,
-             "bits_per_weight": 32.0, "calib_seconds": 0.0}]
+             "bits_per_weight": 32.0, "calib_seconds": 0.0,
+             "calib_peak_mb": 0.0}]
     for setting in settings:
         kwargs = {"calibration_dataset": calib, "image_processor": processor,
                   "num_calibration_samples": args.num_samples, "seed": args.seed, **setting["config"]}
@@ -178,7 +214,8 @@ def main(argv=None) -> int:
         cfg = ViMQuantizationConfig(recipe=setting["recipe"], weight_bits=setting["weight_bits"],
                                     act_bits=setting["act_bits"], **kwargs)
         start = time.perf_counter()
-        model = AutoModelForImageClassification.from_pretrained(args.model, quantization_config=cfg)
+        with PeakRSS() as mem:
+            model = AutoModelForImageClassification.from_pretrained(args.model, quantization_config=cfg)
         calib_s = time.perf_counter() - start
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp, model_card=False)
@@ -193,24 +230,27 @@ def main(argv=None) -> int:
             "sqnr_db": logit_sqnr_db(fp_logits, logits), "agreement": (pred == fp_pred).float().mean().item(),
             "checkpoint_bytes": size, "layer_ratio_vs_fp16": sizes["ratio"], "layer_bytes": sizes["quantized"],
             "bits_per_weight": sizes["bits_per_weight"],
-            "calib_seconds": calib_s,
+            "calib_seconds": calib_s, "calib_peak_mb": mem.megabytes,
         })
         print(f"{setting['label']}: {100 * top1:.2f}%  SQNR {rows[-1]['sqnr_db']:.2f} dB", flush=True)
         del model
 
-    print(f"\nFashion-MNIST test ({labels.numel()} images), fixture {args.model}, {args.num_samples} calibration "
-          f"images unless a row says otherwise, seed {args.seed}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads\n")
+    from optimum_vim.calibration.blockwise import CALIBRATION_THREADS
+
+    print(f"\nFashion-MNIST test ({labels.numel()} images), fixture {args.model}, calibration images: "
+          f"{args.num_samples or 'each recipe default'} unless a row says otherwise, seed {args.seed}, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads ({CALIBRATION_THREADS} in block-wise calibration), "
+          f"load average {os.getloadavg()[0]:.1f}\n")
     print("| setting | top-1 | ratio to FP | logit SQNR (dB) | agreement with FP | checkpoint bytes "
-          "| quantized layers vs fp16 | quantized layer bytes | bits/weight | quantize + calibrate (s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| quantized layers vs fp16 | quantized layer bytes | bits/weight | quantize + calibrate (s) | peak memory (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         layer = "-" if r["layer_ratio_vs_fp16"] is None else f"{r['layer_ratio_vs_fp16']:.3f}x"
         layer_bytes = "-" if r["layer_bytes"] is None else f"{r['layer_bytes']:,}"
         sqnr = "-" if math.isinf(r["sqnr_db"]) else f"{r['sqnr_db']:.2f}"
         print(f"| {r['label']} | {100 * r['top1']:.2f}% | {r['ratio_to_fp']:.4f} | {sqnr} | "
               f"{100 * r['agreement']:.2f}% | {r['checkpoint_bytes']:,} | {layer} | {layer_bytes} | "
-              f"{r['bits_per_weight']:.3f} | {r['calib_seconds']:.1f} |")
+              f"{r['bits_per_weight']:.3f} | {r['calib_seconds']:.1f} | {r['calib_peak_mb']:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=str) + "\n")
     return 0
