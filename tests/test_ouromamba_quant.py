@@ -176,9 +176,9 @@ def test_cli_needs_no_data_flag(fixture_dir, tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "delta-affine"])
 def test_stand_in_computes_what_the_exported_quantizer_computes(symmetric):
-    from optimum_vim.calibration.lp_init import lp_token_affine
+    from optimum_vim.calibration.lp_init import lp_token_affine, lp_token_symmetric
     from optimum_vim.modules import build_qmodule, load_qmodule_tensors
-    from optimum_vim.recipes.ouromamba.quantize import LearnedOutlierActQuantizer, lp_token_symmetric
+    from optimum_vim.recipes.ouromamba.quantize import LearnedOutlierActQuantizer
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 13, 24, generator=g)
@@ -202,7 +202,7 @@ def test_stand_in_computes_what_the_exported_quantizer_computes(symmetric):
 
 
 def test_lp_symmetric_init_beats_min_max():
-    from optimum_vim.recipes.ouromamba.quantize import lp_token_symmetric
+    from optimum_vim.calibration.lp_init import lp_token_symmetric
 
     x = torch.randn(8, 6, 64, generator=torch.Generator().manual_seed(1))
     step = lp_token_symmetric(x, 4)

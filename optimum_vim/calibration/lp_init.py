@@ -67,3 +67,24 @@ def lp_token_affine(x: torch.Tensor, bits: int, p: float = 2.4, candidates: int 
         best_zero = torch.where(better, zero, best_zero)
         best_err = torch.where(better, err, best_err)
     return best_scale, best_zero
+
+
+@torch.no_grad()
+def lp_token_symmetric(x: torch.Tensor, bits: int, p: float = 2.4, candidates: int = 100) -> torch.Tensor:
+    """Per-token-position symmetric step (L,) of (n, L, C) inliers: candidate k clips at ``(1 - k / candidates)`` of
+    the position's max |x| for k = 0..candidates-1 (OuroMamba's grid, plus min-max itself), Lp error."""
+    _check(p, candidates)
+    if x.dim() != 3:
+        raise ValueError(f"per-token initialisation expects (n, L, C) activations; got shape {tuple(x.shape)}")
+    x = x.detach().float()
+    _, qmax = int_range(bits, True, True)
+    absmax = x.abs().amax(dim=(0, 2)).clamp(min=1e-8)
+    best = absmax / qmax
+    best_err = torch.full_like(absmax, float("inf"))
+    for k in range(candidates):
+        step = (absmax * (1 - k / candidates) / qmax).clamp(min=1e-8)
+        err = (x - fake_quantize(x, step.view(1, -1, 1), None, -qmax, qmax)).abs().pow(p).mean(dim=(0, 2))
+        better = err < best_err
+        best = torch.where(better, step, best)
+        best_err = torch.where(better, err, best_err)
+    return best

@@ -41,7 +41,7 @@ from torch import nn
 
 from ...calibration.blockwise import BlockContext, calibrate_blockwise
 from ...calibration.fakequant import FakeQuantLinear, LearnedWeightQuantizer
-from ...calibration.lp_init import lp_token_affine, lp_weight_scale
+from ...calibration.lp_init import lp_token_affine, lp_token_symmetric, lp_weight_scale
 from ...primitives import int_range
 from ...primitives.outliers import detect_outlier_masks, extract_outliers
 from ..base import BLOCK_LINEARS, LayerPlan, QuantPlan, Recipe, layer_overrides, register_recipe, select_linears
@@ -122,25 +122,6 @@ def calibration_outlier_masks(x: torch.Tensor, refresh: int, sigma: float, rever
     detection run at every token (there is no static scale to trigger it yet)."""
     zeros = torch.zeros(x.shape[1], device=x.device)
     return detect_outlier_masks(x, zeros, zeros, refresh=refresh, sigma=sigma, reverse=reverse)
-
-
-@torch.no_grad()
-def lp_token_symmetric(x: torch.Tensor, bits: int, p: float = 2.4, candidates: int = 100) -> torch.Tensor:
-    """Per-token-position symmetric step (L,) of (n, L, C) inliers: candidate k clips at ``(1 - k / candidates)`` of
-    the position's max |x| for k = 0..candidates-1 (OuroMamba's grid, plus min-max itself), Lp error."""
-    x = x.detach().float()
-    _, qmax = int_range(bits, True, True)
-    absmax = x.abs().amax(dim=(0, 2)).clamp(min=1e-8)
-    best = absmax / qmax
-    best_err = torch.full_like(absmax, float("inf"))
-    for k in range(candidates):
-        step = (absmax * (1 - k / candidates) / qmax).clamp(min=_MIN_STEP)
-        s3 = step.view(1, -1, 1)
-        err = (x - torch.round(x / s3).clamp(-qmax, qmax) * s3).abs().pow(p).mean(dim=(0, 2))
-        better = err < best_err
-        best = torch.where(better, step, best)
-        best_err = torch.where(better, err, best_err)
-    return best
 
 
 @torch.no_grad()
