@@ -51,15 +51,28 @@ def test_scan_matches_float64_loop(shape, reverse, gated):
     torch.testing.assert_close(out64, ref, rtol=1e-12, atol=1e-12)
 
 
-def test_scan_batch_chunking_matches_whole_batch(monkeypatch):
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_scan_batch_chunking_matches_whole_batch(monkeypatch, reverse):
+    """Forward and the recomputing backward give the same values whether the batch runs whole or in chunks."""
     import optimum_vim.ops.scan as mod
 
-    u, delta, A, B, C, D, z = _scan_inputs(5, 9, 8, 4)
-    whole = selective_scan_torch(u, delta, A, B, C, D, z)
-    monkeypatch.setattr(mod, "_MAX_CHUNK_ELEMENTS", 9 * 8 * 4 * 2)  # forces chunks of 2 samples
-    chunked = selective_scan_torch(u, delta, A, B, C, D, z)
-    assert not torch.equal(whole[:2], whole[2:4])  # distinct samples, so a chunk mix-up would show
-    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    u, delta, A, B, C, D, z = _scan_inputs(5, 9, 8, 4, requires_grad=True)
+    weights = torch.randn(5, 9, 8, generator=torch.Generator().manual_seed(1))
+
+    def run():
+        for t in (u, delta, A, B, C, D, z):
+            t.grad = None
+        out = selective_scan_torch(u, delta, A, B, C, D, z, reverse=reverse)
+        (out * weights).sum().backward()
+        return [out.detach()] + [t.grad.clone() for t in (u, delta, A, B, C, D, z)]
+
+    whole = run()
+    monkeypatch.setattr(mod, "_SLICE_ELEMENTS", 8 * 4 * 2)  # forces chunks of 2 samples: 3 chunks
+    assert len(mod._batch_chunks(5, A)) == 3
+    chunked = run()
+    assert not torch.equal(whole[0][:2], whole[0][2:4])  # distinct samples, so a chunk mix-up would show
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
