@@ -130,6 +130,13 @@ def test_static_outlier_list_ablation():
     assert (dyn(x) - x).pow(2).mean() < (q(x) - x).pow(2).mean() / 10
 
 
+def test_quantize_of_an_outlier_quantizer_points_to_outlier_split():
+    q = _quantizer(23, 32)
+    load_qmodule_tensors(q, {"scale": torch.full((23,), 3.0 / 7)})
+    with pytest.raises(ValueError, match="outlier_split"):
+        q.quantize(_moving_outliers())
+
+
 def test_spec_is_validated_and_reload_is_bit_identical():
     with pytest.raises(ValueError, match="outlier_bits"):
         _quantizer(8, 4, outlier_bits=4)

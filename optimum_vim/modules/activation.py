@@ -156,6 +156,10 @@ class QActivation(QModule):
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Integer codes (as fp32, shape of ``x`` viewed as (batch, L, C)), scale and zero point."""
+        if self.granularity == "dynamic_outlier":
+            raise ValueError("a 'dynamic_outlier' quantizer has no single code tensor (its outliers keep their own "
+                             "precision): use outlier_split(x), which returns the inlier codes, the outlier "
+                             "positions and their values")
         x3 = self._as3d(x)
         scale, zero = self.scale_and_zero(x3)
         return quantize(x3.float(), scale, zero, self.qmin, self.qmax), scale, zero
