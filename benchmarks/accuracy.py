@@ -232,7 +232,10 @@ def main(argv=None) -> int:
             "bits_per_weight": sizes["bits_per_weight"],
             "calib_seconds": calib_s, "calib_peak_mb": mem.megabytes,
         })
-        print(f"{setting['label']}: {100 * top1:.2f}%  SQNR {rows[-1]['sqnr_db']:.2f} dB", flush=True)
+        print(f"{setting['label']}: {100 * top1:.2f}%  SQNR {rows[-1]['sqnr_db']:.2f} dB  agreement "
+              f"{100 * rows[-1]['agreement']:.2f}%  {calib_s:.1f} s  {mem.megabytes:.0f} MB", flush=True)
+        if args.json:  # written after every row, so that an interrupted run keeps what it measured
+            Path(args.json).write_text(json.dumps(rows, indent=1, default=str) + "\n")
         del model
 
     from optimum_vim.calibration.blockwise import CALIBRATION_THREADS
