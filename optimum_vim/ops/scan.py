@@ -15,6 +15,7 @@ For every channel ``e`` and state ``n``::
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -103,8 +104,8 @@ def _scan_forward_chunk(u, delta, A, B, C, D, z, reverse):
 
 
 def _scan_backward_chunk(grad_out, u, delta, A, B, C, D, z, reverse):
-    """Gradients ``(u, delta, A, B, C, D, z)`` of one batch chunk. The chunk's forward is recomputed (keeping its
-    states is cheaper than holding the whole batch's (L, b, E, N) tensors from forward to backward), then the state
+    """Gradients ``(u, delta, A, B, C, D, z)`` of one batch chunk. The chunk's forward is recomputed (cheaper than
+    holding the whole batch's (L, b, E, N) states from forward to backward, and cache-sized), then the state
     gradient runs back through the recurrence token by token, every per-token product taken while its slices are
     in cache."""
     cdt = _compute_dtype(u)
@@ -178,7 +179,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                                       z[sl] if z is not None else None, ctx.reverse)
                  for sl in _batch_chunks(u.shape[0], A)]
         cat = lambda i: parts[0][i] if len(parts) == 1 else torch.cat([p[i] for p in parts], 0)  # noqa: E731
-        total = lambda i: sum(p[i] for p in parts[1:]) + parts[0][i] if len(parts) > 1 else parts[0][i]  # noqa: E731
+        total = lambda i: functools.reduce(torch.add, [p[i] for p in parts])  # noqa: E731
         # the cross-chunk sums of grad_A / grad_D run in chunk order: reproducible
         return (
             cat(0).to(u.dtype),
