@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from ..primitives import dequantize, int_range, quantize
+from ..primitives import dequantize, int_range, quantize, quantize_int8
 from .base import QModule, register_qmodule
 
 GRANULARITIES = ("tensor", "token", "token_cluster", "channel", "channel_cluster", "dynamic_token", "dynamic_outlier")
@@ -179,13 +179,18 @@ class QActivation(QModule):
             return None
         if self.qmax - self.qmin > 255 or (not self.symmetric and not allow_zero):
             return None
-        q, _, _ = self.quantize(x)
-        zero = None
-        if not self.symmetric:
-            shift = 128 if self.qmax > 127 else 0
-            q = q - shift
-            zero = self.zero_point - shift
-        return q.to(torch.int8), self.scale, zero
+        codes, _, _ = self._int8_codes(self._as3d(x))
+        zero = None if self.symmetric else self.zero_point - (128 if self.qmax > 127 else 0)
+        return codes, self.scale, zero
+
+    def _int8_codes(self, x3: torch.Tensor):
+        """``(codes int8 (batch, L, C), scale, zero)`` broadcastable against ``x3``; affine 8-bit codes in [0, 255]
+        are emitted shifted by -128 (the returned fp32 zero point with them), so ``x ~ scale * (codes - zero)``."""
+        scale, zero = self.scale_and_zero(x3)
+        shift = 128 if zero is not None and self.qmax > 127 else 0
+        if shift:
+            zero = zero - shift
+        return quantize_int8(x3, scale, zero, self.qmin - shift, self.qmax - shift), scale, zero
 
     def row_quantize(self, x: torch.Tensor):
         """For integer GEMMs: ``(codes int8 (M, C), scale fp32 (M,), zero int32 (M,) or None)`` with one scale per
@@ -197,16 +202,11 @@ class QActivation(QModule):
             return None
         if self.qmax - self.qmin > 255:
             return None
-        q, scale, zero = self.quantize(x)
-        b, length, c = q.shape
-        codes = q.reshape(-1, c)
+        codes, scale, zero = self._int8_codes(self._as3d(x))
+        b, length, c = codes.shape
         scale_rows = scale.expand(b, length, 1).reshape(-1).contiguous()
-        zero_rows = None
-        if zero is not None:
-            shift = 128 if self.qmax > 127 else 0
-            codes = codes - shift
-            zero_rows = (zero.expand(b, length, 1).reshape(-1) - shift).to(torch.int32)
-        return codes.to(torch.int8), scale_rows, zero_rows
+        zero_rows = None if zero is None else zero.expand(b, length, 1).reshape(-1).to(torch.int32)
+        return codes.reshape(-1, c), scale_rows, zero_rows
 
     # ------------------------------------------------------------------ dynamic_outlier
     def outlier_split(self, x: torch.Tensor, scale: torch.Tensor | None = None, ste: bool = False):

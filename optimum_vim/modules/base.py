@@ -60,13 +60,32 @@ class QModule(nn.Module):
         return keys
 
 
-def nan_rows(x: torch.Tensor) -> torch.Tensor:
-    """(..., 1) bool: rows (last dim) of ``x`` holding a NaN; a float linear layer's output row is NaN exactly there."""
-    return torch.isnan(x).any(-1, keepdim=True)
+def nan_rows(*xs: torch.Tensor) -> torch.Tensor | None:
+    """(..., 1) bool: rows (last dim) holding a NaN in any of ``xs`` (same leading shape); a float linear layer's
+    output row is NaN exactly there. ``None`` when no row does (checked on CPU only, where the host sync is free).
+
+    Off GPU the row sums come first (one pass, no bool tensor the size of ``x``): a row holding a NaN sums to NaN,
+    so only when some sum is NaN are those rows checked element by element (a sum is also NaN for +inf and -inf in
+    one row, which the exact check then clears)."""
+    mask = None
+    for x in xs:
+        if x is None:
+            continue
+        if x.is_cuda:
+            rows = torch.isnan(x).any(-1, keepdim=True)
+        else:
+            rows = torch.isnan(x.sum(-1, keepdim=True))
+            if not bool(rows.any()):
+                continue
+            rows = rows & torch.isnan(x).any(-1, keepdim=True)
+        mask = rows if mask is None else mask | rows
+    return mask
 
 
-def mark_nan(y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``y`` with NaN where ``mask`` (broadcastable) is set; no host sync, so it stays cheap on GPU."""
+def mark_nan(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``y`` with NaN where ``mask`` (broadcastable; ``None``: nowhere) is set; no host sync."""
+    if mask is None:
+        return y
     return y.masked_fill(mask, float("nan"))
 
 

@@ -201,5 +201,5 @@ class QLinear(QModule):
             codes.reshape(-1, k), self.qweight, self.weight_scale, bits=self.bits, in_features=k,
             group_size=self.group_size, a_scale=a_scale, a_zero=a_zero, bias=self.bias, out_dtype=y_f.dtype,
         )
-        nan = nan_rows(y_f) | nan_rows(y_b) | nan_rows(z)  # NaN in -> NaN out (codes cannot hold NaN)
+        nan = nan_rows(y_f, y_b, z)  # NaN in -> NaN out (codes cannot hold NaN)
         return mark_nan(y.reshape(b, length, self.out_features), nan)

@@ -1,14 +1,20 @@
-"""Kernel selection for the quantized ops: Triton when it can serve the call, the PyTorch reference otherwise.
+"""Kernel selection for the quantized ops: Triton on CUDA, the CPU kernel family on CPU, the PyTorch reference
+when neither can serve the call.
 
 ``OPTIMUM_VIM_KERNELS`` (read at call time) or :func:`use_kernels` picks the policy:
 
-* ``auto`` (default): Triton on CUDA tensors when the kernel supports the shapes, else the reference;
+* ``auto`` (default): Triton on CUDA tensors, the CPU kernels (``optimum_vim_kernels.cpu``: ``torch._int_mm`` integer
+  GEMMs, cached weight decodings) on CPU tensors, each when it supports the call; else the reference;
 * ``reference``: always the PyTorch reference;
 * ``triton``: always Triton (CPU tensors too, which needs ``TRITON_INTERPRET=1``); an unsupported call raises
-  :class:`KernelUnsupportedError` with the reason instead of falling back.
+  :class:`KernelUnsupportedError` with the reason instead of falling back;
+* ``cpu``: the CPU kernels, never Triton (CPU tensors only): a call that a CPU kernel cannot serve raises like
+  ``triton``; an op outside the CPU family runs its PyTorch path.
 
 Each kernel module of ``optimum_vim_kernels`` exposes ``supports_<op>(...) -> str | None`` (None: supported,
-else the reason) next to the launcher, so dispatch never hard-codes which kernel handles what.
+else the reason) next to the launcher, so dispatch never hard-codes which kernel handles what. The Triton family is
+one module per op family (``gemm``, ``scan``, ``outlier``); the CPU family is the single module ``cpu``, and an op it
+lacks (no ``supports_<op>``) runs the reference.
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ class KernelBackend(str, enum.Enum):
     AUTO = "auto"
     REFERENCE = "reference"
     TRITON = "triton"
+    CPU = "cpu"
 
 
 class KernelUnsupportedError(RuntimeError):
-    """Triton was forced but cannot serve this call (the message says why)."""
+    """A kernel family was forced (``triton`` / ``cpu``) but cannot serve this call (the message says why)."""
 
 
 _override: contextvars.ContextVar[KernelBackend | None] = contextvars.ContextVar("optimum_vim_kernels", default=None)
@@ -62,21 +69,30 @@ def use_kernels(backend: str | KernelBackend):
         _override.reset(token)
 
 
+_modules: dict[str, object] = {}
+
+
 def _load(module: str):
-    try:
-        return importlib.import_module(f"optimum_vim_kernels.{module}")
-    except ImportError as err:
-        return err
+    """The kernel module (imported once), or the ImportError that importing it raised."""
+    mod = _modules.get(module)
+    if mod is None:
+        try:
+            mod = importlib.import_module(f"optimum_vim_kernels.{module}")
+        except ImportError as err:
+            return err
+        _modules[module] = mod
+    return mod
 
 
 def pick_kernel(family: str, op: str, tensor: torch.Tensor, **support_args):
-    """Returns the Triton launcher ``optimum_vim_kernels.<family>.<op>`` when the policy and the kernel's
-    ``supports_<op>(**support_args)`` allow it, else None (the caller runs the reference)."""
+    """Returns the launcher that serves ``op`` under the active policy: ``optimum_vim_kernels.<family>.<op>``
+    (Triton) or ``optimum_vim_kernels.cpu.<op>`` (CPU) when its ``supports_<op>(**support_args)`` allows it, else
+    None (the caller runs the reference)."""
     backend = current_backend()
     if backend is KernelBackend.REFERENCE:
         return None
-    if backend is KernelBackend.AUTO and not tensor.is_cuda:
-        return None
+    if backend is KernelBackend.CPU or (backend is KernelBackend.AUTO and not tensor.is_cuda):
+        return _pick_cpu(op, tensor, support_args, forced=backend is KernelBackend.CPU)
     mod = _load(family)
     if isinstance(mod, ImportError):
         reason = f"Triton kernels unavailable ({mod}); install triton"
@@ -89,4 +105,23 @@ def pick_kernel(family: str, op: str, tensor: torch.Tensor, **support_args):
     if backend is KernelBackend.TRITON:
         raise KernelUnsupportedError(f"{family}.{op}: {reason}")
     logger.debug("%s.%s falls back to the PyTorch reference: %s", family, op, reason)
+    return None
+
+
+def _pick_cpu(op: str, tensor: torch.Tensor, support_args: dict, forced: bool):
+    mod = _load("cpu")
+    if isinstance(mod, ImportError):
+        reason = f"CPU kernels unavailable ({mod})"
+    elif tensor.device.type != "cpu":
+        reason = f"the CPU kernels take CPU tensors; got {tensor.device}"
+    elif not hasattr(mod, f"supports_{op}"):  # outside the family: the reference (or the op's own PyTorch path)
+        logger.debug("cpu.%s: no CPU kernel for this op; the PyTorch path serves it", op)
+        return None
+    else:
+        reason = getattr(mod, f"supports_{op}")(**support_args)
+    if reason is None:
+        return getattr(mod, op)
+    if forced:
+        raise KernelUnsupportedError(f"cpu.{op}: {reason}")
+    logger.debug("cpu.%s falls back to the PyTorch reference: %s", op, reason)
     return None

@@ -7,6 +7,7 @@ from .quant import (
     fake_quantize,
     int_range,
     quantize,
+    quantize_int8,
     round_ste,
     symmetric_scale,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "pack_signed",
     "packed_row_bytes",
     "quantize",
+    "quantize_int8",
     "round_ste",
     "symmetric_scale",
     "unpack_codes",

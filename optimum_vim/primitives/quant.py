@@ -32,6 +32,20 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | No
     return q.clamp_(qmin, qmax)
 
 
+def quantize_int8(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int,
+                  qmax: int) -> torch.Tensor:
+    """:func:`quantize` emitted as int8 codes (``[qmin, qmax]`` must fit int8), with one float temporary the size of
+    ``x`` (``x / scale``, rounded and clamped in place) instead of one per step; the same values as
+    ``quantize(...).to(torch.int8)``."""
+    if qmin < -128 or qmax > 127:
+        raise ValueError(f"codes in [{qmin}, {qmax}] do not fit int8")
+    q = torch.div(x, scale) if x.dtype == torch.float32 else torch.div(x.float(), scale)
+    q.round_()
+    if zero_point is not None:
+        q.add_(zero_point)
+    return q.clamp_(qmin, qmax).to(torch.int8)
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> torch.Tensor:
     """``scale * (q - zero_point)``."""
     if zero_point is not None:
