@@ -33,3 +33,31 @@ def test_kernel_benchmark_without_gpu_says_so():
         assert "| Vim-T |" in res.stdout
     else:
         assert "CUDA" in (res.stdout + res.stderr) and "--smoke" in (res.stdout + res.stderr)
+
+
+def test_cpu_benchmark_split_and_timing_restore_the_model(tiny_vim_dir):
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForImageClassification
+
+    from optimum_vim import ViMQuantizationConfig
+
+    spec = importlib.util.spec_from_file_location("cpu_bench", REPO / "benchmarks" / "cpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = ViMQuantizationConfig(weight_bits=8, act_bits=8, calibration_dataset=torch.randn(8, 1, 28, 28))
+    models = {"float32": AutoModelForImageClassification.from_pretrained(tiny_vim_dir).eval(),
+              "W8A8": AutoModelForImageClassification.from_pretrained(tiny_vim_dir, quantization_config=cfg).eval()}
+    times = bench.time_models(models, batch=2, repeats=1, warmup=0)
+    assert set(times) == {("float32", "auto"), ("W8A8", "reference"), ("W8A8", "auto")}
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        before = models["W8A8"](x).logits
+    split = bench.op_split(models["W8A8"], batch=2, repeats=1)
+    assert split["block linears (quantizers + GEMM)"] > split["  of which input quantizers"] > 0
+    assert split["selective scans"] > 0 and split["total"] > split["selective scans"]
+    iq = models["W8A8"].vim.layers[0].mixer.in_proj.input_quantizer
+    assert "forward" not in iq.__dict__ and "row_quantize" not in iq.__dict__  # timers removed
+    with torch.no_grad():
+        assert torch.equal(models["W8A8"](x).logits, before)
