@@ -98,8 +98,8 @@ class _Split:
     """Forward-hook timers: block linears (and, inside them, their input quantizers), scans, total."""
 
     def __init__(self, model):
-        from optimum_vim.modules import QActivation, QLinear, QSelectiveScan
         from optimum_vim.models.vim.modeling_vim import VimSelectiveScan
+        from optimum_vim.modules import QActivation, QLinear, QSelectiveScan
         from optimum_vim.recipes import BLOCK_LINEARS
 
         self.seconds = collections.Counter()

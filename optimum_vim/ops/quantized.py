@@ -1,4 +1,5 @@
-"""Quantized ops: the one dispatch point between the quantized modules and the Triton kernels / references."""
+"""Quantized ops: the one dispatch point between the quantized modules and the kernels (Triton on CUDA, the CPU
+family on CPU) or the references."""
 
 from __future__ import annotations
 
