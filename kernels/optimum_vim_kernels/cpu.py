@@ -32,7 +32,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .reference import decode_int_weight, dequantize_weight_ref
+from .reference import check_gemm_args, decode_int_weight, dequantize_weight_ref, gemm_epilogue, group_bounds
 
 # int32 accumulation bound: |a| <= 128, |w| <= 128, plus the zero-point term |a_zero * colsum| <= 256 * 128 * K
 MAX_K = 1 << 15
@@ -85,8 +85,10 @@ def cache_bytes() -> int:
 
 def int8_weight(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     """Integer weight codes as a contiguous int8 (N, K) tensor (cached)."""
-    if bits == 8:
-        return qweight if qweight.dtype == torch.int8 and qweight.is_contiguous() else qweight.contiguous()
+    if bits == 8:  # stored as int8 already (decode_int_weight's dtype check, without its int32 copy)
+        if qweight.dtype != torch.int8:
+            raise TypeError(f"8-bit weights are stored as int8; got {qweight.dtype}")
+        return qweight.contiguous()
     return _cached(qweight, ("int8", bits, in_features),
                    lambda: decode_int_weight(qweight, bits, in_features).to(torch.int8).contiguous())
 
@@ -104,11 +106,6 @@ def float_weight(qweight, w_scale, bits, in_features, group_size=None, codebook=
     return _cached(qweight, ("float", bits, in_features, group_size),
                    lambda: dequantize_weight_ref(qweight, w_scale, bits, in_features, group_size, codebook),
                    deps=(w_scale, codebook))
-
-
-def _group_bounds(in_features: int, groups: int, group_size: int | None) -> list[tuple[int, int]]:
-    gs = in_features if groups == 1 else group_size
-    return [(g * gs, min((g + 1) * gs, in_features)) for g in range(groups)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -134,7 +131,7 @@ def supports_quant_gemm(*, m, n, k, bits, group_size=None, codebook=False, int_a
 def _int_gemm(a, qweight, w_scale, bits, in_features, group_size, a_scale, a_zero) -> torch.Tensor:
     """fp32 ``sum_g((a @ W_g^T - a_zero * colsum(W_g)) * w_scale[:, g]) * a_scale`` (the reference's epilogue)."""
     w8 = int8_weight(qweight, bits, in_features)
-    bounds = _group_bounds(in_features, w_scale.shape[1], group_size)
+    bounds = group_bounds(in_features, w_scale.shape[1], group_size)
     a = a.contiguous()
     colsums = _colsums(w8, bounds) if a_zero is not None else None
     zero = a_zero.to(torch.int32).reshape(-1) if a_zero is not None else None
@@ -168,26 +165,15 @@ def quant_gemm(
     out_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CPU twin of ``reference.quant_gemm_ref`` (same arguments, bit-identical result)."""
-    m, k = a.shape
-    if k != in_features:
-        raise ValueError(f"activations have {k} features, the weight {in_features}")
-    out_dtype = out_dtype or (a.dtype if a.is_floating_point() else torch.float32)
+    out_dtype = check_gemm_args(a, in_features, codebook, a_scale, out_dtype)
     if not a.is_floating_point():
-        if codebook is not None:
-            raise ValueError("codebook weights take float activations")
-        if a_scale is None:
-            raise ValueError("integer activations need a_scale")
         if a.dtype != torch.int8:
             raise TypeError(f"integer activations must be int8 codes; got {a.dtype}")
         y = _int_gemm(a, qweight, w_scale, bits, in_features, group_size, a_scale, a_zero)
     else:
         w = float_weight(qweight, w_scale, bits, in_features, group_size, codebook)
         y = a.float() @ w.t()
-    if bias is not None:
-        y = y.add_(bias.float())
-    if out_scale is not None:
-        return y.div_(out_scale.float().reshape(-1, 1)).round_().clamp_(-128, 127).to(torch.int8)
-    return y.to(out_dtype)
+    return gemm_epilogue(y, bias, out_scale, out_dtype)
 
 
 def supports_outlier_gemm(*, m, n, k, bits, num_outliers) -> str | None:

@@ -87,23 +87,15 @@ def quant_gemm_ref(
     Epilogue order (A8): ``acc_g`` exact integer sums per weight group; ``y = sum_g(acc_g * w_scale[:, g]) *
     a_scale + bias`` in fp32. Float activations: ``y = a @ dequantized(W)^T + bias`` accumulated in fp32.
     """
-    m, k = a.shape
-    if k != in_features:
-        raise ValueError(f"activations have {k} features, the weight {in_features}")
-    out_dtype = out_dtype or (a.dtype if a.is_floating_point() else torch.float32)
+    m, _ = a.shape
+    out_dtype = check_gemm_args(a, in_features, codebook, a_scale, out_dtype)
     if not a.is_floating_point():
-        if codebook is not None:
-            raise ValueError("codebook weights take float activations")
-        if a_scale is None:
-            raise ValueError("integer activations need a_scale")
         w_codes = decode_int_weight(qweight, bits, in_features).double()  # (N, K)
         a_codes = a.double()
         n = w_codes.shape[0]
-        groups = w_scale.shape[1]
-        gs = in_features if groups == 1 else group_size
         y = torch.zeros(m, n, dtype=torch.float32, device=a.device)
-        for g in range(groups):
-            sl = slice(g * gs, min((g + 1) * gs, in_features))
+        for g, (lo, hi) in enumerate(group_bounds(in_features, w_scale.shape[1], group_size)):
+            sl = slice(lo, hi)
             acc = a_codes[:, sl] @ w_codes[:, sl].t()  # exact integers
             if a_zero is not None:
                 acc = acc - a_zero.double()[:, None] * w_codes[:, sl].sum(1)[None, :]
@@ -112,10 +104,34 @@ def quant_gemm_ref(
     else:
         w = dequantize_weight_ref(qweight, w_scale, bits, in_features, group_size, codebook)
         y = a.float() @ w.t()
+    return gemm_epilogue(y, bias, out_scale, out_dtype)
+
+
+def group_bounds(in_features: int, groups: int, group_size: int | None) -> list[tuple[int, int]]:
+    """``[lo, hi)`` input ranges of the ``groups`` weight groups (one group: the whole row)."""
+    gs = in_features if groups == 1 else group_size
+    return [(g * gs, min((g + 1) * gs, in_features)) for g in range(groups)]
+
+
+def check_gemm_args(a, in_features, codebook, a_scale, out_dtype):
+    """Validates the activation side of a quantized GEMM call; returns the output dtype."""
+    if a.shape[1] != in_features:
+        raise ValueError(f"activations have {a.shape[1]} features, the weight {in_features}")
+    if not a.is_floating_point():
+        if codebook is not None:
+            raise ValueError("codebook weights take float activations")
+        if a_scale is None:
+            raise ValueError("integer activations need a_scale")
+    return out_dtype or (a.dtype if a.is_floating_point() else torch.float32)
+
+
+def gemm_epilogue(y: torch.Tensor, bias, out_scale, out_dtype) -> torch.Tensor:
+    """The shared tail of the GEMM twins, in place on the fp32 result ``y``: ``+ bias``, then either int8
+    requantization ``clamp(round(y / out_scale), -128, 127)`` or the cast to ``out_dtype``."""
     if bias is not None:
-        y = y + bias.float()
+        y = y.add_(bias.float())
     if out_scale is not None:
-        return torch.round(y / out_scale.float().reshape(-1, 1)).clamp_(-128, 127).to(torch.int8)
+        return y.div_(out_scale.float().reshape(-1, 1)).round_().clamp_(-128, 127).to(torch.int8)
     return y.to(out_dtype)
 
 
