@@ -140,7 +140,7 @@ class _Split:
         for h in self.handles:
             h.remove()
         for owner, attr, real in reversed(self.patched):
-            if owner.__dict__.get(attr) is not None and isinstance(owner, torch.nn.Module):
+            if isinstance(owner, torch.nn.Module):
                 delattr(owner, attr)  # the instance attribute shadowed the class method
             else:
                 setattr(owner, attr, real)

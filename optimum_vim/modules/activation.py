@@ -180,14 +180,19 @@ class QActivation(QModule):
         if self.qmax - self.qmin > 255 or (not self.symmetric and not allow_zero):
             return None
         codes, _, _ = self._int8_codes(self._as3d(x))
-        zero = None if self.symmetric else self.zero_point - (128 if self.qmax > 127 else 0)
+        zero = None if self.symmetric else self.zero_point - self.code_shift
         return codes, self.scale, zero
+
+    @property
+    def code_shift(self) -> int:
+        """What int8 storage subtracts from this quantizer's codes: 128 for affine 8-bit codes in [0, 255], else 0."""
+        return 128 if not self.symmetric and self.qmax > 127 else 0
 
     def _int8_codes(self, x3: torch.Tensor):
         """``(codes int8 (batch, L, C), scale, zero)`` broadcastable against ``x3``; affine 8-bit codes in [0, 255]
         are emitted shifted by -128 (the returned fp32 zero point with them), so ``x ~ scale * (codes - zero)``."""
         scale, zero = self.scale_and_zero(x3)
-        shift = 128 if zero is not None and self.qmax > 127 else 0
+        shift = self.code_shift
         if shift:
             zero = zero - shift
         return quantize_int8(x3, scale, zero, self.qmin - shift, self.qmax - shift), scale, zero

@@ -190,7 +190,7 @@ class QLinear(QModule):
         iq._check_input(y_f)
         qmin, qmax, zero = iq.qmin, iq.qmax, None
         if not iq.symmetric:
-            shift = 128 if iq.qmax > 127 else 0
+            shift = iq.code_shift
             qmin, qmax, zero = qmin - shift, qmax - shift, iq.zero_point - shift
         codes = combine_directions(y_f, y_b, z, divide=divide, out_scale=iq.scale, out_zero=zero, qmin=qmin, qmax=qmax)
         b, length, k = codes.shape
