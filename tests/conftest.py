@@ -53,3 +53,24 @@ def tiny_vim_dir(tmp_path_factory):
                       color_mode="L").save_pretrained(path)
     assert optimum_vim.__version__
     return str(path)
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """``count_calls(module, name, check=None)`` replaces ``module.name`` for the test with a wrapper that counts its
+    calls (``check(*args, **kwargs)`` runs on each) and returns the live ``{"n": count}`` dict."""
+
+    def install(module, name, check=None):
+        calls = {"n": 0}
+        real = getattr(module, name)
+
+        def counting(*args, **kwargs):
+            calls["n"] += 1
+            if check is not None:
+                check(*args, **kwargs)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counting)
+        return calls
+
+    return install

@@ -139,19 +139,12 @@ def quantized_models(tiny_vim_dir):
 
 
 @pytest.mark.parametrize("name", ["w8a8-tensor", "w4a8-token-scan", "w3-g32"])
-def test_whole_model_on_cpu_kernels_equals_reference(quantized_models, name, monkeypatch):
+def test_whole_model_on_cpu_kernels_equals_reference(quantized_models, name, count_calls):
     model = quantized_models[name]
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad(), use_kernels("reference"):
         ref = model(x).logits
-    calls = {"n": 0}
-    real = cpu.quant_gemm
-
-    def counting(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(cpu, "quant_gemm", counting)
+    calls = count_calls(cpu, "quant_gemm")
     with torch.no_grad():
         auto = model(x).logits
         with use_kernels("cpu"):

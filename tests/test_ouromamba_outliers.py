@@ -187,7 +187,7 @@ def test_qlinear_runs_the_outlier_gemm_reference_on_cpu():
     assert 0 < int((values != 0).sum()) <= int(mask.sum())  # a row's values are zero off its own outliers
 
 
-def test_qlinear_outlier_gemm_under_triton_equals_the_reference(monkeypatch):
+def test_qlinear_outlier_gemm_under_triton_equals_the_reference(count_calls):
     pytest.importorskip("triton")
     from optimum_vim_kernels import outlier
 
@@ -195,14 +195,7 @@ def test_qlinear_outlier_gemm_under_triton_equals_the_reference(monkeypatch):
     x = _moving_outliers(b=2, length=12, seed=5)
     with use_kernels("reference"):
         ref = layer(x)
-    calls = {"n": 0}
-    real = outlier.outlier_gemm
-
-    def counting(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(outlier, "outlier_gemm", counting)
+    calls = count_calls(outlier, "outlier_gemm")
     with use_kernels("triton"):
         out = layer(x)
     assert calls["n"] == 1
