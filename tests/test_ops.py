@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from optimum_vim.ops import add_rms_norm, causal_conv1d, rms_norm, selective_scan, selective_scan_torch
-from optimum_vim.ops.scan import _SelectiveScanFn
+from optimum_vim.ops.scan import _SelectiveScanFn, selective_scan_codes
 from tests.reference_vim import scan_loop_f64
 
 
@@ -49,6 +49,41 @@ def test_scan_matches_float64_loop(shape, reverse, gated):
     # fp64 inputs are computed in fp64: agreement to rounding error
     out64 = selective_scan_torch(*(t.double() if t is not None else None for t in (u, delta, A, B, C, D, z)), reverse=reverse)
     torch.testing.assert_close(out64, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("per_step", [True, False], ids=["per-step-scales", "one-scale"])
+def test_scan_on_int8_codes_equals_scan_on_dequantized_inputs(monkeypatch, reverse, per_step):
+    """The int8 scan inputs are dequantized inside the scan's layout change, with the arithmetic of dequantizing
+    first: bit-identical output, on ragged batch chunks too, and codes and floats can be mixed."""
+    import optimum_vim.ops.scan as mod
+
+    monkeypatch.setattr(mod, "_SLICE_ELEMENTS", 12 * 4 * 2)  # chunks of 2 samples: 3 chunks of 5, the last ragged
+    b, length, e, n = 5, 9, 12, 4
+    g = torch.Generator().manual_seed(3)
+    codes = {k: torch.randint(-128, 128, (b, length, w), generator=g, dtype=torch.int8)
+             for k, w in (("u", e), ("delta", e), ("B", n), ("C", n))}
+    steps = length if per_step else 1
+    scale = {k: torch.rand(steps, generator=g) * 0.05 + 0.01 for k in codes}
+    delta_zero = torch.randint(-128, -100, (steps,), generator=g).float()
+    shape = lambda v: v.reshape(1, -1, 1)  # noqa: E731
+    floats = {k: c.float() * shape(scale[k]) for k, c in codes.items() if k != "delta"}
+    floats["delta"] = (codes["delta"].float() - shape(delta_zero)) * shape(scale["delta"])
+    _, _, A, _, _, D, z = _scan_inputs(b, length, e, n)
+    expected = selective_scan_torch(floats["u"], floats["delta"], A, floats["B"], floats["C"], D, z, reverse=reverse)
+    out = selective_scan_codes(codes["u"], codes["delta"], A, codes["B"], codes["C"], D, z, reverse=reverse,
+                               u_scale=scale["u"], delta_scale=scale["delta"], delta_zero=delta_zero,
+                               B_scale=scale["B"], C_scale=scale["C"])
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+    mixed = selective_scan_codes(floats["u"], codes["delta"], A, floats["B"], codes["C"], D, z, reverse=reverse,
+                                 delta_scale=scale["delta"], delta_zero=delta_zero, C_scale=scale["C"])
+    assert torch.equal(mixed, expected)
+    with pytest.raises(TypeError, match="no u_scale"):
+        selective_scan_codes(codes["u"], floats["delta"], A, floats["B"], floats["C"])
+    with pytest.raises(TypeError, match="not codes"):
+        selective_scan_codes(floats["u"], floats["delta"], A, floats["B"], floats["C"], u_scale=scale["u"])
+    with pytest.raises(ValueError, match="1 or L = 9"):
+        selective_scan_codes(codes["u"], floats["delta"], A, floats["B"], floats["C"], u_scale=torch.ones(3))
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])

@@ -49,10 +49,14 @@ class QSelectiveScan(QModule):
         else:
             self.state_scale = None
 
-    def _nan_positions(self, u, delta, B, C) -> torch.Tensor:
+    def _nan_positions(self, u, delta, B, C) -> torch.Tensor | None:
         """(batch, L, E) bool: where the float scan's output is NaN because of a NaN input. A NaN in u or delta at
         (t, e), or in B at step t, enters the state and reaches every later step of this direction; C only reads the
-        state, so a NaN in C marks its own step."""
+        state, so a NaN in C marks its own step. ``None`` when no input holds a NaN: checked on CPU only (where the
+        host sync is free) by one sum per input, a NaN anywhere making its sum NaN (so does +inf with -inf, which
+        the exact check below then clears)."""
+        if not u.is_cuda and not any(bool(torch.isnan(x.sum())) for x in (u, delta, B, C)):
+            return None
         carried = torch.isnan(u) | torch.isnan(delta) | torch.isnan(B).any(-1, keepdim=True)
         carried = carried.flip(1) if self.reverse else carried
         carried = carried.cumsum(1) > 0

@@ -13,7 +13,7 @@ from optimum_vim_kernels.reference import (
 )
 
 from .dispatch import pick_kernel
-from .scan import selective_scan_torch
+from .scan import selective_scan_codes
 
 
 def quant_gemm(
@@ -69,21 +69,12 @@ def outlier_gemm(
     return fn(a_codes, a_scale, qweight, w_scale, outlier_idx, outlier_values, **kwargs)
 
 
-def _dequantize_scan_input(x, scale, zero=None):
-    """Float value of a scan input given as int8 codes with a (L,) or (1,) scale (as selective_scan_q_ref reads it)."""
-    if x.is_floating_point():
-        return x
-    xf = x.float()
-    if zero is not None:
-        xf = xf - (zero.float().reshape(1, -1, 1) if zero.numel() > 1 else zero.float())
-    return xf * (scale.float().reshape(1, -1, 1) if scale.numel() > 1 else scale.float())
-
-
 def selective_scan_q(u, delta, A, B, C, D=None, z=None, **kwargs) -> torch.Tensor:
     """Selective scan with int8 inputs and/or a per-step 8-bit state; see ``selective_scan_q_ref``.
 
-    Without a kernel and without state quantization, the inputs are dequantized and the fast PyTorch scan runs
-    (same values as the reference loop up to float summation order)."""
+    Without a kernel and without state quantization, the chunked PyTorch scan runs on the codes, dequantizing them
+    into its time-major layout (:func:`~optimum_vim.ops.scan.selective_scan_codes`; same values as the reference
+    loop up to float summation order)."""
     kernel = pick_kernel(
         "scan", "selective_scan_q", u, length=u.shape[1], d_state=A.shape[1],
         state_quant=kwargs.get("h_scale") is not None,
@@ -91,12 +82,9 @@ def selective_scan_q(u, delta, A, B, C, D=None, z=None, **kwargs) -> torch.Tenso
     if kernel is not None:
         return kernel(u, delta, A, B, C, D, z, **kwargs)
     if kwargs.get("h_scale") is None and not kwargs.get("delta_softplus") and kwargs.get("delta_bias") is None:
-        uf = _dequantize_scan_input(u, kwargs.get("u_scale"))
-        df = _dequantize_scan_input(delta, kwargs.get("delta_scale"), kwargs.get("delta_zero"))
-        Bf = _dequantize_scan_input(B, kwargs.get("B_scale"))
-        Cf = _dequantize_scan_input(C, kwargs.get("C_scale"))
-        out = selective_scan_torch(uf.float(), df.float(), A, Bf.float(), Cf.float(), D, z, reverse=kwargs.get("reverse", False))
-        return out.to(kwargs.get("out_dtype") or torch.float32)
+        scales = {k: kwargs.get(k) for k in ("u_scale", "delta_scale", "delta_zero", "B_scale", "C_scale")}
+        return selective_scan_codes(u, delta, A, B, C, D, z, reverse=kwargs.get("reverse", False), **scales,
+                                    out_dtype=kwargs.get("out_dtype") or torch.float32)
     return selective_scan_q_ref(u, delta, A, B, C, D, z, **kwargs)
 
 

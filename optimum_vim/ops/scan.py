@@ -57,8 +57,19 @@ def _batch_chunks(batch: int, A: torch.Tensor) -> list[slice]:
     return [slice(start, start + chunk) for start in range(0, batch, chunk)]
 
 
-def _time_major(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(dtype).transpose(0, 1).contiguous()  # (b, L, x) -> (L, b, x)
+def _time_major(t: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None = None,
+                zero: torch.Tensor | None = None) -> torch.Tensor:
+    """``(b, L, x) -> `` contiguous ``(L, b, x)`` in ``dtype``. With ``scale`` (``(L,)`` or ``(1,)``; optional
+    ``zero`` alike), ``t`` holds integer codes and is dequantized in the same pass, ``(code - zero) * scale``: the
+    int8 codes are read once and the float tensor is written once, already in scan layout."""
+    if scale is None:
+        return t.to(dtype).transpose(0, 1).contiguous()
+    src = t.transpose(0, 1)
+    out = torch.empty(src.shape, dtype=dtype, device=t.device)
+    per_step = lambda v: v.to(dtype).reshape(-1, 1, 1) if v.numel() > 1 else v.to(dtype).reshape(())  # noqa: E731
+    if zero is None:
+        return torch.mul(src, per_step(scale), out=out)
+    return torch.sub(src, per_step(zero), out=out).mul_(per_step(scale))
 
 
 def _scan_order(length: int, reverse: bool) -> range:
@@ -91,11 +102,14 @@ def _recurrence(dt, dtu, Bt, Ct, A, reverse: bool, keep: bool):
     return (y, dA_all, h_all) if keep else (y, None, None)
 
 
-def _scan_forward_chunk(u, delta, A, B, C, D, z, reverse):
-    """Output ``(b, L, E)`` (compute dtype) of one batch chunk, without keeping work tensors."""
-    cdt = _compute_dtype(u)
-    dt, ut = _time_major(delta, cdt), _time_major(u, cdt)
-    y, _, _ = _recurrence(dt, dt * ut, _time_major(B, cdt), _time_major(C, cdt), A.to(cdt), reverse, keep=False)
+def _scan_forward_chunk(u, delta, A, B, C, D, z, reverse, codes=None):
+    """Output ``(b, L, E)`` (compute dtype) of one batch chunk, without keeping work tensors. ``codes`` maps the
+    inputs given as integer codes (``"u"``, ``"delta"``, ``"B"``, ``"C"``) to their ``(scale, zero)``."""
+    codes = codes or {}
+    cdt = _compute_dtype(u) if not codes else torch.float32
+    tm = lambda name, t: _time_major(t, cdt, *codes.get(name, (None, None)))  # noqa: E731
+    dt, ut = tm("delta", delta), tm("u", u)
+    y, _, _ = _recurrence(dt, dt * ut, tm("B", B), tm("C", C), A.to(cdt), reverse, keep=False)
     if D is not None:
         y = y + ut * D.to(cdt)
     if z is not None:
@@ -193,10 +207,38 @@ class _SelectiveScanFn(torch.autograd.Function):
         )
 
 
-def _chunked_forward(u, delta, A, B, C, D, z, reverse) -> torch.Tensor:
-    outs = [_scan_forward_chunk(u[sl], delta[sl], A, B[sl], C[sl], D, z[sl] if z is not None else None, reverse)
+def _chunked_forward(u, delta, A, B, C, D, z, reverse, codes=None, out_dtype=None) -> torch.Tensor:
+    outs = [_scan_forward_chunk(u[sl], delta[sl], A, B[sl], C[sl], D, z[sl] if z is not None else None, reverse,
+                                codes)
             for sl in _batch_chunks(u.shape[0], A)]
-    return (outs[0] if len(outs) == 1 else torch.cat(outs, 0)).to(u.dtype)
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, 0)).to(out_dtype or u.dtype)
+
+
+@torch.no_grad()
+def selective_scan_codes(u, delta, A, B, C, D=None, z=None, *, reverse=False, u_scale=None, delta_scale=None,
+                         delta_zero=None, B_scale=None, C_scale=None, out_dtype=torch.float32) -> torch.Tensor:
+    """:func:`selective_scan_torch` on inputs given as integer codes (any of ``u, delta, B, C``; each with a
+    ``(L,)`` or ``(1,)`` scale, ``delta`` optionally with a zero point) or as floats (scale None), inference only.
+
+    The codes are dequantized chunk by chunk straight into the time-major layout the recurrence reads (one pass
+    per input, no float copy of the input in token-major layout), with the same arithmetic as dequantizing first:
+    the output is bit-identical to ``selective_scan_torch((u_codes - zero) * scale, ...)``."""
+    _check_scan_shapes(u, delta, A, B, C, D, z)
+    given = {"u": (u, u_scale, None), "delta": (delta, delta_scale, delta_zero), "B": (B, B_scale, None),
+             "C": (C, C_scale, None)}
+    codes = {}
+    for name, (t, scale, zero) in given.items():
+        if scale is None:
+            if not t.is_floating_point():
+                raise TypeError(f"{name} holds integer codes ({t.dtype}) but no {name}_scale was given")
+            continue
+        if t.is_floating_point():
+            raise TypeError(f"{name}_scale was given but {name} is a float tensor ({t.dtype}), not codes")
+        for what, v in (("scale", scale), ("zero", zero)):
+            if v is not None and v.numel() not in (1, t.shape[1]):
+                raise ValueError(f"{name}'s {what} must have 1 or L = {t.shape[1]} entries; got {v.numel()}")
+        codes[name] = (scale, zero)
+    return _chunked_forward(u, delta, A, B, C, D, z, reverse, codes, out_dtype)
 
 
 def selective_scan_torch(
