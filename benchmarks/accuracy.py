@@ -60,7 +60,8 @@ SUITES: dict[str, list[dict]] = {
         row("RTN W1 g32 (binary)", "rtn", 1, weight_group_size=32),
     ],
     # PTQ4VM (256 calibration images, its default) beside RTN per-token static scales at the same bits; then the
-    # W4A4 ablation: PTS only -> + smoothing -> + JLSS (= "PTQ4VM W4A4"); RTN W4A4 min-max / pct / per-token: "rtn"
+    # W4A4 ablation: PTS only -> + smoothing -> + JLSS (= "PTQ4VM W4A4"); RTN W4A4 min-max / pct / per-token: "rtn";
+    # then the magnitude-aware JLSS loss
     "ptq4vm": [
         row("RTN W8A8 per-token", "rtn", 8, 8, recipe_args={"act_granularity": "token"}),
         row("PTQ4VM W8A8", "ptq4vm", 8, 8),
@@ -71,6 +72,9 @@ SUITES: dict[str, list[dict]] = {
         row("PTQ4VM W4A4 PTS only", "ptq4vm", 4, 4, recipe_args={"smoothing": False, "jlss": False}),
         row("PTQ4VM W4A4 PTS + smoothing", "ptq4vm", 4, 4, recipe_args={"jlss": False}),
         row("PTQ4VM W4A4", "ptq4vm", 4, 4),
+        # not in the paper: JLSS on the normalised squared error instead of 1 - cos (recipe_args loss="nmse")
+        row("PTQ4VM W4A8 nmse loss", "ptq4vm", 4, 8, recipe_args={"loss": "nmse"}),
+        row("PTQ4VM W4A4 nmse loss", "ptq4vm", 4, 4, recipe_args={"loss": "nmse"}),
     ],
     # k-scaled PTQ (256 calibration images, as the paper): the full recipe, its MinMax baseline, each component
     # removed in turn, and RTN W8A8 beside it

@@ -140,8 +140,9 @@ def test_save_reload_is_bit_identical_and_dequantizes(w4a4, tmp_path):
         (dict(weight_bits=4, act_bits=4, recipe_args={"dynamic_outliers": "yes"}), "dynamic_outliers"),
         (dict(weight_bits=4, act_bits=4, recipe_args={"epochs": -1}), "epochs"),
         (dict(weight_bits=4, act_bits=4, recipe_args={"num_synthetic": 0}), "num_synthetic"),
+        (dict(weight_bits=4, act_bits=4, recipe_args={"loss": "l1"}), "loss must be one of"),
     ],
-    ids=["w8", "a6", "outlier-bits", "patch", "refresh", "dynamic", "epochs", "num-synthetic"],
+    ids=["w8", "a6", "outlier-bits", "patch", "refresh", "dynamic", "epochs", "num-synthetic", "loss"],
 )
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -213,3 +214,18 @@ def test_lp_symmetric_init_beats_min_max():
         return (x - torch.round(x / s3).clamp(-7, 7) * s3).abs().pow(2.4).mean(dim=(0, 2))
 
     assert (err(step) <= err(minmax) + 1e-7).all() and (step < minmax).all()
+
+
+def test_step_learning_loss_is_selectable():
+    from optimum_vim.calibration.blockwise import cosine_block_loss, nmse_block_loss
+    from optimum_vim.recipes.ouromamba.quantize import OuroMambaRecipe
+
+    target = torch.randn(2, 10, 8, generator=torch.Generator().manual_seed(0))
+    out = 0.7 * target + 0.1 * torch.randn(2, 10, 8, generator=torch.Generator().manual_seed(1))
+    default = OuroMambaRecipe(ViMQuantizationConfig(recipe="ouromamba", weight_bits=4, act_bits=4))
+    nmse = OuroMambaRecipe(ViMQuantizationConfig(recipe="ouromamba", weight_bits=4, act_bits=4,
+                                                 recipe_args={"loss": "nmse"}))
+    assert default.args.loss == "cosine"
+    assert torch.equal(default.block_loss(None, out, target), cosine_block_loss(out, target))
+    assert torch.equal(nmse.block_loss(None, out, target), nmse_block_loss(out, target))
+    assert nmse_block_loss(out, target) > cosine_block_loss(out, target)  # the 30 % norm deficit is seen

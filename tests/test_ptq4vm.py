@@ -10,7 +10,7 @@ from transformers import AutoModelForImageClassification
 
 from optimum_vim import ViMQuantizationConfig
 from optimum_vim.calibration import CalibrationDataError
-from optimum_vim.calibration.blockwise import BlockContext, calibrate_blockwise
+from optimum_vim.calibration.blockwise import BlockContext, calibrate_blockwise, cosine_block_loss, nmse_block_loss
 from optimum_vim.modules import QLinear
 from optimum_vim.ops.dispatch import use_kernels
 from optimum_vim.recipes.ptq4vm import PTQ4VMRecipe
@@ -67,7 +67,32 @@ def test_defaults_follow_the_paper():
     assert cfg.num_calibration_samples == 256 and ViMQuantizationConfig().num_calibration_samples == 128
     assert (a.alpha, a.steps, a.lr_step, a.lr_smooth, a.p_norm, a.candidates, a.grad_clip, a.weight_decay) == (
         0.5, 100, 5e-4, 1e-2, 2.4, 100, 2.0, 1e-5)
-    assert a.smoothing and a.jlss and a.batch_size is None
+    assert a.smoothing and a.jlss and a.batch_size is None and a.loss == "cosine"
+
+
+def test_nmse_loss_sees_the_norm_the_cosine_cannot():
+    target = torch.randn(4, 50, 16, generator=torch.Generator().manual_seed(0))
+    shrunk = 0.8 * target  # the direction is exact, the norm is 20 % short
+    assert cosine_block_loss(shrunk, target).item() == pytest.approx(0.0, abs=1e-6)
+    assert nmse_block_loss(shrunk, target).item() == pytest.approx(0.2 ** 2 / 2, rel=1e-5)
+    other = torch.randn(4, 50, 16, generator=torch.Generator().manual_seed(1))
+    rescaled = other * (target.norm(dim=-1, keepdim=True) / other.norm(dim=-1, keepdim=True))
+    # equal norms: the normalised squared error is 1 - cos
+    torch.testing.assert_close(nmse_block_loss(rescaled, target), cosine_block_loss(rescaled, target))
+    with pytest.raises(ValueError, match="loss must be one of"):
+        _cfg(recipe_args={"loss": "mse"})
+
+
+def test_jlss_trains_on_the_selected_loss(tiny_vim_dir):
+    model = AutoModelForImageClassification.from_pretrained(tiny_vim_dir)
+    data = _data(16)
+    logs = {}
+    for loss in ("cosine", "nmse"):
+        plan = PTQ4VMRecipe(_cfg(recipe_args={"steps": 10, "loss": loss})).calibrate(model, [data])
+        logs[loss] = plan.info["blocks"]
+        assert all(b["last_loss"] < b["first_loss"] for b in logs[loss]), loss
+    # block 0 sees the same input and initialisation in both runs: the first losses are the two functions' values
+    assert logs["nmse"][0]["first_loss"] != pytest.approx(logs["cosine"][0]["first_loss"], rel=1e-3)
 
 
 def test_every_step_size_and_smoothing_vector_moves_in_the_first_step(tiny_vim_dir):

@@ -15,7 +15,7 @@ Calibration: the set is ``num_synthetic`` OuroMamba-Gen images (:mod:`.generatio
 initialised after removing the outliers of the calibration tensor with the same windowed σ rule (detection at every
 token), by the Lp(2.4) search over ``candidates`` clipping ratios per token position (Δ: the shared two-sided affine
 search); then weight and linear-input steps train ``epochs`` epochs with AdamW (lr 5e-4, weight decay 1e-5, grad clip
-2.0) on the block's cosine loss, no smoothing.
+2.0) on the block's cosine loss (``loss="nmse"``: the normalised squared error instead), no smoothing.
 
 Deviations from the official code (also in the README recipe table):
 
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...calibration.blockwise import BlockContext, calibrate_blockwise
+from ...calibration.blockwise import BLOCK_LOSSES, BlockContext, calibrate_blockwise
 from ...calibration.fakequant import FakeQuantLinear, LearnedWeightQuantizer
 from ...calibration.lp_init import lp_token_affine, lp_token_symmetric, lp_weight_scale
 from ...primitives import int_range
@@ -82,6 +82,9 @@ class OuroMambaArgs:
     grad_clip: float | None = 2.0
     p_norm: float = 2.4
     candidates: int = 100
+    # block loss of the step learning: "cosine" (the official mean 1 - cos) or "nmse" (normalised squared error, not
+    # in the paper; see calibration.blockwise.nmse_block_loss)
+    loss: str = "cosine"
 
     def validate(self) -> None:
         for name in ("num_synthetic", "positives", "refresh", "candidates"):
@@ -112,6 +115,8 @@ class OuroMambaArgs:
             raise ValueError(f"ouromamba weight_decay must be a number >= 0; got {self.weight_decay!r}")
         if self.grad_clip is not None and (not _is_number(self.grad_clip) or not self.grad_clip > 0):
             raise ValueError(f"ouromamba grad_clip must be a positive number or None; got {self.grad_clip!r}")
+        if self.loss not in BLOCK_LOSSES:
+            raise ValueError(f"ouromamba loss must be one of {sorted(BLOCK_LOSSES)}; got {self.loss!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -369,6 +374,9 @@ class OuroMambaRecipe(Recipe):
     @property
     def grad_clip(self):
         return self.args.grad_clip
+
+    def block_loss(self, ctx: BlockContext, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return BLOCK_LOSSES[self.args.loss](out, target)
 
     def block_schedule(self, ctx: BlockContext) -> tuple[int, int]:
         batch = min(self.args.batch_size or ctx.num_samples, ctx.num_samples)
