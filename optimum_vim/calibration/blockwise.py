@@ -152,6 +152,19 @@ BLOCK_LOSSES = {"cosine": cosine_block_loss, "nmse": nmse_block_loss}
 """Block losses a recipe can select by name (``recipe_args={"loss": ...}`` of PTQ4VM and OuroMamba)."""
 
 
+def check_block_loss(name: str, recipe: str) -> None:
+    """Refuses a ``loss`` recipe option that names no entry of :data:`BLOCK_LOSSES`."""
+    if name not in BLOCK_LOSSES:
+        raise ValueError(f"{recipe} loss must be one of {sorted(BLOCK_LOSSES)}; got {name!r}")
+
+
+class SelectableBlockLoss:
+    """Mixin of recipes whose options carry ``loss`` (a :data:`BLOCK_LOSSES` name): the engine's ``block_loss``."""
+
+    def block_loss(self, ctx: BlockContext, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return BLOCK_LOSSES[self.args.loss](out, target)
+
+
 def _backbone(model: nn.Module) -> tuple[str, nn.Module]:
     from ..models.vim.modeling_vim import VimModel
 

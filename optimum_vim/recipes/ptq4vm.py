@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..calibration.blockwise import BLOCK_LOSSES, BlockContext, calibrate_blockwise
+from ..calibration.blockwise import BlockContext, SelectableBlockLoss, calibrate_blockwise, check_block_loss
 from ..calibration.data import CalibrationDataError
 from ..calibration.fakequant import FakeQuantLinear, LearnedActQuantizer, LearnedWeightQuantizer
 from ..calibration.lp_init import lp_token_affine, lp_weight_scale
@@ -94,8 +94,7 @@ class PTQ4VMArgs:
             raise ValueError(f"ptq4vm grad_clip must be positive or None; got {self.grad_clip!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"ptq4vm batch_size must be a positive int or None; got {self.batch_size!r}")
-        if self.loss not in BLOCK_LOSSES:
-            raise ValueError(f"ptq4vm loss must be one of {sorted(BLOCK_LOSSES)}; got {self.loss!r}")
+        check_block_loss(self.loss, "ptq4vm")
         unknown = [t for t in self.targets if t not in BLOCK_LINEARS]
         if unknown:
             raise ValueError(f"ptq4vm targets must be block linears from {BLOCK_LINEARS}; got {unknown}")
@@ -103,7 +102,7 @@ class PTQ4VMArgs:
 
 
 @register_recipe
-class PTQ4VMRecipe(Recipe):
+class PTQ4VMRecipe(SelectableBlockLoss, Recipe):
     """PTQ4VM: per-token static activation quantization with learned smoothing and step sizes (see module doc)."""
 
     name = "ptq4vm"
@@ -192,9 +191,6 @@ class PTQ4VMRecipe(Recipe):
     @property
     def grad_clip(self):
         return self.args.grad_clip
-
-    def block_loss(self, ctx: BlockContext, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return BLOCK_LOSSES[self.args.loss](out, target)
 
     def block_schedule(self, ctx: BlockContext) -> tuple[int, int]:
         return self.args.steps, self.args.batch_size or ctx.num_samples

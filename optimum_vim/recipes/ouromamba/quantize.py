@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...calibration.blockwise import BLOCK_LOSSES, BlockContext, calibrate_blockwise
+from ...calibration.blockwise import BlockContext, SelectableBlockLoss, calibrate_blockwise, check_block_loss
 from ...calibration.fakequant import FakeQuantLinear, LearnedWeightQuantizer
 from ...calibration.lp_init import lp_token_affine, lp_token_symmetric, lp_weight_scale
 from ...primitives import int_range
@@ -115,8 +115,7 @@ class OuroMambaArgs:
             raise ValueError(f"ouromamba weight_decay must be a number >= 0; got {self.weight_decay!r}")
         if self.grad_clip is not None and (not _is_number(self.grad_clip) or not self.grad_clip > 0):
             raise ValueError(f"ouromamba grad_clip must be a positive number or None; got {self.grad_clip!r}")
-        if self.loss not in BLOCK_LOSSES:
-            raise ValueError(f"ouromamba loss must be one of {sorted(BLOCK_LOSSES)}; got {self.loss!r}")
+        check_block_loss(self.loss, "ouromamba")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -218,7 +217,7 @@ class FakeQuantScan(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # the recipe
 @register_recipe
-class OuroMambaRecipe(Recipe):
+class OuroMambaRecipe(SelectableBlockLoss, Recipe):
     """OuroMamba: data-free calibration (OuroMamba-Gen) + dynamic outlier-aware mixed precision (see module doc)."""
 
     name = "ouromamba"
@@ -374,9 +373,6 @@ class OuroMambaRecipe(Recipe):
     @property
     def grad_clip(self):
         return self.args.grad_clip
-
-    def block_loss(self, ctx: BlockContext, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return BLOCK_LOSSES[self.args.loss](out, target)
 
     def block_schedule(self, ctx: BlockContext) -> tuple[int, int]:
         batch = min(self.args.batch_size or ctx.num_samples, ctx.num_samples)
