@@ -1,7 +1,7 @@
 """CPU speed of quantized Vim against the float model, side by side in one run.
 
 For the bundled Fashion-MNIST fixture (real quantized checkpoints: RTN W8A8 / W4A8 / W4, 2-bit k-means VQ) and for
-Vim-T shapes (24 layers, hidden 192, random weights, the formats of ``benchmarks/kernels.py``) at batch 1 and 64,
+Vim-T shapes (24 layers, hidden 192, random weights, the formats of ``benchmarks/gpu_kernels.py``) at batch 1 and 64,
 prints the end-to-end forward time of
 
 * the float32 model, and each format under ``OPTIMUM_VIM_KERNELS=reference`` (fake-quant reference: fp64 integer
@@ -33,7 +33,7 @@ FIXTURE = HERE.parent / "checkpoints" / "vim-fashion-mnist"
 
 
 def _gpu_benchmark_module():
-    spec = importlib.util.spec_from_file_location("optimum_vim_gpu_benchmark", HERE / "kernels.py")
+    spec = importlib.util.spec_from_file_location("optimum_vim_gpu_benchmark", HERE / "gpu_kernels.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

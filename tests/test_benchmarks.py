@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_kernel_benchmark_smoke_prints_every_variant():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernels.py"), "--smoke"], env=env,
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_kernels.py"), "--smoke"], env=env,
                          capture_output=True, text=True, timeout=600, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [line for line in res.stdout.splitlines() if line.startswith("| Vim-")]
@@ -27,7 +27,7 @@ def test_kernel_benchmark_smoke_prints_every_variant():
 
 def test_kernel_benchmark_without_gpu_says_so():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernels.py")], env=env,
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_kernels.py")], env=env,
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     if res.returncode == 0:  # a CUDA machine: the real table
         assert "| Vim-T |" in res.stdout

@@ -10,8 +10,11 @@ per-layer times (in_proj GEMM, one scan direction) and end-to-end forward time a
 Timings are CUDA-synchronised medians after warm-up. Without a GPU the script says so and exits;
 ``--smoke`` runs the same code on CPU with the Triton interpreter at toy sizes (a check that the script works).
 
-    python benchmarks/kernels.py                     # on a CUDA machine
-    python benchmarks/kernels.py --models tiny --batches 1 64
+    python benchmarks/gpu_kernels.py                     # on a CUDA machine
+    python benchmarks/gpu_kernels.py --models tiny --batches 1 64
+
+(The file is not called ``kernels.py``: run as a script, ``benchmarks/`` comes first on ``sys.path`` and such a name
+would shadow the ``kernels`` package that transformers >= 5.25 imports.)
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     elif not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU (none found); use --smoke to check the script on CPU")
+        print("benchmarks/gpu_kernels.py needs a CUDA GPU (none found); use --smoke to check the script on CPU")
         return 2
     import optimum_vim  # noqa: F401
     from optimum_vim.ops.dispatch import use_kernels
