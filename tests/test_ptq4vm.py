@@ -88,7 +88,9 @@ def test_jlss_trains_on_the_selected_loss(tiny_vim_dir):
     data = _data(16)
     logs = {}
     for loss in ("cosine", "nmse"):
-        plan = PTQ4VMRecipe(_cfg(recipe_args={"steps": 10, "loss": loss})).calibrate(model, [data])
+        # 30 steps: with 10, block 1's nmse loss ended 0.4 % above its start on the random tiny model (seen with
+        # transformers 5.25.0; it passed with the earlier stack), after 30 every block ends below its start
+        plan = PTQ4VMRecipe(_cfg(recipe_args={"steps": 30, "loss": loss})).calibrate(model, [data])
         logs[loss] = plan.info["blocks"]
         assert all(b["last_loss"] < b["first_loss"] for b in logs[loss]), loss
     # block 0 sees the same input and initialisation in both runs: the first losses are the two functions' values
