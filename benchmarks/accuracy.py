@@ -115,7 +115,13 @@ SUITES: dict[str, list[dict]] = {
             recipe_args={"dynamic_outliers": False}),
         row("OuroMamba W4A4O8 no InfoNCE (class loss only)", "ouromamba", 4, 4, calibration_dataset=None,
             recipe_args={"contrastive_weight": 0.0}),
+        # the generation without the image priors (jitter, flip, TV) the paper does not mention: its loss alone
+        row("OuroMamba W4A4O8 no image priors (paper's loss only)", "ouromamba", 4, 4, calibration_dataset=None,
+            recipe_args={"gen_jitter": 0, "gen_flip": False, "gen_tv_weight": 0.0}),
         row("OuroMamba W4A4O8 real data (128 images)", "ouromamba", 4, 4, num_calibration_samples=128),
+        # the official training loop: S6 inlier steps left at their grid init (real data, so no generation)
+        row("OuroMamba W4A4O8 real data, S6 steps frozen", "ouromamba", 4, 4, num_calibration_samples=128,
+            recipe_args={"train_scan_steps": False}),
     ],
 }
 

@@ -3,6 +3,7 @@ float model's predictions on both.
 
     python benchmarks/ouromamba_images.py --out ouromamba_images.png                 # 16 images, 1000 iterations
     python benchmarks/ouromamba_images.py --num 8 --iterations 200 --out /tmp/g.png  # quick look
+    python benchmarks/ouromamba_images.py --no-priors --out plain.png               # the paper's loss alone
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scale", type=int, default=4, help="pixel upscaling in the PNG")
     ap.add_argument("--out", default="ouromamba_images.png")
+    ap.add_argument("--no-priors", action="store_true",
+                    help="generate without the image priors (jitter, flip, total variation): the paper's loss alone")
     args = ap.parse_args(argv)
 
     model = AutoModelForImageClassification.from_pretrained(args.model).eval()
@@ -50,7 +53,7 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     synth, targets = optimum_vim.generate_calibration_images(
         model, args.num, iterations=args.iterations, patch_size=args.patch_size, processor=processor, seed=args.seed,
-        return_targets=True,
+        return_targets=True, **(dict(jitter=0, flip=False, tv_weight=0.0) if args.no_priors else {}),
     )
     seconds = time.perf_counter() - start
     real = load_named_dataset(args.dataset, "train", limit=args.num)

@@ -96,6 +96,46 @@ def test_calibrate_leaves_the_model_alone_and_is_seeded(float_model):
             assert torch.equal(a.layers[name].tensors[t], b.layers[name].tensors[t]), (name, t)
 
 
+def test_scan_steps_learn_unless_turned_off(float_model):
+    cls = optimum_vim.recipes.get_recipe_class("ouromamba")
+    fast = dict(num_synthetic=4, gen_iterations=2)
+    init = cls(_config(**fast, epochs=0)).calibrate(float_model, None)
+    frozen = cls(_config(**fast, epochs=2, train_scan_steps=False)).calibrate(float_model, None)
+    learned = cls(_config(**fast, epochs=2)).calibrate(float_model, None)
+    scans = [n for n in init.layers if n.endswith(("ssm", "ssm_b"))]
+    assert len(scans) == 2 * len(float_model.vim.layers)
+    for name in scans:
+        for t in ("u", "delta", "B", "C"):
+            key = f"{t}_quantizer.scale"
+            # the S6 inits are captured on the float stream, so they do not depend on earlier blocks' training
+            assert torch.equal(frozen.layers[name].tensors[key], init.layers[name].tensors[key]), (name, t)
+            assert not torch.equal(learned.layers[name].tensors[key], init.layers[name].tensors[key]), (name, t)
+            # the zero points of the affine Δ grid stay frozen
+            if t == "delta":
+                assert torch.equal(learned.layers[name].tensors["delta_quantizer.zero_point"],
+                                   init.layers[name].tensors["delta_quantizer.zero_point"])
+    lin = "vim.layers.2.mixer.in_proj"
+    assert not torch.equal(frozen.layers[lin].tensors["input_quantizer.scale"],
+                           init.layers[lin].tensors["input_quantizer.scale"])  # the linears learn either way
+
+
+def test_generation_priors_reach_the_generator(float_model, monkeypatch):
+    import optimum_vim.recipes.ouromamba.generation as generation
+
+    seen = []
+    real = generation.generate_calibration_images
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_calibration_images", recording)
+    cls = optimum_vim.recipes.get_recipe_class("ouromamba")
+    cls(_config(num_synthetic=2, gen_iterations=2, epochs=0, gen_jitter=1, gen_flip=True,
+                gen_tv_weight=0.5)).calibrate(float_model, None)
+    assert {k: seen[0][k] for k in ("jitter", "flip", "tv_weight")} == {"jitter": 1, "flip": True, "tv_weight": 0.5}
+
+
 def test_real_data_ablation_uses_the_given_images(fixture_dir):
     train = load_named_dataset("fashion-mnist", "train", limit=16)
     cfg = ViMQuantizationConfig(recipe="ouromamba", weight_bits=4, act_bits=8, calibration_dataset=train,
@@ -139,10 +179,14 @@ def test_save_reload_is_bit_identical_and_dequantizes(w4a4, tmp_path):
         (dict(weight_bits=4, act_bits=4, recipe_args={"refresh": 0}), "refresh"),
         (dict(weight_bits=4, act_bits=4, recipe_args={"dynamic_outliers": "yes"}), "dynamic_outliers"),
         (dict(weight_bits=4, act_bits=4, recipe_args={"epochs": -1}), "epochs"),
+        (dict(weight_bits=4, act_bits=4, recipe_args={"train_scan_steps": 1}), "train_scan_steps"),
+        (dict(weight_bits=4, act_bits=4, recipe_args={"gen_jitter": -1}), "gen_jitter"),
+        (dict(weight_bits=4, act_bits=4, recipe_args={"gen_tv_weight": -0.5}), "gen_tv_weight"),
         (dict(weight_bits=4, act_bits=4, recipe_args={"num_synthetic": 0}), "num_synthetic"),
         (dict(weight_bits=4, act_bits=4, recipe_args={"loss": "l1"}), "loss must be one of"),
     ],
-    ids=["w8", "a6", "outlier-bits", "patch", "refresh", "dynamic", "epochs", "num-synthetic", "loss"],
+    ids=["w8", "a6", "outlier-bits", "patch", "refresh", "dynamic", "epochs", "train-scan", "jitter", "tv",
+         "num-synthetic", "loss"],
 )
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):

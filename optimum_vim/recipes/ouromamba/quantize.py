@@ -14,8 +14,9 @@ Calibration: the set is ``num_synthetic`` OuroMamba-Gen images (:mod:`.generatio
 ``calibration_dataset`` when one is given (the "real data" ablation). Per block (engine): static inlier steps are
 initialised after removing the outliers of the calibration tensor with the same windowed σ rule (detection at every
 token), by the Lp(2.4) search over ``candidates`` clipping ratios per token position (Δ: the shared two-sided affine
-search); then weight and linear-input steps train ``epochs`` epochs with AdamW (lr 5e-4, weight decay 1e-5, grad clip
-2.0) on the block's cosine loss (``loss="nmse"``: the normalised squared error instead), no smoothing.
+search); then the weight, linear-input and S6 inlier steps train ``epochs`` epochs with AdamW (lr 5e-4, weight
+decay 1e-5, grad clip 2.0) on the block's cosine loss (``loss="nmse"``: the normalised squared error instead), no
+smoothing.
 
 Deviations from the official code (also in the README recipe table):
 
@@ -23,8 +24,13 @@ Deviations from the official code (also in the README recipe table):
   directions, so one per-token scale serves tensors walked in opposite orders with different parameters.
 * Each sample detects its own outliers (the official code triggers the detection for the whole batch), see
   :mod:`optimum_vim.primitives.outliers`.
-* The S6 quantizers are grid-initialised only (as the official training loop leaves them); A and D stay float
-  (parameters, not activations); the hidden state is float (the official fast path does not quantize it either).
+* The S6 inlier steps (u, Δ, B, C of each direction) learn in the block-wise step learning with the linears' steps
+  (``train_scan_steps``, on by default). The official training loop selects only the linears' weight and input steps
+  by parameter name, so its S6 quantizers keep their grid init; ``train_scan_steps=False`` reproduces that. Measured
+  on the fixture at W4A4O8 (128 real images, full test split): +0.66 dB logit SQNR and +0.5 points agreement with
+  the float model (benchmarks/RESULTS.md).
+* A and D stay float (parameters, not activations); the hidden state is float (the official fast path does not
+  quantize it either).
 * ``dynamic_outliers=False`` (the "static outliers" ablation) flags, per tensor, the channels whose summed |x| over
   the calibration set exceeds mean + 4σ over channels (the official optional list) and keeps them in outlier precision
   at every token.
@@ -69,12 +75,21 @@ class OuroMambaArgs:
     positives: int = 12  # InfoNCE positives per anchor patch (paper: top 12)
     gen_lr: float = 0.1  # [open] Adam learning rate on the pixels
     contrastive_weight: float = 1.0  # 0: the "class loss only" ablation (no InfoNCE)
+    # [open] image priors of the generation, not in the paper (generation.generate_calibration_images): random roll
+    # of up to gen_jitter pixels (None: half the patch stride), left-right mirroring, total-variation weight;
+    # gen_jitter=0, gen_flip=False, gen_tv_weight=0 is the paper's loss alone
+    gen_jitter: int | None = None
+    gen_flip: bool = True
+    gen_tv_weight: float = 0.05
     refresh: int = 10  # tokens per outlier window (paper: 10)
     outlier_sigma: float = 3.0  # detection threshold of u, B, C and the linear inputs
     delta_sigma: float = 4.0  # detection threshold of Δ (official: 4σ)
     outlier_bits: int | None = None  # 8 | 16; None: 8 at A4 (W4A4O8), 16 at A8 (W4A8O16)
     dynamic_outliers: bool = True  # False: static outlier list (ablation)
     quantize_scan: bool = True  # the S6 tensors u, Δ, B, C of both directions
+    # the S6 inlier steps (u, Δ, B, C) learn beside the linears' steps (deviation: the official training loop leaves
+    # them at their grid init; False reproduces that)
+    train_scan_steps: bool = True
     epochs: int = 10  # block-wise step learning (paper: 10)
     lr: float = 5e-4  # weight and activation steps (official: 5e-4 both)
     batch_size: int | None = None  # images per optimiser step; None: the whole set (one step per epoch)
@@ -95,18 +110,23 @@ class OuroMambaArgs:
             v = getattr(self, name)
             if not _is_int(v) or v < 0:
                 raise ValueError(f"ouromamba {name} must be an int >= 0; got {v!r}")
+        if self.gen_jitter is not None and (not _is_int(self.gen_jitter) or self.gen_jitter < 0):
+            raise ValueError(f"ouromamba gen_jitter must be an int >= 0 or None (half the patch stride); got "
+                             f"{self.gen_jitter!r}")
         if not _is_int(self.patch_size) or self.patch_size < 1 or self.patch_size % 2 == 0:
             raise ValueError(f"ouromamba patch_size must be an odd positive int (paper: 5); got {self.patch_size!r}")
         for name in ("gen_lr", "outlier_sigma", "delta_sigma", "lr", "p_norm"):
             v = getattr(self, name)
             if not _is_number(v) or not v > 0:
                 raise ValueError(f"ouromamba {name} must be a positive number; got {v!r}")
-        if not _is_number(self.contrastive_weight) or self.contrastive_weight < 0:
-            raise ValueError(f"ouromamba contrastive_weight must be a number >= 0; got {self.contrastive_weight!r}")
+        for name in ("contrastive_weight", "gen_tv_weight"):
+            v = getattr(self, name)
+            if not _is_number(v) or v < 0:
+                raise ValueError(f"ouromamba {name} must be a number >= 0; got {v!r}")
         if self.outlier_bits not in (None, 8, 16):
             raise ValueError(f"ouromamba outlier_bits must be 8 (W4A4O8), 16 (W4A8O16) or None; got "
                              f"{self.outlier_bits!r}")
-        for name in ("dynamic_outliers", "quantize_scan"):
+        for name in ("dynamic_outliers", "quantize_scan", "train_scan_steps", "gen_flip"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ouromamba {name} must be true or false; got {getattr(self, name)!r}")
         if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
@@ -263,7 +283,8 @@ class OuroMambaRecipe(SelectableBlockLoss, Recipe):
         else:
             pixels = generate_calibration_images(
                 model, a.num_synthetic, iterations=a.gen_iterations, patch_size=a.patch_size, positives=a.positives,
-                lr=a.gen_lr, contrastive_weight=a.contrastive_weight, processor=cfg.image_processor, seed=cfg.seed,
+                lr=a.gen_lr, contrastive_weight=a.contrastive_weight, jitter=a.gen_jitter, flip=a.gen_flip,
+                tv_weight=a.gen_tv_weight, processor=cfg.image_processor, seed=cfg.seed,
             )
             info["calibration_source"] = (
                 f"calibrated on {pixels.shape[0]} synthetic images (OuroMamba-Gen, {a.gen_iterations} iterations, "
@@ -351,7 +372,7 @@ class OuroMambaRecipe(SelectableBlockLoss, Recipe):
             quantizers = {
                 name: self._act_quantizer(
                     x, bits, symmetric=name != "delta", sigma=a.delta_sigma if name == "delta" else a.outlier_sigma,
-                    reverse=bool(scan.reverse), trainable=False,
+                    reverse=bool(scan.reverse), trainable=a.train_scan_steps,
                 )
                 for name, x in captured[rel].items()
             }
@@ -366,6 +387,8 @@ class OuroMambaRecipe(SelectableBlockLoss, Recipe):
         for rel in self._rel(ctx, self._linears):
             for group in student.get_submodule(rel).trainable().values():
                 params.extend(group)
+        for rel in self._rel(ctx, self._scans):
+            params.extend(p for p in student.get_submodule(rel).quantizers.parameters() if p.requires_grad)
         if not params:
             return None
         return torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay)
