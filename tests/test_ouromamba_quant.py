@@ -117,6 +117,13 @@ def test_scan_steps_learn_unless_turned_off(float_model):
     lin = "vim.layers.2.mixer.in_proj"
     assert not torch.equal(frozen.layers[lin].tensors["input_quantizer.scale"],
                            init.layers[lin].tensors["input_quantizer.scale"])  # the linears learn either way
+    # at 8-bit activations the default leaves them at their init (AdamW's steps are coarse against 8-bit scales)
+    init8 = cls(_config(8, **fast, epochs=0)).calibrate(float_model, None)
+    default8 = cls(_config(8, **fast, epochs=2)).calibrate(float_model, None)
+    forced8 = cls(_config(8, **fast, epochs=2, train_scan_steps=True)).calibrate(float_model, None)
+    key = "u_quantizer.scale"
+    assert all(torch.equal(default8.layers[n].tensors[key], init8.layers[n].tensors[key]) for n in scans)
+    assert not any(torch.equal(forced8.layers[n].tensors[key], init8.layers[n].tensors[key]) for n in scans)
 
 
 def test_generation_priors_reach_the_generator(float_model, monkeypatch):

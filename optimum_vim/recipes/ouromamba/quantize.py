@@ -24,11 +24,12 @@ Deviations from the official code (also in the README recipe table):
   directions, so one per-token scale serves tensors walked in opposite orders with different parameters.
 * Each sample detects its own outliers (the official code triggers the detection for the whole batch), see
   :mod:`optimum_vim.primitives.outliers`.
-* The S6 inlier steps (u, Δ, B, C of each direction) learn in the block-wise step learning with the linears' steps
-  (``train_scan_steps``, on by default). The official training loop selects only the linears' weight and input steps
-  by parameter name, so its S6 quantizers keep their grid init; ``train_scan_steps=False`` reproduces that. Measured
-  on the fixture at W4A4O8 (128 real images, full test split): +0.66 dB logit SQNR and +0.5 points agreement with
-  the float model (benchmarks/RESULTS.md).
+* At 4-bit activations the S6 inlier steps (u, Δ, B, C of each direction) learn in the block-wise step learning
+  with the linears' steps (``train_scan_steps``; default None: on at A4, off at A8). The official training loop
+  selects only the linears' weight and input steps by parameter name, so its S6 quantizers keep their grid init;
+  ``train_scan_steps=False`` reproduces that. Measured on the fixture (128 real images, full test split): W4A4O8
+  +0.66 dB logit SQNR and +0.5 points agreement with the float model; W4A8O16 -1.9 dB (AdamW's lr-sized moves are
+  large against 8-bit steps), hence off there (benchmarks/RESULTS.md).
 * A and D stay float (parameters, not activations); the hidden state is float (the official fast path does not
   quantize it either).
 * ``dynamic_outliers=False`` (the "static outliers" ablation) flags, per tensor, the channels whose summed |x| over
@@ -88,8 +89,9 @@ class OuroMambaArgs:
     dynamic_outliers: bool = True  # False: static outlier list (ablation)
     quantize_scan: bool = True  # the S6 tensors u, Δ, B, C of both directions
     # the S6 inlier steps (u, Δ, B, C) learn beside the linears' steps (deviation: the official training loop leaves
-    # them at their grid init; False reproduces that)
-    train_scan_steps: bool = True
+    # them at their grid init; False reproduces that). None: on at 4-bit activations, off at 8 bits (measured: +0.7 dB
+    # at A4, -1.9 dB at A8, where Adam's lr-sized moves are large against the 16x finer 8-bit steps)
+    train_scan_steps: bool | None = None
     epochs: int = 10  # block-wise step learning (paper: 10)
     lr: float = 5e-4  # weight and activation steps (official: 5e-4 both)
     batch_size: int | None = None  # images per optimiser step; None: the whole set (one step per epoch)
@@ -126,9 +128,12 @@ class OuroMambaArgs:
         if self.outlier_bits not in (None, 8, 16):
             raise ValueError(f"ouromamba outlier_bits must be 8 (W4A4O8), 16 (W4A8O16) or None; got "
                              f"{self.outlier_bits!r}")
-        for name in ("dynamic_outliers", "quantize_scan", "train_scan_steps", "gen_flip"):
+        for name in ("dynamic_outliers", "quantize_scan", "gen_flip"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ouromamba {name} must be true or false; got {getattr(self, name)!r}")
+        if self.train_scan_steps is not None and not isinstance(self.train_scan_steps, bool):
+            raise ValueError(f"ouromamba train_scan_steps must be true, false or None (on at 4-bit activations); got "
+                             f"{self.train_scan_steps!r}")
         if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
             raise ValueError(f"ouromamba batch_size must be a positive int or None; got {self.batch_size!r}")
         if not _is_number(self.weight_decay) or self.weight_decay < 0:
@@ -268,6 +273,10 @@ class OuroMambaRecipe(SelectableBlockLoss, Recipe):
         # data-free: it generates its calibration set unless real images are passed (the real-data ablation)
         return config.calibration_dataset is not None
 
+    def _train_scan_steps(self, act_bits: int) -> bool:
+        flag = self.args.train_scan_steps
+        return act_bits <= 4 if flag is None else flag
+
     def _outlier_bits(self, act_bits: int) -> int:
         return self.args.outlier_bits or (8 if act_bits <= 4 else 16)
 
@@ -372,7 +381,7 @@ class OuroMambaRecipe(SelectableBlockLoss, Recipe):
             quantizers = {
                 name: self._act_quantizer(
                     x, bits, symmetric=name != "delta", sigma=a.delta_sigma if name == "delta" else a.outlier_sigma,
-                    reverse=bool(scan.reverse), trainable=a.train_scan_steps,
+                    reverse=bool(scan.reverse), trainable=self._train_scan_steps(bits),
                 )
                 for name, x in captured[rel].items()
             }
