@@ -347,10 +347,10 @@ def generate_calibration_images(
     """
     backbone, classifier = _backbone_and_head(model)
     config = backbone.config
-    _validate(n, iterations, patch_size, positives, temperature, lr, batch_size, contrastive_weight, class_weight)
     if jitter is None:
         jitter = max(1, config.stride // 2)
-    _validate_priors(jitter, flip, tv_weight)
+    _validate(n, iterations, patch_size, positives, temperature, lr, batch_size, contrastive_weight, class_weight,
+              jitter, flip, tv_weight)
     if class_weight and classifier is None:
         raise ValueError("the class output loss needs a classifier head: pass a VimForImageClassification, or "
                          "class_weight=0")
@@ -373,9 +373,8 @@ def generate_calibration_images(
             raise ValueError(f"targets must be {n} class indices in [0, {num_labels}); got {tgt.tolist()[:8]}...")
     # per image and iteration: (dy, dx) roll and mirror flag of the augmentation prior (drawn only when it is on, so
     # that with the priors off the images are exactly those of the paper's loop)
-    shifts = (torch.randint(-jitter, jitter + 1, (n, iterations, 2), generator=gen) if jitter
-              else torch.zeros(n, iterations, 2, dtype=torch.long))
-    mirrors = (torch.rand(n, iterations, generator=gen) < 0.5) if flip else torch.zeros(n, iterations, dtype=torch.bool)
+    shifts = torch.randint(-jitter, jitter + 1, (n, iterations, 2), generator=gen) if jitter else None
+    mirrors = (torch.rand(n, iterations, generator=gen) < 0.5) if flip else None
     bounds = _pixel_bounds(processor, channels)
     if bounds is not None:
         init = torch.maximum(torch.minimum(init, bounds[1]), bounds[0])
@@ -396,9 +395,9 @@ def generate_calibration_images(
             opt = torch.optim.Adam([x], lr=lr)
             for it in range(iterations):
                 opt.zero_grad(set_to_none=True)
-                seen = x
-                if jitter or flip:
-                    seen = _augment(x, shifts[start : start + batch_size, it], mirrors[start : start + batch_size, it])
+                rows = slice(start, start + batch_size)
+                seen = _augment(x, None if shifts is None else shifts[rows, it],
+                                None if mirrors is None else mirrors[rows, it])
                 loss, parts = generation_loss(
                     model, seen, t, patch_size=patch_size, positives=positives, temperature=temperature,
                     contrastive_weight=contrastive_weight, class_weight=class_weight, layers=layers,
@@ -442,26 +441,22 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return (dv + dh).mean()
 
 
-def _augment(x: torch.Tensor, shifts: torch.Tensor, mirrors: torch.Tensor) -> torch.Tensor:
-    """Each image rolled by its (dy, dx) and mirrored left-right where its flag is set (differentiable)."""
+def _augment(x: torch.Tensor, shifts: torch.Tensor | None, mirrors: torch.Tensor | None) -> torch.Tensor:
+    """Each image rolled by its (dy, dx) and mirrored left-right where its flag is set (differentiable); ``x``
+    itself when both are None (the priors off)."""
+    if shifts is None and mirrors is None:
+        return x
+    shifts = [(0, 0)] * len(x) if shifts is None else shifts.tolist()
+    mirrors = [False] * len(x) if mirrors is None else mirrors.tolist()
     out = []
-    for img, (dy, dx), m in zip(x, shifts.tolist(), mirrors.tolist()):
+    for img, (dy, dx), m in zip(x, shifts, mirrors):
         img = torch.roll(img, shifts=(dy, dx), dims=(-2, -1)) if dy or dx else img
         out.append(img.flip(-1) if m else img)
     return torch.stack(out)
 
 
-def _validate_priors(jitter, flip, tv_weight):
-    if not isinstance(jitter, int) or isinstance(jitter, bool) or jitter < 0:
-        raise ValueError(f"jitter must be an int >= 0 (pixels of random shift per axis; 0: off); got {jitter!r}")
-    if not isinstance(flip, bool):
-        raise ValueError(f"flip must be True or False; got {flip!r}")
-    if isinstance(tv_weight, bool) or not isinstance(tv_weight, (int, float)) or not (
-            math.isfinite(tv_weight) and tv_weight >= 0):
-        raise ValueError(f"tv_weight must be a number >= 0 (0: off); got {tv_weight!r}")
-
-
-def _validate(n, iterations, patch_size, positives, temperature, lr, batch_size, contrastive_weight, class_weight):
+def _validate(n, iterations, patch_size, positives, temperature, lr, batch_size, contrastive_weight, class_weight,
+              jitter=0, flip=False, tv_weight=0.0):
     checks = [
         (isinstance(n, int) and n >= 1, f"n must be a positive int; got {n!r}"),
         (isinstance(iterations, int) and iterations >= 0, f"iterations must be an int >= 0; got {iterations!r}"),
@@ -473,6 +468,11 @@ def _validate(n, iterations, patch_size, positives, temperature, lr, batch_size,
         (isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be a positive int; got {batch_size!r}"),
         (contrastive_weight >= 0 and class_weight >= 0 and (contrastive_weight + class_weight) > 0,
          f"contrastive_weight and class_weight must be >= 0 and not both 0; got {contrastive_weight}, {class_weight}"),
+        (isinstance(jitter, int) and not isinstance(jitter, bool) and jitter >= 0,
+         f"jitter must be an int >= 0 (pixels of random shift per axis; 0: off); got {jitter!r}"),
+        (isinstance(flip, bool), f"flip must be True or False; got {flip!r}"),
+        (isinstance(tv_weight, (int, float)) and not isinstance(tv_weight, bool) and math.isfinite(tv_weight)
+         and tv_weight >= 0, f"tv_weight must be a number >= 0 (0: off); got {tv_weight!r}"),
     ]
     for ok, msg in checks:
         if not ok:
