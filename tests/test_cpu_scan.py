@@ -255,3 +255,23 @@ def test_softplus_inputs_of_the_model_are_within_tolerance():
     delta = F.softplus(torch.randn(4, 50, 128) - 4)
     torch.testing.assert_close(cpu_scan.selective_scan(u, delta, A, B, C, D, z),
                                selective_scan_torch(u, delta, A, B, C, D, z), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["causal", "anticausal"])
+@pytest.mark.parametrize("shape,k", [((2, 13, 70), 4), ((3, 50, 128), 4), ((1, 3, 5), 2), ((2, 2, 9), 4)],
+                         ids=["ragged", "fixture", "short", "shorter-than-taps"])
+def test_fused_conv1d_matches_the_torch_conv(shape, k, reverse, count_calls):
+    from optimum_vim.ops import causal_conv1d
+    from optimum_vim.ops.conv import causal_conv1d_torch
+
+    g = torch.Generator().manual_seed(k + shape[1])
+    x, w, bias = torch.randn(*shape, generator=g), torch.randn(shape[2], 1, k, generator=g), torch.randn(shape[2])
+    calls = count_calls(cpu, "causal_conv1d")
+    out = causal_conv1d(x, w, bias, reverse=reverse)
+    assert calls["n"] == 1
+    ref = causal_conv1d_torch(x, w.reshape(shape[2], k), bias, reverse)
+    _close(out, ref)
+    with use_kernels("reference"):
+        assert torch.equal(causal_conv1d(x, w, bias, reverse=reverse), ref)
+    x.requires_grad_()
+    assert causal_conv1d(x, w, None, reverse=reverse).requires_grad and calls["n"] == 1  # autograd: the torch conv

@@ -334,6 +334,43 @@ if numba is not None:
             for j in range(w):
                 gd_out[j] = gd[j]
 
+    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=_FASTMATH)
+    def _conv_tasks(task0, task1, x, w, bias, reverse, out):
+        """Depthwise causal (``reverse``: anti-causal) conv of tasks ``[task0, task1)`` (task = sample * blocks +
+        block of ``FORWARD_BLOCK`` channels): ``out[t] = bias + sum_k w[:, k] * x[t - (K-1) + k]`` (reverse:
+        ``x[t + (K-1) - k]``), zero outside the sequence, taps added in k order. x, out: (b, L, E); w: (K, E)."""
+        _wide_vectors()
+        _, length, channels = x.shape
+        taps = w.shape[0]
+        blocks = (channels + FORWARD_BLOCK - 1) // FORWARD_BLOCK
+        for task in range(task0, task1):
+            b = task // blocks
+            e0 = (task % blocks) * FORWARD_BLOCK
+            e1 = min(channels, e0 + FORWARD_BLOCK)
+            b_row = bias[e0:e1]
+            for t in range(length):
+                o_row = out[b, t, e0:e1]
+                first = t - (taps - 1)  # the oldest token a causal tap reads
+                inside = first >= 0 if not reverse else t + taps - 1 < length
+                if taps == 4 and inside:  # Vim's d_conv: all taps in one pass over the row
+                    if reverse:
+                        r0, r1, r2, r3 = x[b, t + 3, e0:e1], x[b, t + 2, e0:e1], x[b, t + 1, e0:e1], x[b, t, e0:e1]
+                    else:
+                        r0, r1, r2, r3 = x[b, first, e0:e1], x[b, first + 1, e0:e1], x[b, first + 2, e0:e1], \
+                            x[b, t, e0:e1]
+                    w0, w1, w2, w3 = w[0, e0:e1], w[1, e0:e1], w[2, e0:e1], w[3, e0:e1]
+                    for j in range(e1 - e0):
+                        o_row[j] = (((b_row[j] + r0[j] * w0[j]) + r1[j] * w1[j]) + r2[j] * w2[j]) + r3[j] * w3[j]
+                    continue
+                for j in range(e1 - e0):
+                    o_row[j] = b_row[j]
+                for k in range(taps):
+                    src = t + (taps - 1) - k if reverse else t - (taps - 1) + k
+                    if 0 <= src < length:
+                        x_row, w_row = x[b, src, e0:e1], w[k, e0:e1]
+                        for j in range(e1 - e0):
+                            o_row[j] += x_row[j] * w_row[j]
+
     @numba.njit(nogil=True, cache=True, boundscheck=False)
     def _sum_leading(x, out):
         """``out = x[0] + x[1] + ...`` over the leading axis, in index order (x: (k, m), out: (m,))."""
@@ -571,5 +608,26 @@ def selective_scan_q(u, delta, A, B, C, D=None, z=None, *, u_scale=None, delta_s
     return y.to(out_dtype or torch.float32)
 
 
-__all__ = ["BACKWARD_BLOCK", "FORWARD_BLOCK", "numba_available", "selective_scan", "selective_scan_q", "supports_selective_scan",
+def supports_causal_conv1d(*, dtype=torch.float32, device=None, requires_grad=False) -> str | None:
+    """None when :func:`causal_conv1d` serves the call (float inputs on CPU, no autograd), else why not."""
+    reason = supports_selective_scan(dtype=dtype, device=device)
+    if reason is None and requires_grad:
+        reason = "the fused conv has no backward; autograd runs the PyTorch conv"
+    return reason
+
+
+def causal_conv1d(x, weight, bias=None, reverse=False) -> torch.Tensor:
+    """Fused twin of ``optimum_vim.ops.conv.causal_conv1d`` (inference): one pass over x instead of a padded copy
+    and K multiply-adds over the whole tensor. Output in ``x.dtype``, fp32 accumulation."""
+    batch, length, channels = x.shape
+    w = weight.reshape(channels, -1)
+    out = torch.empty(batch, length, channels, dtype=torch.float32)
+    if out.numel():
+        _run_tasks(_conv_tasks, _tasks(batch, channels, FORWARD_BLOCK), out.numel() * w.shape[1] // 4, _f32_np(x),
+                   _f32_np(w.t()), _f32_np(bias) if bias is not None else np.zeros(channels, np.float32),
+                   bool(reverse), out.numpy())
+    return out.to(x.dtype)
+
+
+__all__ = ["BACKWARD_BLOCK", "FORWARD_BLOCK", "causal_conv1d", "supports_causal_conv1d", "numba_available", "selective_scan", "selective_scan_q", "supports_selective_scan",
            "supports_selective_scan_q"]
