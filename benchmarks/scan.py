@@ -10,11 +10,16 @@ that a change in machine load hits both alike):
    16, 197 tokens; batch 8 and 1), and forward + backward at the calibration shape (256 x 50 tokens, fixture
    widths), at 1 and 2 threads; the naive loop restates mamba-ssm's ``selective_scan_ref`` (forward rows only);
 3. the float model's forward, ``OPTIMUM_VIM_KERNELS=reference`` (before: the PyTorch scan) against the default
-   (after), fixture batch 64 and a Vim-Tiny-shaped model (random weights) batch 8.
+   (after), fixture batch 64 and a Vim-Tiny-shaped model (random weights) batch 8;
+4. ``--calibration``: PTQ4VM W4A4 at its defaults on the fixture (256 images, 100 JLSS steps per block) with the
+   block-wise engine on each ``--threads`` count: wall and process CPU seconds, whether every quantized tensor equals
+   the first run's bit for bit, and the quantized model on the full Fashion-MNIST test split (top-1, logit SQNR and
+   agreement with the float model).
 
     python benchmarks/scan.py                  # all of it, 1 and 2 threads
     python benchmarks/scan.py --isa avx2       # the same under the AVX2 emulation (no AVX-512, no VNNI)
     python benchmarks/scan.py --quick          # a smoke run (small repeats, no compile-cost processes)
+    python benchmarks/scan.py --calibration --threads 2 1 --no-ops --no-model
 """
 
 from __future__ import annotations
@@ -86,16 +91,21 @@ def _inputs(b, length, e, n, seed=0):
     return u, delta, A, B, C, D
 
 
+CLOCK = time.perf_counter
+
+
 def _interleaved(fns: dict, repeats: int) -> dict:
-    """Median seconds of each function, called in turn ``repeats`` times after one warm-up call each."""
+    """Median seconds of each function, called in turn ``repeats`` times after one warm-up call each (``CLOCK``:
+    wall time, or with ``--clock cpu`` the calling thread's CPU time, which a busy machine's preemptions do not
+    inflate; only meaningful at one thread, where all the work runs on the calling thread)."""
     for fn in fns.values():
         fn()
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            t = time.perf_counter()
+            t = CLOCK()
             fn()
-            times[k].append(time.perf_counter() - t)
+            times[k].append(CLOCK() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -191,19 +201,65 @@ def model_table(threads_list, repeats: int) -> None:
                   f"{t['before'] / t['after']:.2f}x | {diff:.1e} |", flush=True)
 
 
+def calibration_table(threads_list) -> None:
+    import torch
+    from accuracy import logit_sqnr_db, logits_on
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from optimum_vim import ViMQuantizationConfig
+    from optimum_vim.evaluation import iter_batches, load_named_dataset
+
+    print("\n### PTQ4VM W4A4 default calibration on the fixture (256 images, 100 steps per block)\n")
+    print("| threads | calibration wall (s) | process CPU (s) | bit-identical to the first row | top-1 | logit SQNR (dB) "
+          "| agreement with FP |")
+    print("|---|---|---|---|---|---|---|")
+    processor = AutoImageProcessor.from_pretrained(FIXTURE)
+    calib = load_named_dataset("fashion-mnist", "train")
+    test = load_named_dataset("fashion-mnist", "test")
+    batches = list(iter_batches(test, processor, 1000))
+    pixels, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    fp_logits = logits_on(AutoModelForImageClassification.from_pretrained(FIXTURE), pixels)
+    first = None
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        cfg = ViMQuantizationConfig(recipe="ptq4vm", weight_bits=4, act_bits=4, calibration_dataset=calib,
+                                    image_processor=processor)
+        wall, cpu = time.perf_counter(), time.process_time()
+        model = AutoModelForImageClassification.from_pretrained(FIXTURE, quantization_config=cfg)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        same = "-" if first is None else str(state.keys() == first.keys()
+                                                and all(torch.equal(v, first[k]) for k, v in state.items()))
+        first = first or state
+        logits = logits_on(model, pixels)
+        top1 = (logits.argmax(-1) == labels).float().mean().item()
+        agree = (logits.argmax(-1) == fp_logits.argmax(-1)).float().mean().item()
+        print(f"| {threads} | {wall:.1f} | {cpu:.1f} | {same} | {100 * top1:.2f}% | "
+              f"{logit_sqnr_db(fp_logits, logits):.2f} | {100 * agree:.2f}% |", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--isa", choices=["native", "avx2"], default="native",
                    help="avx2: re-run under the AVX2 emulation environment (AVX2_ENV)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: time with the calling thread's CPU time (one thread only; robust on a shared machine)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 repeats, no compile-cost processes")
+    p.add_argument("--no-ops", action="store_true", help="skip the scan-op table")
     p.add_argument("--no-model", action="store_true", help="skip the whole-model table")
+    p.add_argument("--calibration", action="store_true", help="time PTQ4VM W4A4 calibration per --threads count")
     args = p.parse_args(argv)
     if args.isa == "avx2" and os.environ.get("NUMBA_CPU_NAME") != "haswell":
         argv = [a for a in (argv if argv is not None else sys.argv[1:])]
         return subprocess.run([sys.executable, os.path.abspath(__file__), *argv], env={**os.environ, **AVX2_ENV}).returncode
     repeats = 2 if args.quick else args.repeats
+    if args.clock == "cpu":
+        if args.threads != [1]:
+            p.error("--clock cpu measures the calling thread only: use it with --threads 1")
+        global CLOCK
+        CLOCK = time.thread_time
 
     import numba
     import torch
@@ -212,13 +268,16 @@ def main(argv=None) -> int:
     emulated = {k: os.environ[k] for k in AVX2_ENV if k in os.environ}
     print(describe_cpu())
     print(f"torch {torch.__version__}, numba {numba.__version__}, threads {args.threads}, median of {repeats} "
-          f"(interleaved), load average {os.getloadavg()[0]:.1f}"
+          f"(interleaved, {args.clock} clock), load average {os.getloadavg()[0]:.1f}"
           + (f"; AVX2 emulation: {' '.join(f'{k}={v!r}' for k, v in emulated.items())}" if emulated else ""))
-    if not args.quick:
+    if not args.quick and not args.no_ops:
         compile_cost()
-    op_table(args.threads, repeats)
+    if not args.no_ops:
+        op_table(args.threads, repeats)
     if not args.no_model:
         model_table(args.threads, repeats)
+    if args.calibration:
+        calibration_table(args.threads)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Fused CPU selective scan (forward and backward), compiled with numba.
+"""Fused CPU selective scan (forward and backward) and causal conv1d, compiled with numba.
 
 The PyTorch scan (``optimum_vim.ops.scan``) walks the tokens in Python with a handful of tensor ops per step; here
 the whole recurrence of a block of channels runs in one compiled loop with its state in registers / L1, and ``exp``
@@ -7,8 +7,9 @@ is a vectorisable polynomial, so the compiler keeps every step in SIMD lanes (on
 Work split, fixed by the shapes only (never by the thread count), which makes every result bit-identical whatever
 the number of threads:
 
-* a **task** is one batch sample times one block of ``CHANNEL_BLOCK`` channels; every (sample, channel) sequence is
-  computed by one thread, step after step in scan order, and its state sum over ``n`` runs in index order;
+* a **task** is one batch sample times one block of channels (``FORWARD_BLOCK`` / ``BACKWARD_BLOCK``); every
+  (sample, channel) sequence is computed by one thread, step after step in scan order, and its state sum over ``n``
+  runs in index order;
 * sums across sequences are written per task and reduced afterwards in a fixed order: ``grad_A`` / ``grad_D`` over
   the batch in sample order, ``grad_B`` / ``grad_C`` over the channels in block order (inside a block: 8 interleaved
   partial sums, then a fixed tree);
@@ -16,8 +17,8 @@ the number of threads:
   the GIL), so numba's own threading layer is never used: calls from several Python threads at once are safe.
 
 Numerics: fp32 throughout (fp16 / bf16 inputs are upcast, fp64 runs the PyTorch reference); ``exp`` is Cody-Waite
-range reduction plus a degree-6 polynomial (within 2 ulp of the correctly rounded value on the range the scan uses),
-exactly 0 below ``e^-87`` (no denormals). Against the PyTorch scan the results differ by float rounding only (the
+range reduction plus the Cephes polynomial (within 2 ulp of exp on [-87, 88]), exactly 0 below ``e^-87`` (no
+denormals); multiply-adds may fuse (FMA), sums are never reordered. Against the PyTorch scan the results differ by float rounding only (the
 tests state and check the tolerances). Scans with an 8-bit carried state follow ``selective_scan_q_ref`` exactly:
 ``h <- clamp(rint(h / s), qmin, qmax) * s`` after each step with ``s = h_scale[t] * h_channel_scale[e]``, the
 output of that step read from the unquantized state.
