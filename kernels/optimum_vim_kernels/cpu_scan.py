@@ -39,6 +39,8 @@ import threading
 import numpy as np
 import torch
 
+from .reference import save_scan_inputs, saved_scan_inputs
+
 logger = logging.getLogger(__name__)
 
 FORWARD_BLOCK = 64
@@ -548,17 +550,12 @@ class _FusedScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, reverse):
-        ctx.reverse = reverse
-        ctx.has_d, ctx.has_z = D is not None, z is not None
-        ctx.save_for_backward(u, delta, A, B, C, D if D is not None else torch.empty(0),
-                              z if z is not None else torch.empty(0))
+        save_scan_inputs(ctx, u, delta, A, B, C, D, z, reverse)
         return _forward(u, delta, A, B, C, D, z, reverse=reverse).to(u.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        u, delta, A, B, C, D, z = ctx.saved_tensors
-        D = D if ctx.has_d else None
-        z = z if ctx.has_z else None
+        u, delta, A, B, C, D, z = saved_scan_inputs(ctx)
         grads = _backward(grad_out, u, delta, A, B, C, D, z, ctx.reverse)
         like = (u, delta, A, B, C, D, z)
         return (*(g.to(t.dtype) if g is not None else None for g, t in zip(grads, like)), None)

@@ -21,6 +21,7 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from optimum_vim_kernels.reference import save_scan_inputs, saved_scan_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -179,17 +180,12 @@ class _SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, reverse):
-        ctx.reverse = reverse
-        ctx.has_d, ctx.has_z = D is not None, z is not None
-        ctx.save_for_backward(u, delta, A, B, C, D if D is not None else torch.empty(0),
-                              z if z is not None else torch.empty(0))
+        save_scan_inputs(ctx, u, delta, A, B, C, D, z, reverse)
         return _chunked_forward(u, delta, A, B, C, D, z, reverse)
 
     @staticmethod
     def backward(ctx, grad_out):
-        u, delta, A, B, C, D, z = ctx.saved_tensors
-        D = D if ctx.has_d else None
-        z = z if ctx.has_z else None
+        u, delta, A, B, C, D, z = saved_scan_inputs(ctx)
         parts = [_scan_backward_chunk(grad_out[sl], u[sl], delta[sl], A, B[sl], C[sl], D,
                                       z[sl] if z is not None else None, ctx.reverse)
                  for sl in _batch_chunks(u.shape[0], A)]
