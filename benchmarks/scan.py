@@ -19,7 +19,7 @@ that a change in machine load hits both alike):
     python benchmarks/scan.py                  # all of it, 1 and 2 threads
     python benchmarks/scan.py --isa avx2       # the same under the AVX2 emulation (no AVX-512, no VNNI)
     python benchmarks/scan.py --quick          # a smoke run (small repeats, no compile-cost processes)
-    python benchmarks/scan.py --calibration --threads 2 1 --no-ops --no-model
+    python benchmarks/scan.py --calibration --threads 2 1 --no-ops --no-model --no-compile
 """
 
 from __future__ import annotations
@@ -46,20 +46,21 @@ TRAIN_SHAPE = ("fixture calibration", 256, 50, 128, 8)
 
 _COMPILE_PROBE = r"""
 import time, torch
-t0 = time.perf_counter()
+clock = time.process_time if CPU_CLOCK else time.perf_counter
+t0 = clock()
 from optimum_vim_kernels import cpu_scan
 u = torch.randn(2, 9, 70); d = torch.rand(2, 9, 70) * 0.1; A = -torch.rand(70, 8) - 0.5
 B, C, D = torch.randn(2, 9, 8), torch.randn(2, 9, 8), torch.randn(70)
-t1 = time.perf_counter()
+t1 = clock()
 with torch.no_grad():
     cpu_scan.selective_scan(u, d, A, B, C, D)
-t2 = time.perf_counter()
+t2 = clock()
 x = [t.clone().requires_grad_() for t in (u, d, A, B, C, D)]
 cpu_scan.selective_scan(*x).sum().backward()
-t3 = time.perf_counter()
+t3 = clock()
 codes = torch.randint(-128, 127, (2, 9, 70), dtype=torch.int8)
 cpu_scan.selective_scan_q(codes, d, A, B, C, D, u_scale=torch.ones(1), h_scale=torch.ones(9))
-t4 = time.perf_counter()
+t4 = clock()
 print(f"{t1 - t0:.3f} {t2 - t1:.3f} {t3 - t2:.3f} {t4 - t3:.3f}")
 """
 
@@ -109,14 +110,16 @@ def _interleaved(fns: dict, repeats: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def compile_cost() -> None:
-    print("\n### First-call cost of the fused scan (fresh process each)\n")
+def compile_cost(cpu_clock: bool) -> None:
+    print(f"\n### First-call cost of the fused scan (fresh process each, {'process CPU' if cpu_clock else 'wall'} "
+          "seconds)\n")
     print("| cache | import (s) | first forward (s) | first backward (s) | first int8 + 8-bit-state forward (s) |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "NUMBA_CACHE_DIR": cache}
         for label in ("cold (empty cache: compiles)", "warm (loads the on-disk cache)"):
-            out = subprocess.run([sys.executable, "-c", _COMPILE_PROBE], env=env, capture_output=True, text=True,
+            probe = f"CPU_CLOCK = {cpu_clock}\n" + _COMPILE_PROBE
+            out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                                  check=True).stdout.split()
             print(f"| {label} | " + " | ".join(out) + " |", flush=True)
 
@@ -248,6 +251,7 @@ def main(argv=None) -> int:
                    help="cpu: time with the calling thread's CPU time (one thread only; robust on a shared machine)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 repeats, no compile-cost processes")
     p.add_argument("--no-ops", action="store_true", help="skip the scan-op table")
+    p.add_argument("--no-compile", action="store_true", help="skip the first-call (compile) cost")
     p.add_argument("--no-model", action="store_true", help="skip the whole-model table")
     p.add_argument("--calibration", action="store_true", help="time PTQ4VM W4A4 calibration per --threads count")
     args = p.parse_args(argv)
@@ -270,8 +274,8 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, numba {numba.__version__}, threads {args.threads}, median of {repeats} "
           f"(interleaved, {args.clock} clock), load average {os.getloadavg()[0]:.1f}"
           + (f"; AVX2 emulation: {' '.join(f'{k}={v!r}' for k, v in emulated.items())}" if emulated else ""))
-    if not args.quick and not args.no_ops:
-        compile_cost()
+    if not args.quick and not args.no_compile:
+        compile_cost(args.clock == "cpu")
     if not args.no_ops:
         op_table(args.threads, repeats)
     if not args.no_model:
