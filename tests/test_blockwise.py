@@ -180,3 +180,44 @@ def test_fake_quant_linear_exports_the_module_it_simulates():
         torch.testing.assert_close(q(x), fq(x), rtol=1e-5, atol=1e-5)
     # sigma is folded into the stored codes: the effective weight is the float weight up to 4-bit rounding
     assert (q.effective_weight() - linear.weight).abs().max() < (w.abs().amax(1) / 7 / sigma.min()).max()
+
+
+@pytest.mark.parametrize("recipe,args", [
+    ("ptq4vm", {"steps": 3}),
+    ("ouromamba", {"epochs": 2, "candidates": 20}),
+], ids=["ptq4vm", "ouromamba"])
+def test_two_worker_threads_give_bit_identical_plans(tiny, recipe, args, monkeypatch):
+    """80 images: 3 training pieces (32, 32, 16) and 2 streaming chunks per step, so two workers really share the
+    work; the plans equal the one-thread run bit for bit (OuroMamba on real images: its generation is not part of
+    the engine)."""
+    import threading
+
+    import optimum_vim
+    from optimum_vim.calibration import blockwise
+
+    pixels = torch.randn(80, 1, 28, 28, generator=torch.Generator().manual_seed(11))
+    cfg = ViMQuantizationConfig(recipe=recipe, weight_bits=4, act_bits=4, recipe_args=args)
+    threads_seen = set()
+    real_map = blockwise._Workers.map
+
+    def recording_map(self, fn, items):
+        def wrapped(x):
+            threads_seen.add(threading.get_ident())
+            return fn(x)
+        return real_map(self, wrapped, items)
+
+    monkeypatch.setattr(blockwise._Workers, "map", recording_map)
+    plans = {}
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            threads_seen.clear()
+            plans[threads] = optimum_vim.recipes.get_recipe_class(recipe)(cfg).calibrate(tiny, [pixels]).layers
+            assert len(threads_seen) == threads
+    finally:
+        torch.set_num_threads(old)
+    assert plans[1].keys() == plans[2].keys() and len(plans[1]) > 0
+    for name, lp in plans[1].items():
+        for t, v in lp.tensors.items():
+            assert torch.equal(v, plans[2][name].tensors[t]), f"{name}.{t}"

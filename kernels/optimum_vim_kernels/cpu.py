@@ -16,8 +16,9 @@ on every call); these functions compute the same values the fast way:
 * ``outlier_gemm``: the int8 inlier GEMM above plus the gathered fp32 outlier columns of the cached weight;
 * ``combine_directions``: Vim's direction average, gate and int8 requantization in place on one buffer.
 
-The selective scan has no member here: ``optimum_vim.ops`` runs int8-input scans through its chunked PyTorch scan
-on CPU, and scans with a quantized state through the reference loop.
+The selective scan's members (``selective_scan``, float and differentiable; ``selective_scan_q``, int8 inputs and the
+8-bit state) and ``causal_conv1d`` (inference) are the fused numba kernels of :mod:`optimum_vim_kernels.cpu_scan`,
+re-exported here.
 
 Cached decodings are keyed on the packed tensor (its identity and in-place version counter, so ``load_state_dict``
 or any in-place write invalidates them) and freed with it. :func:`clear_cache` drops every entry;
@@ -32,6 +33,14 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from .cpu_scan import (
+    causal_conv1d,
+    selective_scan,
+    selective_scan_q,
+    supports_causal_conv1d,
+    supports_selective_scan,
+    supports_selective_scan_q,
+)
 from .reference import check_gemm_args, decode_int_weight, dequantize_weight_ref, gemm_epilogue, group_bounds
 
 # int32 accumulation bound: |a| <= 128, |w| <= 128, plus the zero-point term |a_zero * colsum| <= 256 * 128 * K
@@ -226,6 +235,7 @@ def combine_directions(y_f, y_b, z, divide=True, out_scale=None, out_dtype=None,
 
 
 __all__ = [
-    "cache_bytes", "clear_cache", "combine_directions", "float_weight", "int8_weight", "outlier_gemm", "quant_gemm",
-    "supports_combine_directions", "supports_outlier_gemm", "supports_quant_gemm",
+    "cache_bytes", "causal_conv1d", "clear_cache", "combine_directions", "float_weight", "int8_weight", "outlier_gemm",
+    "quant_gemm", "selective_scan", "supports_causal_conv1d", "selective_scan_q", "supports_combine_directions", "supports_outlier_gemm",
+    "supports_quant_gemm", "supports_selective_scan", "supports_selective_scan_q",
 ]

@@ -266,3 +266,19 @@ def combine_directions_ref(y_f: torch.Tensor, y_b: torch.Tensor, z: torch.Tensor
             q = q + out_zero.float().reshape(1, -1, 1)
         return q.clamp_(qmin, qmax).to(torch.int8)
     return y.to(out_dtype or y_f.dtype)
+
+
+def save_scan_inputs(ctx, u, delta, A, B, C, D, z, reverse) -> None:
+    """Stores a selective scan's inputs on an autograd ``ctx`` (D and z optional); :func:`saved_scan_inputs` reads
+    them back. Shared by the PyTorch scan's and the fused CPU scan's autograd functions."""
+    ctx.reverse = reverse
+    ctx.has_d, ctx.has_z = D is not None, z is not None
+    ctx.save_for_backward(u, delta, A, B, C, D if D is not None else torch.empty(0),
+                          z if z is not None else torch.empty(0))
+
+
+def saved_scan_inputs(ctx) -> tuple:
+    """``(u, delta, A, B, C, D, z)`` stored by :func:`save_scan_inputs` (D / z None when absent)."""
+    u, delta, A, B, C, D, z = ctx.saved_tensors
+    return u, delta, A, B, C, D if ctx.has_d else None, z if ctx.has_z else None
+

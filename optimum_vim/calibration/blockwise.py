@@ -17,16 +17,31 @@ Memory: the engine holds the current block's float and quantized input streams (
 set, never the whole model's activations. The model itself is not modified: the plans are returned and applied by
 the caller, so a failing block leaves nothing half-applied.
 
-Reproducibility: batches are drawn with a generator seeded per block, and the whole calibration runs with a fixed
-intra-op thread count (:data:`CALIBRATION_THREADS`), because CPU reductions and GEMMs split their sums by thread
-count; seeded runs are then bit-identical whatever ``torch.get_num_threads()`` the caller uses.
+Reproducibility on all cores: batches are drawn with a generator seeded per block, and the work is cut into pieces
+that depend on the shapes only, never on the thread count. PyTorch runs at one intra-op thread (its reductions and
+GEMMs would split their sums by thread count); the parallelism comes from running the pieces on
+:data:`CALIBRATION_THREADS` Python threads (PyTorch ops and the fused CPU scan release the GIL):
+
+* streaming the calibration set through a block: fixed chunks of ``_CHUNK`` samples, concatenated in order;
+* a training step: the step's batch in fixed pieces of ``_TRAIN_CHUNK`` samples, each piece's forward (its own
+  autograd graph) on a worker, the block loss on the concatenated output in the caller, then each piece's backward
+  (``torch.autograd.grad`` of the piece's output with its slice of the output gradient) on a worker; the parameter
+  gradients are the sum of the pieces' gradients in piece order (by the chain rule, the gradient of the whole
+  batch's loss).
+
+Every piece is computed by one thread in a fixed order and every sum across pieces runs in piece order, so seeded
+runs are bit-identical for any thread count (tested for 1 and 2). What a piece computes must not draw from the global
+random generator (the stand-ins and Vim blocks in eval-like use do not).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import contextvars
 import copy
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -37,13 +52,45 @@ from tqdm.auto import tqdm
 
 from ..modules.plan import LayerPlan, QuantPlan, apply_plan
 
-CALIBRATION_THREADS = int(os.environ.get("OPTIMUM_VIM_CALIBRATION_THREADS", "1"))
-"""Intra-op threads used while calibrating (``OPTIMUM_VIM_CALIBRATION_THREADS``); results depend on it, not on the
-caller's ``torch.get_num_threads()``. One by default: the block-sized GEMMs gain little from a second thread, and on
-a busy machine a multi-threaded run spends most of its time waiting for its slowest thread (measured 35x slower
-with two threads on two cores shared with other jobs)."""
+CALIBRATION_THREADS: int | None = (int(os.environ["OPTIMUM_VIM_CALIBRATION_THREADS"])
+                                   if os.environ.get("OPTIMUM_VIM_CALIBRATION_THREADS") else None)
+"""Worker threads of the block-wise calibration (``OPTIMUM_VIM_CALIBRATION_THREADS``); None: the caller's
+``torch.get_num_threads()`` (all cores by default). The results do not depend on it (see the module docstring)."""
 
 _CHUNK = 64  # samples per forward when streaming the calibration set through a block
+_TRAIN_CHUNK = 32  # samples per forward / backward piece of a training step (fixed: results never depend on threads)
+
+
+class _Workers:
+    """Runs pieces of work on ``threads`` Python threads and returns their results in piece order. Each piece runs
+    with the caller's grad mode and context variables (the kernel policy of ``use_kernels``)."""
+
+    def __init__(self, threads: int):
+        self.threads = max(1, int(threads))
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def map(self, fn, items) -> list:
+        items = list(items)
+        if self.threads == 1 or len(items) <= 1:
+            return [fn(x) for x in items]
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="optimum-vim-calib")
+        grad = torch.is_grad_enabled()
+        ctx = contextvars.copy_context()
+
+        def run(x):
+            with torch.set_grad_enabled(grad):
+                return ctx.copy().run(fn, x)
+
+        return list(self._pool.map(run, items))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
+_serial = _Workers(1)
 
 
 class BlockwiseCalibrationError(RuntimeError):
@@ -77,6 +124,7 @@ class BlockContext:
     num_blocks: int
     streams: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(repr=False, default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)  # per-block notes the recipe or engine records
+    workers: _Workers = field(repr=False, default=_serial)  # the engine's worker threads (pieces in fixed order)
 
     def inputs(self, stream: str = "float") -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(hidden, residual)`` entering the block on the ``"float"`` or ``"quant"`` stream (residual None for
@@ -90,14 +138,24 @@ class BlockContext:
         """The first positional input of each named submodule of the float block (names relative to the block,
         e.g. ``"mixer.in_proj"``) when the float block runs on ``stream``, concatenated over the calibration set."""
         hidden, residual = self.inputs(stream)
-        got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        chunks = list(_chunks(hidden, residual))
+        got: dict[str, list] = {n: [None] * len(chunks) for n in names}
+        current = threading.local()  # the chunk a worker is running, so that its inputs land in chunk order
         handles = []
         for n in names:
             mod = self.block.get_submodule(n)
-            handles.append(mod.register_forward_pre_hook(lambda _m, args, n=n: got[n].append(args[0].detach())))
+
+            def keep(_m, args, n=n):
+                got[n][current.index] = args[0].detach()
+
+            handles.append(mod.register_forward_pre_hook(keep))
+
+        def run(i):
+            current.index = i
+            self.block(*chunks[i])
+
         try:
-            for h, r in _chunks(hidden, residual):
-                self.block(h, r)
+            self.workers.map(run, range(len(chunks)))
         finally:
             for handle in handles:
                 handle.remove()
@@ -110,17 +168,13 @@ def _chunks(hidden: torch.Tensor, residual: torch.Tensor | None) -> Iterator[tup
 
 
 @torch.no_grad()
-def _run_block(block: nn.Module, hidden, residual) -> tuple[torch.Tensor, torch.Tensor]:
-    outs, ress = [], []
-    for h, r in _chunks(hidden, residual):
-        o, res = block(h, r)
-        outs.append(o)
-        ress.append(res)
-    return torch.cat(outs), torch.cat(ress)
+def _run_block(block: nn.Module, hidden, residual, workers: _Workers = _serial) -> tuple[torch.Tensor, torch.Tensor]:
+    pieces = workers.map(lambda hr: block(*hr), _chunks(hidden, residual))
+    return torch.cat([o for o, _ in pieces]), torch.cat([r for _, r in pieces])
 
 
 @contextlib.contextmanager
-def fixed_threads(n: int = CALIBRATION_THREADS):
+def fixed_threads(n: int = 1):
     """Runs the body with ``torch.set_num_threads(n)`` and restores the caller's setting."""
     old = torch.get_num_threads()
     torch.set_num_threads(max(1, n))
@@ -191,7 +245,8 @@ def calibrate_blockwise(model: nn.Module, pixel_values: torch.Tensor, recipe: Bl
 
     ``log``, when given, receives one dict per block: its name, the first and last training loss and
     ``quantized_loss``, the default cosine loss of the frozen quantized block (on the quantized stream) against the
-    float target."""
+    float target. ``threads``: worker threads (default :data:`CALIBRATION_THREADS`, else the caller's
+    ``torch.get_num_threads()``); the plans do not depend on it."""
     if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[0] == 0:
         raise ValueError("block-wise calibration needs a non-empty (n, C, H, W) tensor of calibration images")
     if not torch.isfinite(pixel_values).all():
@@ -200,7 +255,9 @@ def calibrate_blockwise(model: nn.Module, pixel_values: torch.Tensor, recipe: Bl
     device = next(vim.parameters()).device
     blocks = list(vim.layers)
     plans: dict[str, LayerPlan] = {}
-    with fixed_threads(CALIBRATION_THREADS if threads is None else threads), torch.no_grad():
+    threads = threads or CALIBRATION_THREADS or torch.get_num_threads()
+    workers = _Workers(threads)
+    with contextlib.closing(workers), fixed_threads(1), torch.no_grad():
         hidden = torch.cat([vim.embed(p.to(device)).float() for p in pixel_values.split(_CHUNK)])
         streams = {"float": (hidden, None), "quant": (hidden, None)}
         for i, float_block in enumerate(blocks):
@@ -209,9 +266,9 @@ def calibrate_blockwise(model: nn.Module, pixel_values: torch.Tensor, recipe: Bl
             ctx = BlockContext(
                 index=i, name=name, block=teacher, model_config=vim.config,
                 generator=torch.Generator().manual_seed(seed * 1_000_003 + i), num_samples=hidden.shape[0],
-                num_blocks=len(blocks), streams=dict(streams),
+                num_blocks=len(blocks), streams=dict(streams), workers=workers,
             )
-            target, next_residual = _run_block(teacher, *streams["float"])
+            target, next_residual = _run_block(teacher, *streams["float"], workers)
             _check_finite(target, "the float block's output", name)
             with torch.enable_grad():
                 student = recipe.prepare_block(ctx)
@@ -227,7 +284,7 @@ def calibrate_blockwise(model: nn.Module, pixel_values: torch.Tensor, recipe: Bl
             quant_block = copy.deepcopy(teacher)
             local = QuantPlan(recipe="blockwise", layers={k[len(name) + 1:]: v for k, v in block_plans.items()})
             apply_plan(quant_block, local)
-            q_out, q_res = _run_block(quant_block, *streams["quant"])
+            q_out, q_res = _run_block(quant_block, *streams["quant"], workers)
             _check_finite(q_out, "the quantized block's output", name)
             if log is not None:
                 log.append({"block": name, **ctx.info, "quantized_loss": cosine_block_loss(q_out, target).item()})
@@ -263,14 +320,12 @@ def _train_block(ctx: BlockContext, recipe, student: nn.Module, target: torch.Te
         r = residual if residual is None or idx is None else residual[idx]
         t = target if idx is None else target[idx]
         optimizer.zero_grad(set_to_none=True)
-        out, _ = student(h, r)
-        loss = loss_fn(ctx, out, t) if loss_fn is not None else cosine_block_loss(out, t)
+        loss = _step_gradients(ctx, student, params, h, r, t, loss_fn)
         if not torch.isfinite(loss):
             raise BlockwiseCalibrationError(
                 f"block {ctx.name}: the calibration loss became {loss.item()} at step {step + 1}/{steps}. Nothing was "
                 "applied to the model; lower the learning rates or check the calibration images."
             )
-        loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
@@ -282,3 +337,29 @@ def _train_block(ctx: BlockContext, recipe, student: nn.Module, target: torch.Te
         bar.set_postfix(loss=f"{value:.5f}")
     student.eval()
     ctx.info.update(first_loss=first, last_loss=last, steps=steps)
+
+
+def _step_gradients(ctx: BlockContext, student: nn.Module, params: list[torch.Tensor], hidden, residual, target,
+                    loss_fn) -> torch.Tensor:
+    """One training step's loss, its gradients accumulated into ``params``' ``.grad``: the batch's forward and backward
+    in fixed pieces on the workers, the loss on the whole output (see the module docstring). Returns the loss."""
+    params = [p for p in params if p.requires_grad]  # a recipe may freeze tensors while training (ViM-VQ)
+    pieces = [slice(i, i + _TRAIN_CHUNK) for i in range(0, hidden.shape[0], _TRAIN_CHUNK)]
+    outs = ctx.workers.map(lambda sl: student(hidden[sl], None if residual is None else residual[sl])[0], pieces)
+    out = torch.cat([o.detach() for o in outs]).requires_grad_(True)
+    loss = loss_fn(ctx, out, target) if loss_fn is not None else cosine_block_loss(out, target)
+    # the loss may also read parameters directly (a regulariser): those gradients come with the output's
+    direct = torch.autograd.grad(loss, [out, *params], allow_unused=True)
+    grad_out = direct[0]
+    parts = ctx.workers.map(
+        lambda i: torch.autograd.grad(outs[i], params, grad_outputs=grad_out[pieces[i]], allow_unused=True),
+        range(len(pieces)))
+    for k, p in enumerate(params):
+        total = direct[1 + k]
+        for part in parts:  # piece order: a fixed summation order
+            g = part[k]
+            if g is not None:
+                total = g if total is None else total + g
+        if total is not None:
+            p.grad = total if p.grad is None else p.grad + total
+    return loss.detach()

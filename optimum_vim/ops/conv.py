@@ -19,6 +19,9 @@ def causal_conv1d(
     Returns:
         (batch, L, E) in ``x.dtype``; accumulation in fp32 (as the causal-conv1d kernel does), fp64 for fp64 input.
 
+    CPU inference calls run the fused numba conv (one pass, ``optimum_vim_kernels.cpu.causal_conv1d``) unless the
+    kernel policy is ``reference``; with autograd, on other devices and for fp64 the PyTorch conv runs.
+
     ``out[t] = bias + sum_k w[k] * x[t - (K-1) + k]`` (forward), ``out[t] = bias + sum_k w[k] * x[t + (K-1) - k]``
     (reverse). Written as K shifted multiply-adds, so the token-major layout needs no transposes.
     """
@@ -28,6 +31,26 @@ def causal_conv1d(
     w = weight.reshape(weight.shape[0], weight.shape[-1])
     if w.shape[0] != channels:
         raise ValueError(f"conv weight has {w.shape[0]} channels but x has {channels}")
+    kernel = _cpu_conv_kernel(x, weight, bias)
+    if kernel is not None:
+        return kernel(x, w, bias, reverse)
+    return causal_conv1d_torch(x, w, bias, reverse)
+
+
+def _cpu_conv_kernel(x, weight, bias):
+    """The fused CPU conv (``optimum_vim_kernels.cpu.causal_conv1d``) for CPU inference calls under the ``auto`` /
+    ``cpu`` kernel policies, else None (the PyTorch conv below)."""
+    from .dispatch import KernelBackend, current_backend, pick_kernel
+
+    if x.device.type != "cpu" or current_backend() in (KernelBackend.REFERENCE, KernelBackend.TRITON):
+        return None
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    return pick_kernel("conv", "causal_conv1d", x, dtype=x.dtype, device=x.device, requires_grad=grad)
+
+
+def causal_conv1d_torch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                        reverse: bool = False) -> torch.Tensor:
+    """The PyTorch conv (the reference, differentiable): x (batch, L, E), w (E, K)."""
     k = w.shape[1]
     length = x.shape[1]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32

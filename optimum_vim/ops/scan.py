@@ -15,11 +15,13 @@ For every channel ``e`` and state ``n``::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
 import torch
 import torch.nn.functional as F
+from optimum_vim_kernels.reference import save_scan_inputs, saved_scan_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -178,17 +180,12 @@ class _SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, reverse):
-        ctx.reverse = reverse
-        ctx.has_d, ctx.has_z = D is not None, z is not None
-        ctx.save_for_backward(u, delta, A, B, C, D if D is not None else torch.empty(0),
-                              z if z is not None else torch.empty(0))
+        save_scan_inputs(ctx, u, delta, A, B, C, D, z, reverse)
         return _chunked_forward(u, delta, A, B, C, D, z, reverse)
 
     @staticmethod
     def backward(ctx, grad_out):
-        u, delta, A, B, C, D, z = ctx.saved_tensors
-        D = D if ctx.has_d else None
-        z = z if ctx.has_z else None
+        u, delta, A, B, C, D, z = saved_scan_inputs(ctx)
         parts = [_scan_backward_chunk(grad_out[sl], u[sl], delta[sl], A, B[sl], C[sl], D,
                                       z[sl] if z is not None else None, ctx.reverse)
                  for sl in _batch_chunks(u.shape[0], A)]
@@ -306,7 +303,18 @@ def selective_scan_mamba_cuda(u, delta, A, B, C, D=None, z=None, reverse=False) 
     return y.transpose(1, 2).to(u.dtype)
 
 
-_SCAN_BACKENDS = ("auto", "torch", "mamba")
+_SCAN_BACKENDS = ("auto", "torch", "mamba", "cpu")
+
+
+def _cpu_scan_kernel(u: torch.Tensor, forced: bool):
+    """The fused CPU scan (``optimum_vim_kernels.cpu.selective_scan``) when the kernel policy lets it serve this
+    call, else None (the PyTorch scan runs). ``forced`` (``backend="cpu"``) raises instead of falling back."""
+    from .dispatch import KernelBackend, current_backend, pick_kernel, use_kernels
+
+    if not forced and (current_backend() in (KernelBackend.REFERENCE, KernelBackend.TRITON) or u.is_cuda):
+        return None  # there is no Triton float scan: the PyTorch scan serves the float op under these policies
+    with use_kernels(KernelBackend.CPU) if forced else contextlib.nullcontext():
+        return pick_kernel("scan", "selective_scan", u, dtype=u.dtype, device=u.device)
 
 
 def selective_scan(
@@ -320,10 +328,20 @@ def selective_scan(
     reverse: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Dispatching selective scan. ``backend``: ``"auto"`` (mamba-ssm on CUDA when importable, else PyTorch),
-    ``"torch"`` or ``"mamba"``. Shapes as in :func:`selective_scan_torch`."""
+    """Dispatching selective scan. Shapes as in :func:`selective_scan_torch`. ``backend``:
+
+    * ``"auto"``: mamba-ssm on CUDA when importable; on CPU the fused CPU scan (``optimum_vim_kernels.cpu``, numba)
+      unless the kernel policy (``OPTIMUM_VIM_KERNELS`` / ``use_kernels``) is ``reference`` or it cannot serve the
+      call (fp64 inputs, numba missing), else the PyTorch scan;
+    * ``"torch"``: the PyTorch scan (the reference), ``"mamba"``: mamba-ssm's CUDA kernel, ``"cpu"``: the fused CPU
+      scan (raises ``KernelUnsupportedError`` with the reason when it cannot serve the call)."""
     if backend not in _SCAN_BACKENDS:
         raise ValueError(f"unknown scan backend {backend!r}; choose one of {_SCAN_BACKENDS}")
     if backend == "mamba" or (backend == "auto" and u.is_cuda and _mamba_selective_scan_fn() is not None):
         return selective_scan_mamba_cuda(u, delta, A, B, C, D, z, reverse)
+    if backend in ("auto", "cpu"):
+        _check_scan_shapes(u, delta, A, B, C, D, z)
+        kernel = _cpu_scan_kernel(u, forced=backend == "cpu")
+        if kernel is not None:
+            return kernel(u, delta, A, B, C, D, z, reverse)
     return selective_scan_torch(u, delta, A, B, C, D, z, reverse)
