@@ -241,8 +241,8 @@ def int_gemm_path(m: int, n: int, k: int) -> str:
     """The integer GEMM path for an (M, K) x (K, N) call: forced (:func:`use_gemm_path`, ``$OPTIMUM_VIM_CPU_GEMM``)
     or chosen for this CPU (module docstring)."""
     forced = _forced_path.get() or os.environ.get(GEMM_PATH_ENV, "auto").strip().lower() or "auto"
-    if forced == "int_mm":
-        return forced
+    if forced == "int_mm" or (forced == "auto" and int8_dot_product()):
+        return "int_mm"
     if forced not in ("auto", "sgemm"):
         raise ValueError(f"{GEMM_PATH_ENV}={forced!r}; use one of {('auto', *GEMM_PATHS)}")
     inexact = _inexact_fp32()
@@ -251,7 +251,7 @@ def int_gemm_path(m: int, n: int, k: int) -> str:
             raise RuntimeError(f"the sgemm integer path needs IEEE fp32 GEMMs, but {inexact}; call "
                                "torch.set_float32_matmul_precision('highest') or use the int_mm path")
         return forced
-    if inexact or int8_dot_product():
+    if inexact:
         return "int_mm"
     key = (n, k, _m_bucket(m))
     choice = _choices.get(key)
