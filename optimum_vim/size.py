@@ -1,8 +1,10 @@
-"""Storage accounting: what quantized layers take on disk against their fp16 originals."""
+"""Storage accounting: what quantized layers take on disk against their fp16 originals, and what a model keeps in
+memory."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from torch import nn
@@ -53,3 +55,18 @@ def bits_per_weight(model: nn.Module) -> float:
         bits += 8 * sum(b.numel() * b.element_size() for name, b in mod.named_buffers(recurse=False)
                         if name in _WEIGHT_BUFFERS)
     return bits / weights if weights else float("nan")
+
+
+def memory_footprint(model: nn.Module, return_buffers: bool = True) -> int:
+    """Bytes a model keeps resident: transformers' ``get_memory_footprint`` (parameters, and buffers with
+    ``return_buffers``: the packed codes, scales and codebooks of quantized layers) plus the CPU kernels' caches built
+    from this model's buffers (int8 codes of sub-8-bit A8 weights, weight column sums, and the fp32 decodings of the
+    opt-in decode cache; ``optimum_vim_kernels.cpu``). Transient decode buffers freed after each GEMM are not
+    counted."""
+    total = sum(p.nelement() * p.element_size() for p in model.parameters())
+    if return_buffers:
+        total += sum(b.nelement() * b.element_size() for b in model.buffers())
+    cpu = sys.modules.get("optimum_vim_kernels.cpu")  # not imported yet: no CPU kernel ran, nothing is cached
+    if cpu is not None:
+        total += cpu.cache_bytes(model.buffers())
+    return total

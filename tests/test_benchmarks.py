@@ -50,7 +50,12 @@ def test_cpu_benchmark_split_and_timing_restore_the_model(tiny_vim_dir):
     models = {"float32": AutoModelForImageClassification.from_pretrained(tiny_vim_dir).eval(),
               "W8A8": AutoModelForImageClassification.from_pretrained(tiny_vim_dir, quantization_config=cfg).eval()}
     times = bench.time_models(models, batch=2, repeats=1, warmup=0)
-    assert set(times) == {("float32", "auto"), ("W8A8", "reference"), ("W8A8", "auto")}
+    assert set(times) == {("float32", "float32"), ("W8A8", "reference"), ("W8A8", "auto"), ("W8A8", "int_mm"),
+                          ("W8A8", "sgemm")}
+    assert all(v > 0 for v in times.values())
+    linears = bench.linear_times(models, batch=2, repeats=1, warmup=0)
+    assert {(leaf, label) for leaf, label, _ in linears} == {(leaf, label) for leaf in ("in_proj", "x_proj", "dt_proj",
+                                                             "out_proj") for label in models}
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         before = models["W8A8"](x).logits
@@ -61,3 +66,22 @@ def test_cpu_benchmark_split_and_timing_restore_the_model(tiny_vim_dir):
     assert "forward" not in iq.__dict__ and "row_quantize" not in iq.__dict__  # timers removed
     with torch.no_grad():
         assert torch.equal(models["W8A8"](x).logits, before)
+
+
+def test_memory_benchmark_smoke_runs_fresh_processes(tmp_path):
+    """benchmarks/memory.py end to end at toy sizes: one fresh process per row; VQ layers keep no decode
+    cache by default, and the opt-in rows show the fp32 cache in get_memory_footprint()."""
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "memory.py"), "--model", "smoke", "--formats",
+                          "float32", "vq2", "--workdir", str(tmp_path)], capture_output=True, text=True,
+                         timeout=600, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {}
+    for line in res.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and cells[0] in ("float32", "vq2"):
+            rows[(cells[0], cells[1])] = [float(c.rstrip("x")) for c in cells[2:]]
+    assert set(rows) == {("float32", "-"), ("vq2", "packed (default)"), ("vq2", "fp32 decode cache (opt-in)")}
+    packed, cached = rows[("vq2", "packed (default)")], rows[("vq2", "fp32 decode cache (opt-in)")]
+    assert packed[-1] == 0 < cached[-1]  # decode caches (MB)
+    assert cached[-2] >= packed[-2] + cached[-1] - 0.01  # get_memory_footprint counts the cache
+    assert packed[0] < rows[("float32", "-")][0]  # smaller checkpoint than float

@@ -35,7 +35,8 @@ def test_activation_tensor_affine_roundtrip_and_row_codes():
     assert (out - x)[inside].abs().max() <= 0.025 + 1e-6
     assert out[x > 10].eq(135 * 0.05).all()  # clamped at the top code
     codes, scale, zero = q.row_quantize(x)
-    assert codes.dtype == torch.int8 and codes.shape == (10, 7) and scale.shape == (10,) and zero.shape == (10,)
+    # one scale and zero point serve every row of a per-tensor quantizer
+    assert codes.dtype == torch.int8 and codes.shape == (10, 7) and scale.shape == (1,) and zero.shape == (1,)
     rebuilt = (codes.float() - zero.float()[:, None]) * scale[:, None]
     assert torch.equal(rebuilt.reshape(2, 5, 7), out)
 
@@ -49,6 +50,40 @@ def test_activation_per_token_and_length_check():
     assert torch.equal(out, expected)
     with pytest.raises(ValueError, match="calibrated for 5 tokens"):
         q(torch.randn(1, 6, 6))
+
+
+@pytest.mark.parametrize("gran,sym", [("tensor", False), ("tensor", True), ("token", False), ("token_cluster", True)])
+def test_row_codes_follow_their_buffers_and_the_batch(gran, sym):
+    """The per-call constants of a static row quantizer are cached: codes must still follow in-place buffer writes
+    (load_state_dict), replaced buffers and new batch sizes, and equal the primitive's quantize_int8 values."""
+    from optimum_vim.primitives import quantize_int8
+
+    spec = {"bits": 8, "symmetric": sym, "granularity": gran, "length": 5, "num_clusters": 2}
+    tensors = {"scale": torch.rand(1 if gran == "tensor" else 2 if gran == "token_cluster" else 5) * 0.05 + 0.01}
+    if gran == "token_cluster":
+        tensors["labels"] = torch.tensor([0, 1, 1, 0, 1], dtype=torch.int32)
+    if not sym:
+        tensors["zero_point"] = torch.randint(100, 150, tensors["scale"].shape, dtype=torch.int32)
+    q = _act(spec, **tensors)
+
+    def expected(x):
+        scale, zero = q.scale_and_zero(x)
+        shift = q.code_shift
+        zero = None if zero is None else zero - shift
+        return quantize_int8(x, scale, zero, q.qmin - shift, q.qmax - shift).reshape(-1, x.shape[-1])
+
+    for batch in (3, 1, 3):
+        x = torch.randn(batch, 5, 6) * 2
+        codes, scale, zero = q.row_quantize(x)
+        assert torch.equal(codes, expected(x))
+        rows = 1 if gran == "tensor" else batch * 5
+        assert scale.shape == (rows,) and (zero is None) == sym and (sym or zero.shape == (rows,))
+        assert torch.equal(((codes.float() - (0 if sym else zero.float()[:, None])) * scale[:, None]).reshape(x.shape),
+                           q(x))  # the GEMM operands rebuild the fake-quantized activation exactly
+    q.scale.mul_(2)  # in place
+    assert torch.equal(q.row_quantize(x)[0], expected(x))
+    q.scale = q.scale * 0.25  # replaced
+    assert torch.equal(q.row_quantize(x)[0], expected(x))
 
 
 def test_activation_clusters_and_channel_factor():

@@ -33,6 +33,8 @@ reparameterisation factor r_C). Zero points are stored as int32 codes.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..primitives import dequantize, int_range, quantize, quantize_int8
@@ -40,6 +42,26 @@ from .base import QModule, register_qmodule
 
 GRANULARITIES = ("tensor", "token", "token_cluster", "channel", "channel_cluster", "dynamic_token", "dynamic_outlier")
 ROW_GRANULARITIES = ("tensor", "token", "token_cluster", "dynamic_token")  # one scale per (sample, token) row
+_STATIC_ROWS = ("tensor", "token", "token_cluster")  # static scales, one per (sample, token) row
+
+
+class _RowConstants(NamedTuple):
+    """What a static row quantizer needs per call, derived from its buffers once (``QActivation.static_rows``)."""
+
+    scale_view: torch.Tensor  # fp32, (1, 1, 1) or (1, L, 1)
+    zero_view: torch.Tensor | None  # fp32 zero point minus the int8 shift, same shape; None when symmetric
+    qmin: int  # int8 clamp bounds (shifted like the zero point)
+    qmax: int
+    zero: torch.Tensor | None  # int32 (1,) or (L,)
+    scale_rows: torch.Tensor  # the GEMM's row scales: (1,) or (batch * L,)
+    zero_rows: torch.Tensor | None  # int32, same shape
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter (and cannot be written outside inference mode)
+        return -1
 
 
 def validate_activation_spec(spec: dict) -> None:
@@ -179,9 +201,9 @@ class QActivation(QModule):
             return None
         if self.qmax - self.qmin > 255 or (not self.symmetric and not allow_zero):
             return None
-        codes, _, _ = self._int8_codes(self._as3d(x))
-        zero = None if self.symmetric else self.zero_point - self.code_shift
-        return codes, self.scale, zero
+        x3 = self._as3d(x)
+        codes, _, _ = self._int8_codes(x3)
+        return codes, self.scale, self.static_rows(*x3.shape[:2]).zero
 
     @property
     def code_shift(self) -> int:
@@ -190,16 +212,58 @@ class QActivation(QModule):
 
     def _int8_codes(self, x3: torch.Tensor):
         """``(codes int8 (batch, L, C), scale, zero)`` broadcastable against ``x3``; affine 8-bit codes in [0, 255]
-        are emitted shifted by -128 (the returned fp32 zero point with them), so ``x ~ scale * (codes - zero)``."""
-        scale, zero = self.scale_and_zero(x3)
+        are emitted shifted by -128 (the returned fp32 zero point with them), so ``x ~ scale * (codes - zero)``.
+
+        Static per-tensor / per-token scales take their (cached) constants and four in-place passes over one
+        temporary: ``x / scale``, round, ``+ zero``, clamp, then the int8 cast (the values of
+        :func:`~optimum_vim.primitives.quantize_int8`)."""
+        if self.granularity not in _STATIC_ROWS or self.spec.get("channel_factor"):
+            scale, zero = self.scale_and_zero(x3)
+            shift = self.code_shift
+            if shift:
+                zero = zero - shift
+            return quantize_int8(x3, scale, zero, self.qmin - shift, self.qmax - shift), scale, zero
+        self._check_input(x3)
+        k = self.static_rows(*x3.shape[:2])
+        # fp16 / bf16 inputs are promoted exactly by the division, as x.float() would
+        q = torch.div(x3 if x3.dtype in (torch.float32, torch.float16, torch.bfloat16) else x3.float(), k.scale_view)
+        q.round_()
+        if k.zero_view is not None:
+            q.add_(k.zero_view)
+        return q.clamp_(k.qmin, k.qmax).to(torch.int8), k.scale_view, k.zero_view
+
+    def static_rows(self, batch: int, length: int) -> _RowConstants:
+        """The constants of a static per-tensor / per-token quantizer for (batch, L, C) inputs, built once and kept
+        until ``scale`` / ``zero_point`` / ``labels`` change (in place or replaced) or the batch size changes."""
+        buffers = tuple(getattr(self, name, None) for name in ("scale", "zero_point", "labels"))
+        key = (batch, length, *((id(t), _version(t)) for t in buffers if t is not None))
+        cache = self.__dict__.setdefault("_row_constants", {})
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        scale = self.scale.float()
         shift = self.code_shift
-        if shift:
-            zero = zero - shift
-        return quantize_int8(x3, scale, zero, self.qmin - shift, self.qmax - shift), scale, zero
+        zero = None if self.symmetric else (self.zero_point - shift).to(torch.int32)
+        if self.granularity == "token_cluster":
+            idx = self.labels.long()
+            scale, zero = scale[idx], (zero[idx] if zero is not None else None)
+        per_row = self.granularity != "tensor"
+        view = (1, -1, 1) if per_row else (1, 1, 1)
+        k = _RowConstants(
+            scale_view=scale.view(view), zero_view=None if zero is None else zero.float().view(view),
+            qmin=self.qmin - shift, qmax=self.qmax - shift, zero=zero,
+            scale_rows=scale.repeat(batch) if per_row else scale.reshape(1),
+            zero_rows=None if zero is None else (zero.repeat(batch) if per_row else zero.reshape(1)),
+        )
+        if len(cache) >= 8:
+            cache.clear()
+        cache[key] = k
+        return k
 
     def row_quantize(self, x: torch.Tensor):
-        """For integer GEMMs: ``(codes int8 (M, C), scale fp32 (M,), zero int32 (M,) or None)`` with one scale per
-        row (sample, token), or ``None`` when scales vary along channels or codes do not fit int8.
+        """For integer GEMMs: ``(codes int8 (M, C), scale fp32, zero int32 or None)`` with one scale per row (sample,
+        token): ``scale`` / ``zero`` of shape (M,), or (1,) when one value serves every row (per-tensor scales);
+        ``None`` when scales vary along channels or codes do not fit int8.
 
         Affine 8-bit codes in [0, 255] are shifted by -128 into int8, the zero point with them, so
         ``x = scale * (codes - zero)`` holds for the returned values."""
@@ -207,11 +271,13 @@ class QActivation(QModule):
             return None
         if self.qmax - self.qmin > 255:
             return None
-        codes, scale, zero = self._int8_codes(self._as3d(x))
-        b, length, c = codes.shape
-        scale_rows = scale.expand(b, length, 1).reshape(-1).contiguous()
-        zero_rows = None if zero is None else zero.expand(b, length, 1).reshape(-1).to(torch.int32)
-        return codes.reshape(-1, c), scale_rows, zero_rows
+        x3 = self._as3d(x)
+        codes, scale, _ = self._int8_codes(x3)
+        c = codes.shape[-1]
+        if self.granularity == "dynamic_token":  # symmetric, one scale per (sample, token) computed from x
+            return codes.reshape(-1, c), scale.reshape(-1), None
+        k = self.static_rows(*x3.shape[:2])
+        return codes.reshape(-1, c), k.scale_rows, k.zero_rows
 
     # ------------------------------------------------------------------ dynamic_outlier
     def outlier_split(self, x: torch.Tensor, scale: torch.Tensor | None = None, ste: bool = False):

@@ -13,6 +13,7 @@ out-of-range value does.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -64,9 +65,9 @@ def nan_rows(*xs: torch.Tensor) -> torch.Tensor | None:
     """(..., 1) bool: rows (last dim) holding a NaN in any of ``xs`` (same leading shape); a float linear layer's
     output row is NaN exactly there. ``None`` when no row does (checked on CPU only, where the host sync is free).
 
-    Off GPU the row sums come first (one pass, no bool tensor the size of ``x``): a row holding a NaN sums to NaN,
-    so only when some sum is NaN are those rows checked element by element (a sum is also NaN for +inf and -inf in
-    one row, which the exact check then clears)."""
+    Off GPU one sum of the whole tensor comes first (one pass, one scalar read: any NaN makes it NaN, so a sum that
+    is not NaN clears the tensor); only then the row sums, and element by element only the rows whose sum is NaN (a
+    sum is also NaN for +inf and -inf in one row, which the exact check then clears)."""
     mask = None
     for x in xs:
         if x is None:
@@ -74,6 +75,8 @@ def nan_rows(*xs: torch.Tensor) -> torch.Tensor | None:
         if x.is_cuda:
             rows = torch.isnan(x).any(-1, keepdim=True)
         else:
+            if not math.isnan(x.sum().item()):
+                continue
             rows = torch.isnan(x.sum(-1, keepdim=True))
             if not bool(rows.any()):
                 continue

@@ -188,18 +188,14 @@ class QLinear(QModule):
             raise ValueError(f"QLinear expects (batch, L, {self.in_features}) inputs; got {tuple(y_f.shape)}")
         iq = self.input_quantizer
         iq._check_input(y_f)
-        qmin, qmax, zero = iq.qmin, iq.qmax, None
-        if not iq.symmetric:
-            shift = iq.code_shift
-            qmin, qmax, zero = qmin - shift, qmax - shift, iq.zero_point - shift
-        codes = combine_directions(y_f, y_b, z, divide=divide, out_scale=iq.scale, out_zero=zero, qmin=qmin, qmax=qmax)
-        b, length, k = codes.shape
-        # one scale per row (token position repeated over the batch) or a single one; zero points always per row
-        a_scale = iq.scale if iq.scale.numel() == 1 else iq.scale.repeat(b)
-        a_zero = None if zero is None else zero.reshape(-1).expand(length).repeat(b).to(torch.int32)
+        b, length, k = y_f.shape
+        rows = iq.static_rows(b, length)  # int8-shifted zero point and clamp bounds, row scales / zeros (cached)
+        codes = combine_directions(y_f, y_b, z, divide=divide, out_scale=iq.scale, out_zero=rows.zero, qmin=rows.qmin,
+                                   qmax=rows.qmax)
         y = quant_gemm(
             codes.reshape(-1, k), self.qweight, self.weight_scale, bits=self.bits, in_features=k,
-            group_size=self.group_size, a_scale=a_scale, a_zero=a_zero, bias=self.bias, out_dtype=y_f.dtype,
+            group_size=self.group_size, a_scale=rows.scale_rows, a_zero=rows.zero_rows, bias=self.bias,
+            out_dtype=y_f.dtype,
         )
         nan = nan_rows(y_f, y_b, z)  # NaN in -> NaN out (codes cannot hold NaN)
         return mark_nan(y.reshape(b, length, self.out_features), nan)

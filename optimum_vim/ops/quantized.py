@@ -30,7 +30,8 @@ def quant_gemm(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Quantized-weight GEMM ``(M, K) -> (M, N)``; see ``optimum_vim_kernels.reference.quant_gemm_ref``."""
+    """Quantized-weight GEMM ``(M, K) -> (M, N)``; see ``optimum_vim_kernels.reference.quant_gemm_ref``. With int8
+    codes, ``a_scale`` / ``a_zero`` hold one value per row (M,) or one for every row (1,)."""
     kwargs = dict(
         bits=bits, in_features=in_features, group_size=group_size, codebook=codebook, a_scale=a_scale,
         a_zero=a_zero, bias=bias, out_dtype=out_dtype,
@@ -40,9 +41,11 @@ def quant_gemm(
         group_size=group_size, codebook=codebook is not None, int_activations=not a.is_floating_point(),
         act_dtype=a.dtype, vector_dim=codebook.shape[1] if codebook is not None else None,
     )
-    if kernel is not None:
-        return kernel(a, qweight, w_scale, **kwargs)
-    return quant_gemm_ref(a, qweight, w_scale, **kwargs)
+    if kernel is None:
+        return quant_gemm_ref(a, qweight, w_scale, **kwargs)
+    if a_zero is not None and a_zero.numel() != a.shape[0] and not kernel.__module__.endswith(".cpu"):
+        kwargs["a_zero"] = a_zero.expand(a.shape[0])  # the Triton GEMM reads one zero point per row
+    return kernel(a, qweight, w_scale, **kwargs)
 
 
 def outlier_gemm(

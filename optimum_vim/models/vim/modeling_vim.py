@@ -272,6 +272,14 @@ class VimPreTrainedModel(PreTrainedModel):
                 total += count()
         return total
 
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """transformers' footprint (parameters and buffers, i.e. a quantized layer's packed codes, scales and
+        codebooks) plus what the CPU kernels keep cached for this model's quantized weights
+        (:func:`optimum_vim.size.memory_footprint`)."""
+        from ...size import memory_footprint
+
+        return memory_footprint(self, return_buffers)
+
     @staticmethod
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
         """transformers' weight loading, after refusing a quantized optimum-vim checkpoint that is about to load as a
