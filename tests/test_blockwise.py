@@ -180,3 +180,33 @@ def test_fake_quant_linear_exports_the_module_it_simulates():
         torch.testing.assert_close(q(x), fq(x), rtol=1e-5, atol=1e-5)
     # sigma is folded into the stored codes: the effective weight is the float weight up to 4-bit rounding
     assert (q.effective_weight() - linear.weight).abs().max() < (w.abs().amax(1) / 7 / sigma.min()).max()
+
+
+def test_blocks_stay_in_eval_mode_while_the_stand_ins_train(pixels):
+    """Drop-path and dropout are off while a learned recipe calibrates: a checkpoint saved with drop_path_rate /
+    drop_rate (and even a model handed over in train mode) gives exactly the plans of the same weights without them,
+    and no module of the student is in train mode during the optimiser steps."""
+    from optimum_vim import VimConfig, VimForImageClassification
+
+    def build(**rates):
+        torch.manual_seed(7)
+        cfg = VimConfig(hidden_size=32, num_hidden_layers=3, d_state=4, expand=2, patch_size=4, stride=4,
+                        image_size=28, num_channels=1, num_labels=10, **rates)
+        return VimForImageClassification(cfg)
+
+    plain = build().eval()
+    noisy = build(drop_path_rate=0.6, drop_rate=0.3).train()
+    assert noisy.vim.layers[2].drop_path > 0 and noisy.vim.pos_drop.p > 0
+    modes = []
+
+    class Recording(PTQ4VMRecipe):
+        def on_step(self, ctx, student, step, steps):
+            modes.append(any(m.training for m in student.modules()))
+
+    plans = [calibrate_blockwise(m, pixels, _prepared(_recipe(Recording), m, pixels), seed=0) for m in (plain, noisy)]
+    a, b = plans
+    for name in a:
+        for t in a[name].tensors:
+            assert torch.equal(a[name].tensors[t], b[name].tensors[t]), f"{name}.{t}"
+    assert modes and not any(modes)
+    assert noisy.training and all(m.training for m in noisy.modules())  # the caller's mode is restored
