@@ -57,6 +57,29 @@ def test_is_data_free_for_real(fixture_dir, monkeypatch):
     assert model.config.quantization_config.calibration_source.startswith("calibrated on 4 synthetic images")
 
 
+def test_data_free_api_equals_the_cli_for_the_same_seed(tiny_vim_dir, tmp_path):
+    """from_pretrained(path, quantization_config=...) without an image_processor bounds the synthetic pixels with the
+    checkpoint's processor, as the CLI (and benchmarks/accuracy.py) do: same seed, same stored tensors."""
+    from safetensors.torch import load_file
+
+    from optimum_vim.cli import main
+
+    args = dict(num_synthetic=4, gen_iterations=3, epochs=1)
+    out = tmp_path / "cli"
+    cli_args = ["quantize", tiny_vim_dir, str(out), "--recipe", "ouromamba", "--weight-bits", "4", "--act-bits", "4"]
+    for key, value in args.items():
+        cli_args += ["--recipe-arg", f"{key}={value}"]
+    assert main(cli_args) == 0
+    api = AutoModelForImageClassification.from_pretrained(
+        tiny_vim_dir, quantization_config=ViMQuantizationConfig(recipe="ouromamba", weight_bits=4, act_bits=4,
+                                                                recipe_args=args))
+    api.save_pretrained(tmp_path / "api", model_card=False)
+    cli_tensors, api_tensors = load_file(out / "model.safetensors"), load_file(tmp_path / "api" / "model.safetensors")
+    assert cli_tensors.keys() == api_tensors.keys()
+    for key in cli_tensors:
+        assert torch.equal(cli_tensors[key], api_tensors[key]), key
+
+
 def test_every_block_linear_and_both_scans_get_the_extractor(w4a4):
     mixer = w4a4.vim.layers[1].mixer
     for name in ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj"):

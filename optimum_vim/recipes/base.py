@@ -37,6 +37,9 @@ class Recipe:
     def __init__(self, config):
         self.config = config
         self.args = self.build_args(config.recipe_args)
+        # the image processor of the checkpoint being quantized: the config's ``image_processor`` or the one saved
+        # next to the checkpoint (``quantizer.run_recipe`` resolves it for every recipe, data-free ones included)
+        self.image_processor = config.image_processor
 
     @classmethod
     def build_args(cls, recipe_args: dict | None, *, strings: bool = False):
@@ -78,6 +81,12 @@ class Recipe:
     @classmethod
     def requires_data(cls, config) -> bool:
         return True
+
+    @classmethod
+    def uses_image_processor(cls, config) -> bool:
+        """Whether calibration reads the image processor (to process calibration images, or to bound generated
+        pixels); ``run_recipe`` then loads the checkpoint's when the config names none."""
+        return cls.requires_data(config)
 
     def layer_settings(self, name: str) -> dict | None:
         """Bits of module ``name`` after the config's ``overrides`` (None: the module stays in float)."""

@@ -40,6 +40,7 @@ Deviations from the official code (also in the README recipe table):
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass
 
@@ -52,6 +53,8 @@ from ...calibration.lp_init import lp_token_affine, lp_token_symmetric, lp_weigh
 from ...primitives import int_range
 from ...primitives.outliers import detect_outlier_masks, extract_outliers
 from ..base import BLOCK_LINEARS, LayerPlan, QuantPlan, Recipe, layer_overrides, register_recipe, select_linears
+
+logger = logging.getLogger(__name__)
 
 _MIN_STEP = 1e-8
 _REVERSE_LINEARS = ("x_proj_b", "dt_proj_b")  # run on the backward scan's tensors: their scan order is reversed
@@ -273,6 +276,10 @@ class OuroMambaRecipe(SelectableBlockLoss, Recipe):
         # data-free: it generates its calibration set unless real images are passed (the real-data ablation)
         return config.calibration_dataset is not None
 
+    @classmethod
+    def uses_image_processor(cls, config) -> bool:
+        return True  # real images are processed with it; synthetic pixels are kept inside its valid range
+
     def _train_scan_steps(self, act_bits: int) -> bool:
         flag = self.args.train_scan_steps
         return act_bits <= 4 if flag is None else flag
@@ -290,10 +297,16 @@ class OuroMambaRecipe(SelectableBlockLoss, Recipe):
             pixels = torch.cat(list(batches))
             info["calibration_real_images"] = pixels.shape[0]
         else:
+            if self.image_processor is None:
+                logger.warning(
+                    "ouromamba: no image processor (none in the config, none saved next to the checkpoint): the "
+                    "synthetic pixels are not kept inside the valid normalised range; pass "
+                    "ViMQuantizationConfig(image_processor=...) to match the CLI"
+                )
             pixels = generate_calibration_images(
                 model, a.num_synthetic, iterations=a.gen_iterations, patch_size=a.patch_size, positives=a.positives,
                 lr=a.gen_lr, contrastive_weight=a.contrastive_weight, jitter=a.gen_jitter, flip=a.gen_flip,
-                tv_weight=a.gen_tv_weight, processor=cfg.image_processor, seed=cfg.seed,
+                tv_weight=a.gen_tv_weight, processor=self.image_processor, seed=cfg.seed,
             )
             info["calibration_source"] = (
                 f"calibrated on {pixels.shape[0]} synthetic images (OuroMamba-Gen, {a.gen_iterations} iterations, "
