@@ -54,11 +54,32 @@ class Recipe:
         unknown = sorted(set(recipe_args) - set(types_))
         if unknown:
             raise ValueError(f"recipe {cls.name!r} has no options {unknown}; its options are {sorted(types_)}")
-        args = cls.Args(**coerce_fields(types_, recipe_args, f"recipe {cls.name!r}", strings=strings))
+        values = coerce_fields(types_, recipe_args, f"recipe {cls.name!r}", strings=strings)
+        args = cls.Args(**cls._expand_preset(values))
         validate = getattr(args, "validate", None)
         if validate is not None:
             validate()
         return args
+
+    @classmethod
+    def _expand_preset(cls, values: dict) -> dict:
+        """``values`` with the options of ``values["preset"]`` (a key of ``Args.PRESETS``) filled in. An option the
+        preset sets may be given too only with the preset's value; options the preset leaves alone combine freely
+        (e.g. fewer iterations for a quick run of the paper-faithful configuration)."""
+        name = values.get("preset")
+        if name is None:
+            return values
+        presets = getattr(cls.Args, "PRESETS", {})
+        if name not in presets:
+            raise ValueError(f"recipe {cls.name!r} has no preset {name!r}; its presets are {sorted(presets)}")
+        preset = presets[name]
+        clash = {k: v for k, v in values.items() if k in preset and v != preset[k]}
+        if clash:
+            sets = ", ".join(f"{k}={preset[k]!r}" for k in clash)
+            given = ", ".join(f"{k}={v!r}" for k, v in clash.items())
+            raise ValueError(f"recipe {cls.name!r} preset {name!r} sets {sets}, which contradicts the recipe_args "
+                             f"{given}: drop the preset or those options")
+        return {**preset, **values}
 
     @classmethod
     def parse_recipe_args(cls, raw: dict[str, str]) -> dict:
