@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -83,14 +84,17 @@ from ..calibration.search import (
 )
 from ..calibration.tensors import store_weight_codes
 from ..ops import causal_conv1d, selective_scan_torch
+from ..ops.quantized import selective_scan_q
 from .base import LayerPlan, QuantPlan, Recipe, is_skipped, layer_overrides, register_recipe
 
 logger = logging.getLogger(__name__)
 
 SCALE_SEARCHES = ("cosine", "minmax")
+Y_SEARCHES = ("float_state", "quantized_state")
+STATE_SCORES = ("y", "y_over_rc")
+POWER_OF_TWO = ("snapped_candidates", "snap_after")
 _QMIN, _QMAX = -128, 127  # activations and state: the full signed 8-bit range
 _WMIN, _WMAX = -127, 127  # weights: the storage format's symmetric range
-_SEARCH_IMAGES = 64  # images scoring the similarity searches (see the module docstring)
 
 
 @dataclass
@@ -102,6 +106,14 @@ class KScaleArgs:
     reparameterize: rank-1 reparameterisation of the hidden state (r_C, r_L, r_D).
     state_bits: 8 (the carried hidden state re-quantized every step) or None (h in float).
     search_candidates / search_rounds: the candidate grid size and the alternating rounds of the search.
+    search_images: calibration images the similarity searches score on (None: all; the paper's code scores all).
+    y_search: the SSM output quantizer is searched on the output of the float-state scan (``"float_state"``) or of
+    the scan whose carried state is already 8-bit (``"quantized_state"``, the official order: state scales first).
+    state_score: the per-step state search scores the output ``"y"`` or the reparameterised ``"y_over_rc"``
+    (official: ``y / r_C``, what its reparameterised scan computes).
+    power_of_two: token clusters c >= 1 searched over candidates already on the ``s_0 * 2^j`` lattice
+    (``"snapped_candidates"``) or searched freely and snapped afterwards (``"snap_after"``, official).
+    preset: ``"paper"`` sets the four options above to the official code's side (``PRESETS``).
     """
 
     num_clusters: int = 4
@@ -110,6 +122,16 @@ class KScaleArgs:
     state_bits: int | None = 8
     search_candidates: int = 101
     search_rounds: int = 3
+    search_images: int | None = 64
+    y_search: str = "float_state"
+    state_score: str = "y"
+    power_of_two: str = "snapped_candidates"
+    preset: str | None = None
+
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "paper": {"search_images": None, "y_search": "quantized_state", "state_score": "y_over_rc",
+                  "power_of_two": "snap_after"},
+    }
 
     def validate(self) -> None:
         if not isinstance(self.num_clusters, int) or isinstance(self.num_clusters, bool) or not 1 <= self.num_clusters <= 64:
@@ -126,6 +148,13 @@ class KScaleArgs:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}; got {v!r}")
+        if self.search_images is not None and (not isinstance(self.search_images, int)
+                                               or isinstance(self.search_images, bool) or self.search_images < 1):
+            raise ValueError(f"search_images must be a positive int or None (all images); got {self.search_images!r}")
+        for name, allowed in (("y_search", Y_SEARCHES), ("state_score", STATE_SCORES),
+                              ("power_of_two", POWER_OF_TWO)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}; got {getattr(self, name)!r}")
 
 
 def _tensor_spec(channels: int | None = None, factor: bool = False) -> dict:
@@ -161,6 +190,7 @@ class KScaleRecipe(Recipe):
     Args = KScaleArgs
     weight_bits = (8,)
     act_bits = (8,)
+    default_calibration_samples = 256  # the paper's and the official code's count
 
     @classmethod
     def check_bits(cls, weight_bits, act_bits) -> None:
@@ -243,7 +273,8 @@ class KScaleRecipe(Recipe):
 
     def _view(self, t: torch.Tensor) -> torch.Tensor:
         """The images a similarity search scores on (all of them for max-abs scales)."""
-        return t[:_SEARCH_IMAGES] if self.args.scale_search == "cosine" else t
+        n = self.args.search_images
+        return t[:n] if self.args.scale_search == "cosine" and n is not None else t
 
     def _rows(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         """(R, .) rows of the searched images of (b, L, .) tensors."""
@@ -267,14 +298,17 @@ class KScaleRecipe(Recipe):
                 plan.layers[full] = LayerPlan(spec=spec, tensors=tensors)
 
         def cluster(x: torch.Tensor, axis: str, power_of_two: bool = False, factor: torch.Tensor | None = None,
-                    ref: torch.Tensor | None = None, tag: str = "") -> tuple[dict, dict]:
-            """k-scaled quantizer of ``x`` (b, L, C): spec and buffers."""
+                    ref: torch.Tensor | None = None, stats: torch.Tensor | None = None) -> tuple[dict, dict]:
+            """k-scaled quantizer of ``x`` (b, L, C): spec and buffers. ``stats``: the tensor whose magnitudes give
+            the cluster labels and initial scales (default ``x``)."""
             channels = x.shape[-1]
-            labels = cluster_labels(x, axis, k, seed=seed, channel_factor=factor)
+            labels = cluster_labels(x if stats is None else stats, axis, k, seed=seed, channel_factor=factor)
             ref = x if ref is None else ref
             scales = search_cluster_scales(self._view(ref), self._view(x), labels, axis, factors, _QMIN, _QMAX,
                                            rounds=rounds, power_of_two=power_of_two, channel_factor=factor,
-                                           search=search, num_clusters=k)
+                                           search=search, num_clusters=k,
+                                           snap_after=self.args.power_of_two == "snap_after",
+                                           init_from=None if stats is None else self._view(stats))
             spec = _cluster_spec(axis, k, length, channels, factor is not None)
             tensors = {"scale": scales.reshape(-1).float()}
             if k > 1:
@@ -392,17 +426,25 @@ class KScaleRecipe(Recipe):
 
         # ---- selective scan: B, C int8 (x_proj's output scale), y token k-scaled 2^n (y / r_C), 8-bit state
         y = selective_scan_torch(u, delta, A, Bm, Cm, None, None, reverse=reverse)
-        y_spec, y_t = cluster(y, "token", power_of_two=True, factor=r_c)
         spec = {"type": "scan", "reverse": reverse, "length": length, "channels": e, "d_state": n,
-                "u": None, "delta": None, "B": _tensor_spec(), "C": _tensor_spec(), "y": y_spec, "state": None}
-        tensors = {"B_quantizer.scale": s_dbc_t.clone(), "C_quantizer.scale": s_dbc_t.clone(),
-                   **prefixed("y_quantizer", y_t)}
+                "u": None, "delta": None, "B": _tensor_spec(), "C": _tensor_spec(), "y": None, "state": None}
+        tensors = {"B_quantizer.scale": s_dbc_t.clone(), "C_quantizer.scale": s_dbc_t.clone()}
+        y_seen = y  # what the y quantizer is searched on
         if a.state_bits is not None:
             spec["state"] = {"bits": a.state_bits, "narrow": False, "channel_scale": a.reparameterize}
             v = self._view
+            score = r_c if a.state_score == "y_over_rc" and r_c is not None else None
             tensors["state_scale"] = search_state_scales(
                 v(u), v(delta), A, v(Bm), v(Cm), reverse=reverse, factors=factors, qmin=_QMIN, qmax=_QMAX, step_factor=r_l,
-                channel_factor=r_c, search=search)
+                channel_factor=r_c, search=search, score_factor=score)
             if a.reparameterize:
                 tensors["state_channel_scale"] = r_c.float().cpu()
+            if a.y_search == "quantized_state":  # official order: the state's scales first, y on that scan's output
+                y_seen = selective_scan_q(
+                    u, delta, A, Bm, Cm, None, None, reverse=reverse, h_scale=tensors["state_scale"].to(u.device),
+                    h_channel_scale=None if r_c is None else r_c.float(), h_qmin=_QMIN, h_qmax=_QMAX)
+        # labels and initial scales from the float output (as the official code); scored against the float output
+        spec["y"], y_t = cluster(y_seen, "token", power_of_two=True, factor=r_c, ref=y,
+                                 stats=None if y_seen is y else y)
+        tensors.update(prefixed("y_quantizer", y_t))
         add("ssm" + sfx, spec, tensors)
