@@ -271,9 +271,10 @@ def select_rows(suites: str | None, only: str | None) -> list[dict]:
     if unknown:
         raise SystemExit(f"unknown suite(s) {unknown}; suites: {sorted(SUITES)}")
     rows = [r for n in names for r in SUITES[n]]
-    if only:
+    if only:  # substrings of labels; "=label" selects that exact label
         keys = [k.strip().lower() for k in only.split(",")]
-        rows = [r for r in rows if any(k in r["label"].lower() for k in keys)]
+        rows = [r for r in rows if any(r["label"].lower() == k[1:] if k.startswith("=") else k in r["label"].lower()
+                                       for k in keys)]
     return rows
 
 
@@ -288,7 +289,8 @@ def main(argv=None) -> int:
                    help="comma-separated calibration seeds for rows with <= 4-bit activations (their metrics are "
                         "reported as mean ± sample std); other rows use the first. Default: --seed alone")
     p.add_argument("--suite", default=None, help=f"comma-separated suites (default: all of {sorted(SUITES)})")
-    p.add_argument("--only", default=None, help="comma-separated substrings selecting rows by label")
+    p.add_argument("--only", default=None,
+                   help="comma-separated substrings selecting rows by label ('=LABEL': that exact label)")
     p.add_argument("--json", default=None, help="also write the rows as JSON (for model-card plots)")
     p.add_argument("--gen-iterations", type=int, default=None,
                    help="OuroMamba-Gen iterations of the data-free rows (default: the recipe's 1000)")
