@@ -210,3 +210,33 @@ def test_blocks_stay_in_eval_mode_while_the_stand_ins_train(pixels):
             assert torch.equal(a[name].tensors[t], b[name].tensors[t]), f"{name}.{t}"
     assert modes and not any(modes)
     assert noisy.training and all(m.training for m in noisy.modules())  # the caller's mode is restored
+
+
+def test_lp_token_affine_can_widen_only_the_winner_as_the_official_code():
+    """widen="winner": candidates scored on their own (unwidened) range, the chosen one widened to include 0 (the
+    official PTQ4VM / OuroMamba init); the default widens every candidate before scoring it."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 3, 40, generator=g)
+    x[:, 1] = x[:, 1].abs() * 0.2 + 3.0  # positive only, far from 0: widening changes the candidates' grids
+    x[0, 1, :2] = 6.0
+    x[:, 2, 0] = 12.0  # one large value: clipping pays
+    scale, zero = lp_token_affine(x, 4, candidates=25, widen="winner")
+    for t in range(3):  # the official search written out for one position
+        v = x[:, t].reshape(-1)
+        lo0, hi0 = v.min(), v.max()
+        best, best_range = float("inf"), (lo0, hi0)
+        for i in range(25):
+            a = i / 50
+            lo, hi = lo0 + a * (hi0 - lo0), hi0 - a * (hi0 - lo0)
+            s = ((hi - lo) / 15).clamp(min=1e-8)
+            z = torch.round(-lo / s)
+            err = (v - ((torch.round(v / s) + z).clamp(0, 15) - z) * s).abs().pow(2.4).mean()
+            if err < best:
+                best, best_range = err, (lo, hi)
+        lo, hi = min(best_range[0], 0.0), max(best_range[1], 0.0)
+        torch.testing.assert_close(scale[t], ((hi - lo) / 15).clamp(min=1e-8))
+        assert zero[t] == torch.round(-lo / scale[t]).clamp(0, 15)
+    default = lp_token_affine(x, 4, candidates=25)
+    assert default[0][1] != scale[1]
+    with pytest.raises(ValueError, match="widen"):
+        lp_token_affine(x, 4, widen="never")
