@@ -125,7 +125,8 @@ SUITES: dict[str, list[dict]] = {
     # data-free rows: calibration_dataset=None, the recipe generates its own set (OuroMamba-Gen); --gen-iterations
     # shortens the generation of every such row (the paper's 1000 iterations take about an hour per row on 2 cores)
     # "paper preset" rows: recipe_args={"preset": "paper"}, the configuration closest to the official code (every
-    # switch below on the official side); the "real data" rows isolate one quantization-stage switch each
+    # switch below on the official side); the "real data" rows (the recipe's default 128 seeded training images, or
+    # --num-samples) isolate one quantization-stage switch each
     "ouromamba": [
         row("OuroMamba W4A8O16 (128 synthetic)", "ouromamba", 4, 8, calibration_dataset=None),
         row("OuroMamba W4A8O16 paper preset (128 synthetic)", "ouromamba", 4, 8, calibration_dataset=None,
@@ -143,24 +144,22 @@ SUITES: dict[str, list[dict]] = {
         # the generation without the image priors (jitter, flip, TV) the paper does not mention: its loss alone
         row("OuroMamba W4A4O8 no image priors (paper's loss only)", "ouromamba", 4, 4, calibration_dataset=None,
             recipe_args={"gen_jitter": 0, "gen_flip": False, "gen_tv_weight": 0.0}),
-        row("OuroMamba W4A4O8 real data (128 images)", "ouromamba", 4, 4, num_calibration_samples=128),
+        row("OuroMamba W4A4O8 real data (128 images)", "ouromamba", 4, 4),
         # the official training loop: S6 inlier steps left at their grid init (real data, so no generation)
-        row("OuroMamba W4A4O8 real data, S6 steps frozen", "ouromamba", 4, 4, num_calibration_samples=128,
-            recipe_args={"train_scan_steps": False}),
+        row("OuroMamba W4A4O8 real data, S6 steps frozen", "ouromamba", 4, 4, recipe_args={"train_scan_steps": False}),
         row("OuroMamba W4A4O8 real data, Δ quantized before softplus (official)", "ouromamba", 4, 4,
-            num_calibration_samples=128, recipe_args={"delta_before_softplus": True}),
+            recipe_args={"delta_before_softplus": True}),
         row("OuroMamba W4A4O8 real data, scan input u in float (official)", "ouromamba", 4, 4,
-            num_calibration_samples=128, recipe_args={"quantize_scan_u": False}),
+            recipe_args={"quantize_scan_u": False}),
         row("OuroMamba W4A4O8 real data, Δ range trigger + affine outliers (official)", "ouromamba", 4, 4,
-            num_calibration_samples=128, recipe_args={"delta_outliers": "range"}),
+            recipe_args={"delta_outliers": "range"}),
         row("OuroMamba W4A4O8 real data, init threshold on raw |x| (official)", "ouromamba", 4, 4,
-            num_calibration_samples=128, recipe_args={"calibration_threshold": "raw"}),
+            recipe_args={"calibration_threshold": "raw"}),
         row("OuroMamba W4A4O8 real data, Δ grid zero added to the winner (official)", "ouromamba", 4, 4,
-            num_calibration_samples=128, recipe_args={"widen_to_zero": "winner"}),
-        row("OuroMamba W4A4O8 real data, official step training", "ouromamba", 4, 4, num_calibration_samples=128,
+            recipe_args={"widen_to_zero": "winner"}),
+        row("OuroMamba W4A4O8 real data, official step training", "ouromamba", 4, 4,
             recipe_args={"step_training": "official"}),
-        row("OuroMamba W4A4O8 real data, paper preset", "ouromamba", 4, 4, num_calibration_samples=128,
-            recipe_args={"preset": "paper"}),
+        row("OuroMamba W4A4O8 real data, paper preset", "ouromamba", 4, 4, recipe_args={"preset": "paper"}),
     ],
 }
 
@@ -220,8 +219,10 @@ def measure(setting: dict, seed: int, args, calib, processor, pixels, labels, fp
     """Quantizes the fixture with one row's config and calibration ``seed``, saves it, evaluates it."""
     kwargs = {"calibration_dataset": calib, "image_processor": processor,
               "num_calibration_samples": args.num_samples, "seed": seed, **setting["config"]}
-    if setting["recipe"] == "ouromamba" and args.gen_iterations is not None:
-        kwargs["recipe_args"] = {"gen_iterations": args.gen_iterations, **kwargs.get("recipe_args", {})}
+    if setting["recipe"] == "ouromamba":
+        quick = {k: v for k, v in (("gen_iterations", args.gen_iterations), ("num_synthetic", args.num_synthetic))
+                 if v is not None}
+        kwargs["recipe_args"] = {**quick, **kwargs.get("recipe_args", {})}
     cfg = ViMQuantizationConfig(recipe=setting["recipe"], weight_bits=setting["weight_bits"],
                                 act_bits=setting["act_bits"], **kwargs)
     start = time.perf_counter()
@@ -294,6 +295,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the rows as JSON (for model-card plots)")
     p.add_argument("--gen-iterations", type=int, default=None,
                    help="OuroMamba-Gen iterations of the data-free rows (default: the recipe's 1000)")
+    p.add_argument("--num-synthetic", type=int, default=None,
+                   help="OuroMamba-Gen images of the data-free rows (default: the recipe's 128; quick runs only)")
     args = p.parse_args(argv)
     settings = select_rows(args.suite, args.only)
 
