@@ -105,13 +105,18 @@ def test_reparam_factors_separate_a_rank_one_map():
     assert r_c.shape == (6,) and r_l.shape == (5,) and r_d.shape == (4,)
 
 
-def test_state_search_beats_max_abs_on_next_step_outputs():
-    gen = torch.Generator().manual_seed(2)
-    b, length, e, n = 3, 12, 8, 4
+def _scan_inputs(seed: int, b: int, length: int, e: int, n: int):
+    """Random (u, delta, A, B, C) of one scan direction."""
+    gen = torch.Generator().manual_seed(seed)
     u = torch.randn(b, length, e, generator=gen)
     delta = torch.rand(b, length, e, generator=gen) * 0.5
     A = -torch.rand(e, n, generator=gen) - 0.2
-    B, C = torch.randn(b, length, n, generator=gen), torch.randn(b, length, n, generator=gen)
+    return u, delta, A, torch.randn(b, length, n, generator=gen), torch.randn(b, length, n, generator=gen)
+
+
+def test_state_search_beats_max_abs_on_next_step_outputs():
+    length = 12
+    u, delta, A, B, C = _scan_inputs(2, 3, length, 8, 4)
     from optimum_vim_kernels.reference import selective_scan_q_ref
 
     ref = selective_scan_q_ref(u, delta, A, B, C)
@@ -364,12 +369,8 @@ def test_power_of_two_snapped_after_a_free_search():
 
 
 def test_state_search_can_score_the_reparameterised_output():
-    gen = torch.Generator().manual_seed(4)
-    b, length, e, n = 3, 10, 8, 4
-    u = torch.randn(b, length, e, generator=gen)
-    delta = torch.rand(b, length, e, generator=gen) * 0.5
-    A = -torch.rand(e, n, generator=gen) - 0.2
-    B, C = torch.randn(b, length, n, generator=gen), torch.randn(b, length, n, generator=gen)
+    e = 8
+    u, delta, A, B, C = _scan_inputs(4, 3, 10, e, 4)
     kw = dict(reverse=False, factors=candidate_factors(41), qmin=-8, qmax=7)
     plain = search_state_scales(u, delta, A, B, C, **kw)
     assert torch.equal(search_state_scales(u, delta, A, B, C, score_factor=torch.ones(e), **kw), plain)

@@ -18,6 +18,11 @@ re-chosen as ratios collapse, and sub-vectors are confirmed incrementally until 
 codebooks are fine-tuned. ``convex=False, incremental=False`` is plain k-means VQ (the paper's "basic VQ"
 ablation): data-free. ``convex=True, incremental=False`` hardens once at the end ("+ convex").
 
+No one-hot regulariser by default: VQ4DiT (the authors' predecessor code; ViM-VQ's is not public) adds
+``n * mean(pi (1 - pi))`` over the soft sub-vectors to its loss on the steps where that term did not fall below its
+lowest value so far; here incremental hardening alone drives the ratios to one-hot. ``onehot_regularizer=True`` adds
+VQ4DiT's term with VQ4DiT's rule (ablation row ``ViM-VQ W2 + one-hot regulariser`` in ``benchmarks/accuracy.py``).
+
 Bad input: a ``vector_dim`` that does not divide a layer's width is padded (the last sub-vector of each row is
 zero-padded; the padding is dropped on decode), a codebook larger than a layer's sub-vector count is refused,
 4+ bits are refused with a pointer to ``rtn`` / ``ptq4vm``, and ``act_bits`` must be None (weight-only; the weight

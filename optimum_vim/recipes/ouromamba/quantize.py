@@ -18,20 +18,44 @@ search); then the weight, linear-input and S6 inlier steps train ``epochs`` epoc
 decay 1e-5, grad clip 2.0) on the block's cosine loss (``loss="nmse"``: the normalised squared error instead), no
 smoothing.
 
-Deviations from the official code (also in the README recipe table):
+Differences from the official code (``ICCV-OuroMamba@562d7e3``), each switchable unless marked fixed, each with an
+ablation row in ``benchmarks/accuracy.py``; ``recipe_args={"preset": "paper"}`` sets every switch to the official side
+(the paper-faithful configuration; explicit options that contradict it are refused):
 
-* Each scan direction has its own u / Δ / B / C quantizers. The official code uses one set per block for both
-  directions, so one per-token scale serves tensors walked in opposite orders with different parameters.
-* Each sample detects its own outliers (the official code triggers the detection for the whole batch), see
-  :mod:`optimum_vim.primitives.outliers`.
-* At 4-bit activations the S6 inlier steps (u, Δ, B, C of each direction) learn in the block-wise step learning
-  with the linears' steps (``train_scan_steps``; default None: on at A4, off at A8). The official training loop
-  selects only the linears' weight and input steps by parameter name, so its S6 quantizers keep their grid init;
-  ``train_scan_steps=False`` reproduces that. Measured on the fixture (128 real images, full test split): W4A4O8
-  +0.66 dB logit SQNR and +0.5 points agreement with the float model; W4A8O16 -1.9 dB (AdamW's lr-sized moves are
-  large against 8-bit steps), hence off there (benchmarks/RESULTS.md).
-* A and D stay float (parameters, not activations); the hidden state is float (the official fast path does not
-  quantize it either).
+* ``delta_before_softplus`` (default False): we quantize Δ where the scan reads it, after softplus; the official code
+  quantizes ``dt_proj``'s output (bias included) and applies softplus inside the scan kernel. True puts the Δ
+  extractor on the softplus module's input (a ``QOutput`` with only an input quantizer).
+* ``quantize_scan_u`` (default True): we quantize the scan input u; the official code quantizes only x_proj's copy of
+  it (x_proj's input quantizer) and hands the scan u in float. False reproduces that.
+* ``delta_outliers`` (default ``"interval"``): our Δ extractor starts a detection when an inlier leaves the static
+  grid and keeps 8-bit outliers on the symmetric absmax/127 grid of every other tensor; the official ``Q_Act_d``
+  triggers when the inliers' span ``(max - min) / (2^b - 1)`` exceeds the step and quantizes outliers on an affine
+  [0, 255] grid (``"range"``; :mod:`optimum_vim.primitives.outliers`).
+* ``calibration_threshold`` (default ``"inliers"``): before the inlier grid search we remove outliers with the
+  run-time rule, θ from the values not yet flagged in the window; the official initialisation takes θ from the raw
+  |x| of each token and ORs the flags over the window (``"raw"``).
+* ``widen_to_zero`` (default ``"candidates"``): Δ's affine grid search widens every candidate to include 0 before
+  scoring it; the official one widens only the winner (``"winner"``, as PTQ4VM's option).
+* ``step_training`` (default ``"ste"``): our step learning uses straight-through rounding and trains the steps of
+  every block linear. The official loop does not train "the linears' steps": its activation quantizers round with a
+  plain ``round()`` (no straight-through estimator, so the input of a quantizer gets gradient only through its
+  outliers), x_proj / dt_proj of both directions sit inside a custom autograd function that returns them no gradient,
+  and its weight-step optimiser group matches names ending in ``proj.s`` (missing ``_b``). What trains there is
+  out_proj's weight and input steps, and in_proj's from the little gradient that leaks through out_proj's input
+  outliers. ``"official"`` reproduces that: plain rounding in the activation quantizers, only in_proj's and
+  out_proj's steps in the optimiser, S6 steps frozen.
+* ``train_scan_steps`` (default None: on at 4-bit activations, off at 8): the S6 inlier steps (u, Δ, B, C of each
+  direction) learn beside the linears' steps; the official loop leaves them at their grid init (``False``).
+  Measured on the fixture (128 real images, full test split): W4A4O8 +0.66 dB logit SQNR and +0.5 points agreement;
+  W4A8O16 -1.9 dB (AdamW's lr-sized moves are large against 8-bit steps), hence off there (benchmarks/RESULTS.md).
+* OuroMamba-Gen (:mod:`.generation`): ``gen_patching`` (attention vectors, ours, or the hidden states as the official
+  ``state_fusion``) and the image priors ``gen_jitter`` / ``gen_flip`` / ``gen_tv_weight`` (ours; 0 / False / 0 is the
+  paper's loss alone).
+* Fixed (no switch): each scan direction has its own u / Δ / B / C quantizers (the official code uses one set per
+  block for both directions, so one per-token scale serves tensors walked in opposite orders); each sample detects its
+  own outliers (the official code triggers the detection for the whole batch); A and D stay float (the official code
+  also passes them through extractor quantizers; they are parameters, constant per channel); the hidden state is
+  float (the official fast path does not quantize it either).
 * ``dynamic_outliers=False`` (the "static outliers" ablation) flags, per tensor, the channels whose summed |x| over
   the calibration set exceeds mean + 4σ over channels (the official optional list) and keeps them in outlier precision
   at every token.
