@@ -165,12 +165,14 @@ def class_token_state_attention(u: torch.Tensor, delta: torch.Tensor, A: torch.T
     b, length, e = delta.shape
     u, delta, A, B, C = u.float(), delta.float(), A.float(), B.float(), C.float()
     n = A.shape[1]
-    decay = torch.exp(delta.unsqueeze(-1) * A)  # (b, L, E, N)
-    write = (delta * u).unsqueeze(-1) * B.unsqueeze(2)  # Δ_t u_t B_t
+    # per-token views by unbind (its backward is one stack; indexing decay[:, t] would allocate a full-size gradient
+    # per token in the backward pass)
+    decay = torch.exp(delta.unsqueeze(-1) * A).unbind(1)  # L x (b, E, N)
+    write = ((delta * u).unsqueeze(-1) * B.unsqueeze(2)).unbind(1)  # Δ_t u_t B_t
     h = delta.new_zeros(b, e, n)
     states = [None] * length
     for t in (range(length - 1, -1, -1) if reverse else range(length)):
-        h = decay[:, t] * h + write[:, t]
+        h = decay[t] * h + write[t]
         states[t] = h
     states = torch.stack(states, 1)  # (b, L, E, N)
     patches = torch.cat([states[:, :cls_pos], states[:, cls_pos + 1 :]], dim=1).reshape(b, length - 1, e * n)
