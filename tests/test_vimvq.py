@@ -372,7 +372,7 @@ def test_onehot_regulariser_follows_vq4dits_rule(tiny_vim_dir):
                 for vq in vqs:
                     vq.logits.zero_()
                     vq.logits[:, 0] = logit
-            losses.append(float(block.block_loss(ctx, out, out)))
+            losses.append(block.block_loss(ctx, out, out).item())
         if not flag:
             assert losses == pytest.approx([0.0] * 3, abs=1e-6)  # identical outputs: the cosine loss alone
         else:
