@@ -144,9 +144,14 @@ def run_recipe(model: nn.Module, cfg: ViMQuantizationConfig) -> nn.Module:
     if cfg.is_quantized_layout:
         raise ValueError("this ViMQuantizationConfig was already used to quantize a model; create a new one")
     recipe = get_recipe_class(cfg.recipe)(cfg)
+    # the config's processor, else the checkpoint's, for every recipe that reads one, data-free ones included
+    # (OuroMamba bounds its synthetic pixels with it): the same one the CLI and the benchmarks pass
+    processor = cfg.image_processor
+    if processor is None and recipe.uses_image_processor(cfg):
+        processor = _checkpoint_processor(model)
+    recipe.image_processor = processor
     batches = None
     if recipe.requires_data(cfg):
-        processor = cfg.image_processor or _checkpoint_processor(model)
         c = model.config
         batches = prepare_calibration_batches(
             cfg.calibration_dataset, processor, cfg.num_calibration_samples, cfg.calibration_batch_size,

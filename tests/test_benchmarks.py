@@ -85,3 +85,33 @@ def test_memory_benchmark_smoke_runs_fresh_processes(tmp_path):
     assert packed[-1] == 0 < cached[-1]  # decode caches (MB)
     assert cached[-2] >= packed[-2] + cached[-1] - 0.01  # get_memory_footprint counts the cache
     assert packed[0] < rows[("float32", "-")][0]  # smaller checkpoint than float
+
+
+def test_every_accuracy_row_is_a_valid_config_and_seeds_aggregate():
+    """Each row of benchmarks/accuracy.py (paper presets and official-code switches included) builds its config and
+    its recipe's options; rows at <= 4-bit activations aggregate their seeds as mean ± sample std."""
+    import importlib.util
+
+    import torch
+
+    from optimum_vim import ViMQuantizationConfig
+    from optimum_vim.recipes import get_recipe_class
+
+    spec = importlib.util.spec_from_file_location("acc_bench", REPO / "benchmarks" / "accuracy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    labels = [r["label"] for rows in bench.SUITES.values() for r in rows]
+    for rows in bench.SUITES.values():
+        for r in rows:
+            kwargs = {"calibration_dataset": torch.zeros(1, 1, 28, 28), **r["config"]}
+            cfg = ViMQuantizationConfig(recipe=r["recipe"], weight_bits=r["weight_bits"], act_bits=r["act_bits"],
+                                        **kwargs)
+            get_recipe_class(r["recipe"])(cfg)
+    assert sum("paper preset" in label for label in labels) >= 4  # OuroMamba (A4, A8, real data) and kscale
+    assert [r["label"] for r in bench.select_rows("ptq4vm", "=PTQ4VM W4A4")] == ["PTQ4VM W4A4"]
+    runs = [{"label": "x", "seed": s, "top1": t, "ratio_to_fp": t, "sqnr_db": 10.0 + s, "agreement": 0.9,
+             "calib_seconds": 1.0, "calib_peak_mb": float(s)} for s, t in ((0, 0.8), (1, 0.9), (2, 1.0))]
+    row = bench.aggregate(runs)
+    assert row["seeds"] == [0, 1, 2] and abs(row["top1"] - 0.9) < 1e-12 and abs(row["top1_std"] - 0.1) < 1e-12
+    assert bench._pm(row, "top1", 100) == "90.00 ± 10.00" and row["calib_peak_mb"] == 2.0
+    assert bench._pm(bench.aggregate(runs[:1]), "top1", 100) == "80.00"

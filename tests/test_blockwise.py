@@ -221,3 +221,63 @@ def test_two_worker_threads_give_bit_identical_plans(tiny, recipe, args, monkeyp
     for name, lp in plans[1].items():
         for t, v in lp.tensors.items():
             assert torch.equal(v, plans[2][name].tensors[t]), f"{name}.{t}"
+
+
+def test_blocks_stay_in_eval_mode_while_the_stand_ins_train(pixels):
+    """Drop-path and dropout are off while a learned recipe calibrates: a checkpoint saved with drop_path_rate /
+    drop_rate (and even a model handed over in train mode) gives exactly the plans of the same weights without them,
+    and no module of the student is in train mode during the optimiser steps."""
+    from optimum_vim import VimConfig, VimForImageClassification
+
+    def build(**rates):
+        torch.manual_seed(7)
+        cfg = VimConfig(hidden_size=32, num_hidden_layers=3, d_state=4, expand=2, patch_size=4, stride=4,
+                        image_size=28, num_channels=1, num_labels=10, **rates)
+        return VimForImageClassification(cfg)
+
+    plain = build().eval()
+    noisy = build(drop_path_rate=0.6, drop_rate=0.3).train()
+    assert noisy.vim.layers[2].drop_path > 0 and noisy.vim.pos_drop.p > 0
+    modes = []
+
+    class Recording(PTQ4VMRecipe):
+        def on_step(self, ctx, student, step, steps):
+            modes.append(any(m.training for m in student.modules()))
+
+    plans = [calibrate_blockwise(m, pixels, _prepared(_recipe(Recording), m, pixels), seed=0) for m in (plain, noisy)]
+    a, b = plans
+    for name in a:
+        for t in a[name].tensors:
+            assert torch.equal(a[name].tensors[t], b[name].tensors[t]), f"{name}.{t}"
+    assert modes and not any(modes)
+    assert noisy.training and all(m.training for m in noisy.modules())  # the caller's mode is restored
+
+
+def test_lp_token_affine_can_widen_only_the_winner_as_the_official_code():
+    """widen="winner": candidates scored on their own (unwidened) range, the chosen one widened to include 0 (the
+    official PTQ4VM / OuroMamba init); the default widens every candidate before scoring it."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 3, 40, generator=g)
+    x[:, 1] = x[:, 1].abs() * 0.2 + 3.0  # positive only, far from 0: widening changes the candidates' grids
+    x[0, 1, :2] = 6.0
+    x[:, 2, 0] = 12.0  # one large value: clipping pays
+    scale, zero = lp_token_affine(x, 4, candidates=25, widen="winner")
+    for t in range(3):  # the official search written out for one position
+        v = x[:, t].reshape(-1)
+        lo0, hi0 = v.min(), v.max()
+        best, best_range = float("inf"), (lo0, hi0)
+        for i in range(25):
+            a = i / 50
+            lo, hi = lo0 + a * (hi0 - lo0), hi0 - a * (hi0 - lo0)
+            s = ((hi - lo) / 15).clamp(min=1e-8)
+            z = torch.round(-lo / s)
+            err = (v - ((torch.round(v / s) + z).clamp(0, 15) - z) * s).abs().pow(2.4).mean()
+            if err < best:
+                best, best_range = err, (lo, hi)
+        lo, hi = min(best_range[0], 0.0), max(best_range[1], 0.0)
+        torch.testing.assert_close(scale[t], ((hi - lo) / 15).clamp(min=1e-8))
+        assert zero[t] == torch.round(-lo / scale[t]).clamp(0, 15)
+    default = lp_token_affine(x, 4, candidates=25)
+    assert default[0][1] != scale[1]
+    with pytest.raises(ValueError, match="widen"):
+        lp_token_affine(x, 4, widen="never")

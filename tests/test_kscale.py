@@ -105,13 +105,18 @@ def test_reparam_factors_separate_a_rank_one_map():
     assert r_c.shape == (6,) and r_l.shape == (5,) and r_d.shape == (4,)
 
 
-def test_state_search_beats_max_abs_on_next_step_outputs():
-    gen = torch.Generator().manual_seed(2)
-    b, length, e, n = 3, 12, 8, 4
+def _scan_inputs(seed: int, b: int, length: int, e: int, n: int):
+    """Random (u, delta, A, B, C) of one scan direction."""
+    gen = torch.Generator().manual_seed(seed)
     u = torch.randn(b, length, e, generator=gen)
     delta = torch.rand(b, length, e, generator=gen) * 0.5
     A = -torch.rand(e, n, generator=gen) - 0.2
-    B, C = torch.randn(b, length, n, generator=gen), torch.randn(b, length, n, generator=gen)
+    return u, delta, A, torch.randn(b, length, n, generator=gen), torch.randn(b, length, n, generator=gen)
+
+
+def test_state_search_beats_max_abs_on_next_step_outputs():
+    length = 12
+    u, delta, A, B, C = _scan_inputs(2, 3, length, 8, 4)
     from optimum_vim_kernels.reference import selective_scan_q_ref
 
     ref = selective_scan_q_ref(u, delta, A, B, C)
@@ -306,7 +311,13 @@ def test_triton_serves_kscale_model_like_the_reference(kscale_model, monkeypatch
     ({"recipe_args": {"search_candidates": 1}}, "search_candidates"),
     ({"recipe_args": {"search_rounds": 0}}, "search_rounds"),
     ({"recipe_args": {"reparameterize": "yes"}}, "reparameterize"),
-], ids=["w4", "a4", "weight-only", "clusters", "search", "state-bits", "candidates", "rounds", "reparam"])
+    ({"recipe_args": {"search_images": 0}}, "search_images"),
+    ({"recipe_args": {"y_search": "float"}}, "y_search"),
+    ({"recipe_args": {"state_score": "h"}}, "state_score"),
+    ({"recipe_args": {"power_of_two": "never"}}, "power_of_two"),
+    ({"recipe_args": {"preset": "paper", "search_images": 64}}, "preset 'paper' sets search_images=None"),
+], ids=["w4", "a4", "weight-only", "clusters", "search", "state-bits", "candidates", "rounds", "reparam",
+        "search-images", "y-search", "state-score", "pow2", "preset-clash"])
 def test_refusals(kwargs, match):
     kw = {"recipe": "kscale", "weight_bits": 8, "act_bits": 8, **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -331,3 +342,56 @@ def test_sequence_length_differs_from_calibration(kscale_model):
         mixer.ssm(u, delta, -torch.ones(e, n), B, C, torch.ones(e))
     with pytest.raises(ValueError, match="calibrated for 50 tokens"):
         mixer.out_proj(torch.randn(1, 30, e))
+
+
+# ----------------------------------------------------------------------------------------------- official-code switches
+def test_paper_preset_and_256_images_by_default():
+    cls = get_recipe_class("kscale")
+    assert cls.default_calibration_samples == 256  # the paper's and the official code's count
+    args = cls.build_args({"preset": "paper", "search_candidates": 21})
+    assert (args.search_images, args.y_search, args.state_score, args.power_of_two) == (
+        None, "quantized_state", "y_over_rc", "snap_after")
+    assert args.search_candidates == 21 and args.num_clusters == 4
+
+
+def test_power_of_two_snapped_after_a_free_search():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 20, 16, generator=gen) * torch.logspace(-2, 1, 20).view(1, -1, 1)
+    labels = cluster_labels(x, "token", 4, seed=0)
+    factors = candidate_factors(21)
+    free = search_cluster_scales(x, x, labels, "token", factors, -128, 127)
+    after = search_cluster_scales(x, x, labels, "token", factors, -128, 127, power_of_two=True, snap_after=True)
+    ratio = torch.log2(after.double() / after[0].double())
+    assert torch.equal(ratio, ratio.round())
+    assert after[0] == free[0]  # the base cluster is searched alone either way
+    torch.testing.assert_close(after[1:].double(), after[0].double() * torch.pow(2.0, torch.round(
+        torch.log2(free[1:].double() / free[0].double()))))
+
+
+def test_state_search_can_score_the_reparameterised_output():
+    e = 8
+    u, delta, A, B, C = _scan_inputs(4, 3, 10, e, 4)
+    kw = dict(reverse=False, factors=candidate_factors(41), qmin=-8, qmax=7)
+    plain = search_state_scales(u, delta, A, B, C, **kw)
+    assert torch.equal(search_state_scales(u, delta, A, B, C, score_factor=torch.ones(e), **kw), plain)
+    skewed = torch.logspace(-2, 2, e)  # y / r_C weights the channels differently: another cosine, other scales
+    assert not torch.equal(search_state_scales(u, delta, A, B, C, score_factor=skewed, **kw), plain)
+
+
+def test_official_switches_change_only_what_they_name(fp_model):
+    cls = get_recipe_class("kscale")
+    x = [_calib(8)]
+
+    def plan(**args):
+        return cls(_cfg(**args)).calibrate(copy.deepcopy(fp_model), x)
+
+    base, after = plan(), plan(y_search="quantized_state")
+    scan = "vim.layers.1.mixer.ssm"
+    assert torch.equal(base.layers[scan].tensors["state_scale"], after.layers[scan].tensors["state_scale"])
+    assert torch.equal(base.layers[scan].tensors["y_quantizer.labels"], after.layers[scan].tensors["y_quantizer.labels"])
+    assert not torch.equal(base.layers[scan].tensors["y_quantizer.scale"], after.layers[scan].tensors["y_quantizer.scale"])
+    assert torch.equal(base.layers["vim.layers.1.mixer.in_proj"].tensors["qweight"],
+                       after.layers["vim.layers.1.mixer.in_proj"].tensors["qweight"])
+    scored = plan(state_score="y_over_rc")
+    assert not torch.equal(base.layers[scan].tensors["state_scale"], scored.layers[scan].tensors["state_scale"])
+    assert torch.equal(base.layers[scan].tensors["y_quantizer.scale"], scored.layers[scan].tensors["y_quantizer.scale"])

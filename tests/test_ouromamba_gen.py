@@ -12,6 +12,7 @@ from optimum_vim.ops.scan import selective_scan_torch
 from optimum_vim.recipes.ouromamba.generation import (
     GenerationDivergedError,
     class_token_attention,
+    class_token_state_attention,
     generation_loss,
     patch_info_nce,
     patch_neighbourhood,
@@ -227,3 +228,50 @@ def test_a_diverging_generation_stops_with_the_iteration():
         model.head.weight.fill_(float("inf"))
     with pytest.raises(GenerationDivergedError, match="iteration 0"):
         optimum_vim.generate_calibration_images(model, 2, iterations=3, progress=False)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_state_patching_reads_the_patched_states_out_towards_the_class_token(reverse):
+    """patching="state" (the official state_fusion): the scan's states are Δ-weighted patched, then carried to the
+    class token and read out by C_cls; not the attention-vector patching, which depends on Δ_j B_j only."""
+    from optimum_vim_kernels.reference import selective_scan_q_ref
+
+    torch.manual_seed(1)
+    b, grid, e, n, cls = 2, 3, 3, 4, 4
+    length = grid * grid + 1
+    delta = torch.rand(b, length, e) * 0.8 + 0.05
+    A = -torch.rand(e, n) * 2 - 0.1
+    B, C, u = torch.randn(b, length, n), torch.randn(b, length, n), torch.randn(b, length, e)
+    states = torch.zeros(b, length, e, n)
+
+    def keep(t, h, _scale):
+        states[:, t] = h
+
+    selective_scan_q_ref(u, delta, A, B, C, reverse=reverse, state_callback=keep)
+    patches = torch.cat([states[:, :cls], states[:, cls + 1:]], 1).reshape(b, grid * grid, e * n)
+    patched = patch_neighbourhood(patches, patch_weights(delta, cls), grid, 3).reshape(b, grid * grid, e, n)
+    want = torch.zeros(b, grid * grid, e)
+    for p in range(grid * grid):
+        j = p if p < cls else p + 1  # token index of patch p
+        if (j < cls) == reverse:
+            continue  # the other direction carries this patch
+        between = range(j + 1, cls + 1) if j < cls else range(cls, j)
+        gap = sum(delta[:, k] for k in between)  # (b, E)
+        want[:, p] = torch.einsum("ben,bn->be", torch.exp(gap.unsqueeze(-1) * A) * patched[:, p], C[:, cls])
+    got = class_token_state_attention(u, delta, A, B, C, cls, reverse, grid, 3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    attn = class_token_attention(delta, A, B, C, cls, reverse)
+    attn = patch_neighbourhood(torch.cat([attn[:, :cls], attn[:, cls + 1:]], 1), patch_weights(delta, cls), grid, 3)
+    side = want.abs().sum(-1) > 0
+    ratio = got[side] / attn[side]
+    assert not torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio))  # not the attention patching, rescaled
+
+
+def test_state_patching_generates_seeded_images_other_than_the_attention_ones():
+    model = _tiny()
+    kw = dict(iterations=3, patch_size=3, seed=2, progress=False, jitter=0, flip=False, tv_weight=0.0)
+    state = optimum_vim.generate_calibration_images(model, 3, patching="state", **kw)
+    assert torch.equal(state, optimum_vim.generate_calibration_images(model, 3, patching="state", **kw))
+    assert not torch.equal(state, optimum_vim.generate_calibration_images(model, 3, **kw))
+    with pytest.raises(ValueError, match="patching must be one of"):
+        optimum_vim.generate_calibration_images(model, 3, patching="tokens", **kw)

@@ -203,3 +203,71 @@ def test_qlinear_outlier_gemm_under_triton_equals_the_reference(count_calls):
     with use_kernels("reference"):
         layer(x)
     assert calls["n"] == 1  # the reference policy never reaches the kernel
+
+
+def test_official_delta_rules_range_trigger_and_affine_outliers():
+    """The official Δ quantizer: detection when the inliers' span exceeds the grid's width (not when a value leaves
+    the interval), and 8-bit outliers on an affine [0, 255] grid per (sample, token)."""
+    x = torch.zeros(1, 2, 12)
+    x[0, 0] = torch.linspace(-1.0, 10.0, 12)  # leaves [0, 15] below, but spans only 11 < 15
+    x[0, 1] = torch.linspace(0.5, 14.0, 12)
+    x[0, 1, 3] = 40.0  # spans 39.5 > 15
+    lo, hi = torch.zeros(2), torch.full((2,), 15.0)
+    interval = detect_outlier_masks(x, lo, hi, refresh=1, sigma=1.0, reverse=False)
+    span = detect_outlier_masks(x, lo, hi, refresh=1, sigma=1.0, reverse=False, trigger="range")
+    assert interval[0, 0].any() and not span[0, 0].any()
+    assert span[0, 1, 3] and interval[0, 1, 3]
+    with pytest.raises(ValueError, match="trigger"):
+        detect_outlier_masks(x, lo, hi, refresh=1, sigma=1.0, reverse=False, trigger="max")
+    # affine outliers: one zero point per (sample, token); zeros of the inlier channels stay exact
+    g = torch.Generator().manual_seed(0)
+    y = torch.rand(2, 5, 16, generator=g) * 0.1
+    y[:, :, 2] = 3.0 + torch.rand(2, 5, generator=g)
+    y[:, :, 7] = 9.0
+    scale, zero = torch.full((5,), 0.01), torch.zeros(5)
+    listed = torch.zeros(16, dtype=torch.bool)
+    listed[[2, 7]] = True
+    split = extract_outliers(y, scale, zero, 0, 15, refresh=10, sigma=3.0, outlier_affine=True, static_mask=listed)
+    values = split.outlier_values
+    assert torch.equal(values == 0, ~split.outlier_mask)
+    step = y.masked_fill(~split.outlier_mask, 0.0).amax(-1, keepdim=True) / 255
+    assert ((values - y).abs().masked_fill(~split.outlier_mask, 0.0) <= step / 2 + 1e-6).all()
+    symmetric = extract_outliers(y, scale, zero, 0, 15, refresh=10, sigma=3.0, static_mask=listed).outlier_values
+    assert not torch.equal(values, symmetric)
+
+
+def test_official_rules_travel_in_the_spec_and_reload_bit_identically():
+    q = _quantizer(6, 32, symmetric=False, outlier_trigger="range", outlier_affine=True)
+    with torch.no_grad():
+        q.scale.copy_(torch.full((6,), 0.2))
+        q.zero_point.copy_(torch.full((6,), 3, dtype=torch.int32))
+    x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(1)) * 2
+    x[:, :, 5] = 30.0
+    again = _quantizer(6, 32, symmetric=False, outlier_trigger="range", outlier_affine=True)
+    load_qmodule_tensors(again, dict(q.state_dict()))
+    assert torch.equal(again(x), q(x))
+    assert not torch.equal(q(x), _reloaded_default(q, x))
+    with pytest.raises(ValueError, match="outlier_trigger"):
+        _quantizer(6, 8, outlier_trigger="span")
+    with pytest.raises(ValueError, match="outlier_affine"):
+        _quantizer(6, 8, outlier_affine="yes")
+
+
+def _reloaded_default(q, x):
+    plain = _quantizer(6, 32, symmetric=False)
+    load_qmodule_tensors(plain, dict(q.state_dict()))
+    return plain(x)
+
+
+def test_qoutput_with_only_an_input_quantizer():
+    spec = {"type": "output", "inner": "softplus", "output": None,
+            "input": {"granularity": "dynamic_outlier", "bits": 4, "symmetric": False, "length": 6, "channels": 8}}
+    q = build_qmodule(spec)
+    with torch.no_grad():
+        q.input_quantizer.scale.fill_(0.25)
+        q.input_quantizer.zero_point.fill_(8)
+    x = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(q(x), torch.nn.functional.softplus(q.input_quantizer(x)))
+    assert not torch.equal(q(x), torch.nn.functional.softplus(x))
+    with pytest.raises(ValueError, match="input or an output"):
+        build_qmodule({"type": "output", "inner": "softplus", "input": None, "output": None})

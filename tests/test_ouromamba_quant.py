@@ -57,6 +57,29 @@ def test_is_data_free_for_real(fixture_dir, monkeypatch):
     assert model.config.quantization_config.calibration_source.startswith("calibrated on 4 synthetic images")
 
 
+def test_data_free_api_equals_the_cli_for_the_same_seed(tiny_vim_dir, tmp_path):
+    """from_pretrained(path, quantization_config=...) without an image_processor bounds the synthetic pixels with the
+    checkpoint's processor, as the CLI (and benchmarks/accuracy.py) do: same seed, same stored tensors."""
+    from safetensors.torch import load_file
+
+    from optimum_vim.cli import main
+
+    args = dict(num_synthetic=4, gen_iterations=3, epochs=1)
+    out = tmp_path / "cli"
+    cli_args = ["quantize", tiny_vim_dir, str(out), "--recipe", "ouromamba", "--weight-bits", "4", "--act-bits", "4"]
+    for key, value in args.items():
+        cli_args += ["--recipe-arg", f"{key}={value}"]
+    assert main(cli_args) == 0
+    api = AutoModelForImageClassification.from_pretrained(
+        tiny_vim_dir, quantization_config=ViMQuantizationConfig(recipe="ouromamba", weight_bits=4, act_bits=4,
+                                                                recipe_args=args))
+    api.save_pretrained(tmp_path / "api", model_card=False)
+    cli_tensors, api_tensors = load_file(out / "model.safetensors"), load_file(tmp_path / "api" / "model.safetensors")
+    assert cli_tensors.keys() == api_tensors.keys()
+    for key in cli_tensors:
+        assert torch.equal(cli_tensors[key], api_tensors[key]), key
+
+
 def test_every_block_linear_and_both_scans_get_the_extractor(w4a4):
     mixer = w4a4.vim.layers[1].mixer
     for name in ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj"):
@@ -280,3 +303,136 @@ def test_step_learning_loss_is_selectable():
     assert torch.equal(default.block_loss(None, out, target), cosine_block_loss(out, target))
     assert torch.equal(nmse.block_loss(None, out, target), nmse_block_loss(out, target))
     assert nmse_block_loss(out, target) > cosine_block_loss(out, target)  # the 30 % norm deficit is seen
+
+
+# ------------------------------------------------------------------------------------------ official-code switches
+def test_paper_preset_expands_and_refuses_what_contradicts_it():
+    cls = optimum_vim.recipes.get_recipe_class("ouromamba")
+    args = cls.build_args({"preset": "paper", "gen_iterations": 40})  # options the preset leaves alone combine
+    for key, value in cls.Args.PRESETS["paper"].items():
+        assert getattr(args, key) == value, key
+    assert args.gen_iterations == 40 and args.patch_size == 5
+    assert cls.build_args({"preset": "paper", "delta_outliers": "range"}).delta_outliers == "range"  # agreeing
+    with pytest.raises(ValueError, match=r"preset 'paper' sets train_scan_steps=False.*train_scan_steps=True"):
+        ViMQuantizationConfig(recipe="ouromamba", weight_bits=4, act_bits=4,
+                              recipe_args={"preset": "paper", "train_scan_steps": True})
+    with pytest.raises(ValueError, match=r"no preset 'faithful'.*\['paper'\]"):
+        cls.build_args({"preset": "faithful"})
+    assert cls.parse_recipe_args({"preset": "paper"}) == {"preset": "paper"}  # the CLI spelling
+
+
+@pytest.fixture(scope="module")
+def tiny_float(tiny_vim_dir):
+    return AutoModelForImageClassification.from_pretrained(tiny_vim_dir).eval()
+
+
+def _tiny_plan(model, act_bits=4, **recipe_args):
+    cls = optimum_vim.recipes.get_recipe_class("ouromamba")
+    cfg = ViMQuantizationConfig(recipe="ouromamba", weight_bits=4, act_bits=act_bits,
+                                recipe_args={"num_synthetic": 6, "gen_iterations": 2, "epochs": 2, **recipe_args})
+    return cls(cfg).calibrate(model, None)
+
+
+def test_official_quantization_points_for_delta_and_u(tiny_vim_dir, tmp_path):
+    """delta_before_softplus moves Δ's quantizer onto softplus's input (dt_proj's output, bias included), with the
+    official Q_Act_d rules; quantize_scan_u=False leaves the scan's u in float (x_proj's copy stays quantized)."""
+    cfg = ViMQuantizationConfig(recipe="ouromamba", weight_bits=4, act_bits=4,
+                                recipe_args={"num_synthetic": 6, "gen_iterations": 2, "epochs": 1, "preset": "paper"})
+    model = AutoModelForImageClassification.from_pretrained(tiny_vim_dir, quantization_config=cfg).eval()
+    mixer = model.vim.layers[1].mixer
+    for suffix, reverse in (("", False), ("_b", True)):
+        scan, softplus = getattr(mixer, "ssm" + suffix), getattr(mixer, "softplus" + suffix)
+        assert scan.spec["delta"] is None and scan.spec["u"] is None and scan.spec["B"] and scan.spec["C"]
+        iq = softplus.spec["input"]
+        assert softplus.spec["output"] is None and softplus.spec["inner"] == "softplus"
+        assert iq["granularity"] == "dynamic_outlier" and not iq["symmetric"] and iq["reverse"] is reverse
+        assert iq["outlier_trigger"] == "range" and iq["outlier_affine"] and iq["outlier_sigma"] == 4.0
+        assert getattr(mixer, "x_proj" + suffix).spec["input"]["granularity"] == "dynamic_outlier"
+    captured = {}
+    handle = mixer.softplus.register_forward_pre_hook(lambda m, a: captured.update(x=a[0]))
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        logits = model(pixel_values=x).logits
+    handle.remove()
+    assert captured["x"].min() < 0  # pre-softplus values: the affine grid covers negative Δ logits
+    model.save_pretrained(tmp_path)
+    again = AutoModelForImageClassification.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(again(pixel_values=x).logits, logits)
+    default = _tiny_plan(AutoModelForImageClassification.from_pretrained(tiny_vim_dir).eval(), epochs=0)
+    assert "vim.layers.1.mixer.softplus" not in default.layers
+    assert default.layers["vim.layers.1.mixer.ssm"].spec["delta"]["symmetric"] is False
+    assert "outlier_trigger" not in default.layers["vim.layers.1.mixer.ssm"].spec["delta"]  # default spec unchanged
+
+
+def test_official_step_training_trains_only_in_proj_and_out_proj(tiny_float):
+    init = _tiny_plan(tiny_float, epochs=0, step_training="official")
+    official = _tiny_plan(tiny_float, step_training="official")
+    ours = _tiny_plan(tiny_float)
+    for block in ("vim.layers.0", "vim.layers.1"):
+        for leaf in ("x_proj", "x_proj_b", "dt_proj", "dt_proj_b"):
+            name = f"{block}.mixer.{leaf}"
+            for t in ("weight_scale", "input_quantizer.scale"):
+                assert torch.equal(official.layers[name].tensors[t], init.layers[name].tensors[t]), (name, t)
+            assert not torch.equal(ours.layers[name].tensors["weight_scale"], init.layers[name].tensors["weight_scale"])
+        for scan in ("ssm", "ssm_b"):
+            name = f"{block}.mixer.{scan}"
+            for t in ("u", "delta", "B", "C"):
+                key = f"{t}_quantizer.scale"
+                assert torch.equal(official.layers[name].tensors[key], init.layers[name].tensors[key]), (name, t)
+    out = "vim.layers.0.mixer.out_proj"  # block 0: same stream for both runs, so only the training differs
+    assert not torch.equal(official.layers[out].tensors["weight_scale"], init.layers[out].tensors["weight_scale"])
+    assert not torch.equal(official.layers[out].tensors["input_quantizer.scale"],
+                           init.layers[out].tensors["input_quantizer.scale"])
+    with pytest.raises(ValueError, match="step_training='official'.*train_scan_steps=True"):
+        ViMQuantizationConfig(recipe="ouromamba", weight_bits=4, act_bits=4,
+                              recipe_args={"step_training": "official", "train_scan_steps": True})
+
+
+def test_without_ste_the_input_gets_no_gradient_but_the_step_does():
+    from optimum_vim.primitives.outliers import extract_outliers
+    from optimum_vim.recipes.ouromamba.quantize import LearnedOutlierActQuantizer
+
+    x = (torch.randn(2, 5, 32) * 0.5).requires_grad_(True)
+    step = torch.full((5,), 0.1)
+    outliers = extract_outliers(x.detach(), step, None, -7, 7, refresh=5, sigma=3.0).outlier_mask
+    assert outliers.any() and not outliers.all()
+    for ste in (True, False):
+        q = LearnedOutlierActQuantizer(step, 4, refresh=5, sigma=3.0, reverse=False, outlier_bits=16, ste=ste)
+        x.grad = None
+        q(x).pow(2).sum().backward()
+        assert q.step.grad is not None and q.step.grad.abs().sum() > 0
+        inlier_grad = x.grad.masked_fill(outliers, 0.0)
+        # straight-through: every input gets a gradient; official plain round(): only the (fp16) outliers do
+        assert bool(inlier_grad.abs().sum() > 0) is ste and x.grad[outliers].abs().sum() > 0
+
+
+def test_raw_calibration_threshold_is_the_official_initialisation():
+    from optimum_vim.recipes.ouromamba.quantize import calibration_outlier_masks
+
+    x = torch.ones(1, 2, 10)
+    x[0, :, 0] = 100.0  # an outlier at both tokens of the window
+    x[0, 1, 1] = 10.0  # large, but only next to the outlier at token 1
+    raw = calibration_outlier_masks(x, 2, 1.0, False, "raw")
+    inliers = calibration_outlier_masks(x, 2, 1.0, False, "inliers")
+    assert raw[0, :, 0].all() and inliers[0, :, 0].all()
+    assert not raw[0, 1, 1] and inliers[0, 1, 1]  # raw |x|: the 100 inflates θ; inliers: θ without it
+    rev = calibration_outlier_masks(x.flip(1), 2, 1.0, True, "raw")
+    assert torch.equal(rev, raw.flip(1))
+    want = torch.zeros_like(raw)
+    for t in range(2):  # θ per token on raw |x|, flags OR-accumulated inside the window
+        a = x[0, t].abs()
+        want[0, t] = (a > a.mean() + a.std()) | (want[0, t - 1] if t else False)
+    assert torch.equal(raw, want)
+
+
+@pytest.mark.parametrize(
+    "recipe_args,match",
+    [({"delta_outliers": "span"}, "delta_outliers"), ({"calibration_threshold": "all"}, "calibration_threshold"),
+     ({"widen_to_zero": "never"}, "widen_to_zero"), ({"gen_patching": "tokens"}, "gen_patching"),
+     ({"step_training": "lsq"}, "step_training"), ({"delta_before_softplus": "yes"}, "delta_before_softplus")],
+    ids=["delta-outliers", "threshold", "widen", "patching", "training", "delta-point"],
+)
+def test_official_switches_are_validated(recipe_args, match):
+    with pytest.raises(ValueError, match=match):
+        ViMQuantizationConfig(recipe="ouromamba", weight_bits=4, act_bits=4, recipe_args=recipe_args)

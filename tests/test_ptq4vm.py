@@ -198,8 +198,10 @@ def test_wrong_image_size_at_inference(ptq4vm_w4a4):
         ({"recipe_args": {"targets": ["conv1d"]}}, "targets must be block linears"),
         ({"recipe_args": {"targets": "in_proj"}}, "targets"),
         ({"recipe_args": {"observer": "minmax"}}, "no options"),
+        ({"recipe_args": {"widen_to_zero": "never"}}, "widen_to_zero"),
     ],
-    ids=["no-act", "group", "bits", "bool", "alpha", "steps", "lr", "p", "float-steps", "conv-target", "targets", "unknown"],
+    ids=["no-act", "group", "bits", "bool", "alpha", "steps", "lr", "p", "float-steps", "conv-target", "targets", "unknown",
+         "widen"],
 )
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):

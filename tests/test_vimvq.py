@@ -223,9 +223,10 @@ def test_cli_quantizes_with_vimvq(tiny_vim_dir, tmp_path, capsys):
         ({"weight_bits": 2, "recipe_args": {"codebook_dtype": "bfloat16"}}, "codebook_dtype"),
         ({"weight_bits": 2, "recipe_args": {"size_budget": "rtn_g64"}}, "size_budget"),
         ({"weight_bits": 2, "recipe_args": {"groups": 2}}, "no options"),
+        ({"weight_bits": 2, "recipe_args": {"onehot_regularizer": "yes"}}, "onehot_regularizer"),
     ],
     ids=["4-bit", "act-bits", "index-bits", "pow2", "rate", "incremental", "candidates", "lr", "dtype", "budget",
-         "unknown"],
+         "unknown", "onehot"],
 )
 def test_config_refusals(kwargs, match):
     kwargs = {"weight_bits": 3, **kwargs}
@@ -348,3 +349,40 @@ def test_convex_needs_calibration_data(tiny_vim_dir):
     model = AutoModelForImageClassification.from_pretrained(tiny_vim_dir)
     with pytest.raises(ValueError, match="calibration_dataset"):
         get_recipe_class("vimvq")(cfg).calibrate(model, None)
+
+
+def test_onehot_regulariser_follows_vq4dits_rule(tiny_vim_dir):
+    """onehot_regularizer: n * mean(pi (1 - pi)) of the soft sub-vectors joins the block loss only on steps where it
+    did not fall below its lowest value so far; off by default."""
+    from optimum_vim.calibration.blockwise import BlockContext
+    from optimum_vim.recipes.vimvq import ViMVQBlockRecipe
+
+    model = AutoModelForImageClassification.from_pretrained(tiny_vim_dir)
+    out = torch.randn(2, 50, 32)
+    for flag in (False, True):
+        recipe = get_recipe_class("vimvq")(_block_cfg(onehot_regularizer=flag))
+        block = ViMVQBlockRecipe(recipe, recipe.layouts(model))
+        ctx = BlockContext(index=0, name="vim.layers.0", block=copy.deepcopy(model.vim.layers[0]).eval(),
+                           model_config=model.config, generator=torch.Generator(), num_samples=8, num_blocks=2)
+        block.prepare_block(ctx)
+        vqs = [s.vq for s in block._stand_ins.values()]
+        losses = []
+        for logit in (1.0, 0.0, 50.0):  # initial ratios, flat ratios (largest penalty), near one-hot
+            with torch.no_grad():
+                for vq in vqs:
+                    vq.logits.zero_()
+                    vq.logits[:, 0] = logit
+            losses.append(block.block_loss(ctx, out, out).item())
+        if not flag:
+            assert losses == pytest.approx([0.0] * 3, abs=1e-6)  # identical outputs: the cosine loss alone
+        else:
+            # first value: the running minimum (not added); flat: above it, added (2 * 0.25 per layer); one-hot: a new
+            # minimum (not added)
+            assert losses[0] == pytest.approx(0.0, abs=1e-6) and losses[2] == pytest.approx(0.0, abs=1e-6)
+            assert losses[1] == pytest.approx(2 * 0.25, abs=1e-5)
+    images = [_calib_images()]
+    fast = dict(iterations=12, incremental=False, lr_ratios=0.5)  # ratios that move enough for the penalty to rise
+    plain = get_recipe_class("vimvq")(_block_cfg(**fast)).calibrate(model, images)
+    regular = get_recipe_class("vimvq")(_block_cfg(**fast, onehot_regularizer=True)).calibrate(model, images)
+    assert any(not torch.equal(t, regular.layers[n].tensors[k]) for n, lp in plain.layers.items()
+               for k, t in lp.tensors.items())

@@ -6,7 +6,8 @@
    carries, both as the float model computes them) and gives the target;
 2. the recipe builds a *student* from the block (``prepare_block``: usually a copy whose linears are swapped for the
    differentiable stand-ins of :mod:`optimum_vim.calibration.fakequant`), which runs on the **quantized stream** (the
-   outputs of the blocks quantized so far) and is trained with the recipe's optimiser, schedule and loss
+   outputs of the blocks quantized so far) and is trained with the recipe's optimiser, schedule and loss, in eval
+   mode like the teacher (drop-path and dropout off; only the tensors in the recipe's optimiser change)
    (default: mean over batch and tokens of ``1 - cos`` along the hidden dimension of the block's hidden output;
    :data:`BLOCK_LOSSES` names the alternatives);
 3. the recipe freezes the student into ``LayerPlan``\\ s (``finalize_block``); the engine applies them to a copy of
@@ -184,6 +185,19 @@ def fixed_threads(n: int = 1):
         torch.set_num_threads(old)
 
 
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Runs the body with every module of ``model`` in eval mode (no drop-path, no dropout in the embedding) and
+    restores each module's own mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+
+
 def cosine_block_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """PTQ4VM's block loss: mean over (batch, token) of ``1 - cos`` along the hidden dimension."""
     return (1 - nn.functional.cosine_similarity(out.float(), target.float(), dim=-1)).mean()
@@ -257,7 +271,7 @@ def calibrate_blockwise(model: nn.Module, pixel_values: torch.Tensor, recipe: Bl
     plans: dict[str, LayerPlan] = {}
     threads = threads or CALIBRATION_THREADS or torch.get_num_threads()
     workers = _Workers(threads)
-    with contextlib.closing(workers), fixed_threads(1), torch.no_grad():
+    with contextlib.closing(workers), fixed_threads(1), torch.no_grad(), _eval_mode(model):
         hidden = torch.cat([vim.embed(p.to(device)).float() for p in pixel_values.split(_CHUNK)])
         streams = {"float": (hidden, None), "quant": (hidden, None)}
         for i, float_block in enumerate(blocks):
@@ -306,7 +320,9 @@ def _train_block(ctx: BlockContext, recipe, student: nn.Module, target: torch.Te
     loss_fn = getattr(recipe, "block_loss", None)
     clip = getattr(recipe, "grad_clip", None)
     on_step = getattr(recipe, "on_step", None)
-    student.train()
+    # the student stays in eval mode (like the teacher): only the stand-ins' trainable tensors train, and drop-path /
+    # dropout of a checkpoint saved with their rates must not drop inputs the float target never drops
+    student.eval()
     bar = tqdm(range(steps), desc=f"{desc} block {ctx.index + 1}/{ctx.num_blocks}", leave=False,
                disable=None)
     first = last = None
@@ -335,7 +351,6 @@ def _train_block(ctx: BlockContext, recipe, student: nn.Module, target: torch.Te
         first = value if first is None else first
         last = value
         bar.set_postfix(loss=f"{value:.5f}")
-    student.eval()
     ctx.info.update(first_loss=first, last_loss=last, steps=steps)
 
 

@@ -81,7 +81,8 @@ class ConvexVQWeight(nn.Module):
         return w * self.scale if self.scale is not None else w
 
     def onehot_penalty(self) -> torch.Tensor:
-        """``mean(pi * (1 - pi))`` over the soft sub-vectors (VQ4DiT's push towards one-hot ratios)."""
+        """``mean(pi * (1 - pi))`` over the soft sub-vectors (VQ4DiT's push towards one-hot ratios; the ViM-VQ recipe
+        adds it to the block loss with ``onehot_regularizer=True``)."""
         live = ~self.frozen
         if not bool(live.any()):
             return self.logits.sum() * 0.0

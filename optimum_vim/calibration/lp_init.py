@@ -38,12 +38,19 @@ def lp_weight_scale(w: torch.Tensor, bits: int, p: float = 2.4, candidates: int 
     return best
 
 
+WIDEN_TO_ZERO = ("candidates", "winner")
+
+
 @torch.no_grad()
-def lp_token_affine(x: torch.Tensor, bits: int, p: float = 2.4, candidates: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+def lp_token_affine(x: torch.Tensor, bits: int, p: float = 2.4, candidates: int = 100,
+                    widen: str = "candidates") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token-position asymmetric step and integer zero point, ``(L,)`` each, of activations ``x`` (n, L, C).
 
-    Candidate ``a`` shrinks both ends of the position's [min, max] by ``a * (max - min)``; the range is then widened
-    to include 0 and turned into ``scale = (hi - lo) / (2^b - 1)``, ``zero = round(-lo / scale)``.
+    Candidate ``a`` shrinks both ends of the position's [min, max] by ``a * (max - min)``; the range becomes
+    ``scale = (hi - lo) / (2^b - 1)``, ``zero = round(-lo / scale)``, and is widened to include 0, which an affine
+    grid of the stored format must represent exactly. ``widen="candidates"`` (default) widens every candidate before
+    it is scored, so each candidate is scored on the grid it would store; ``widen="winner"`` scores the candidates
+    as they are (zero point unclamped) and widens only the chosen one, as PTQ4VM's and OuroMamba's code do.
 
     Deviation from PTQ4VM's code (named in the README): its grid is ``a = k / 100`` for k = 1..100, so min-max itself
     (a = 0) is never tried and every ``a > 0.5`` inverts the interval (half of the candidates are dead). Here the
@@ -51,22 +58,29 @@ def lp_token_affine(x: torch.Tensor, bits: int, p: float = 2.4, candidates: int 
     _check(p, candidates)
     if x.dim() != 3:
         raise ValueError(f"per-token initialisation expects (n, L, C) activations; got shape {tuple(x.shape)}")
+    if widen not in WIDEN_TO_ZERO:
+        raise ValueError(f"widen must be one of {WIDEN_TO_ZERO}; got {widen!r}")
     x = x.detach().float()
     lo0, hi0 = x.amin(dim=(0, 2)), x.amax(dim=(0, 2))
     width = hi0 - lo0
     qmin, qmax = int_range(bits, symmetric=False)
     best_err = torch.full_like(lo0, float("inf"))
-    best_scale, best_zero = affine_params(lo0, hi0, bits)
+    best_lo, best_hi = lo0, hi0
     for i in range(candidates):
         a = i / (2 * candidates)
-        scale, zero = affine_params(lo0 + a * width, hi0 - a * width, bits)
+        lo, hi = lo0 + a * width, hi0 - a * width
+        if widen == "candidates":
+            scale, zero = affine_params(lo, hi, bits)
+        else:
+            scale = ((hi - lo) / (qmax - qmin)).clamp(min=1e-8)
+            zero = torch.round(qmin - lo / scale)
         x_hat = fake_quantize(x, scale.view(1, -1, 1), zero.view(1, -1, 1), qmin, qmax)
         err = (x - x_hat).abs().pow(p).mean(dim=(0, 2))
         better = err < best_err
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
+        best_lo = torch.where(better, lo, best_lo)
+        best_hi = torch.where(better, hi, best_hi)
         best_err = torch.where(better, err, best_err)
-    return best_scale, best_zero
+    return affine_params(best_lo, best_hi, bits)
 
 
 @torch.no_grad()

@@ -138,13 +138,18 @@ def search_cluster_scales(
     channel_factor: torch.Tensor | None = None,
     search: bool = True,
     num_clusters: int | None = None,
+    snap_after: bool = False,
+    init_from: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """k-scaled scales (k,) fp32 of ``x`` (batch, L, C) with static ``labels`` over tokens or channels.
 
     Cluster c starts at ``max|x / channel_factor| over cluster c / (qmax + 0.5)`` (an empty cluster uses the global
-    one); with ``search`` each round visits the clusters in order and picks, for cluster c with the others fixed,
-    the candidate ``init_c * f`` maximising ``mean_cosine(ref, fake_quant(x, s[labels] * channel_factor))``.
-    ``power_of_two``: clusters c >= 1 only take values ``s_0 * 2^j`` (their candidates snapped onto that lattice);
+    one; ``init_from``: take these maxima from another tensor of the same shape, e.g. the float one when ``x`` is
+    computed with a quantized state); with ``search`` each round visits the clusters in order and picks, for cluster
+    c with the others fixed, the candidate ``init_c * f`` maximising
+    ``mean_cosine(ref, fake_quant(x, s[labels] * channel_factor))``.
+    ``power_of_two``: clusters c >= 1 only take values ``s_0 * 2^j``: their candidates are snapped onto that lattice
+    before they are scored, or, with ``snap_after`` (the official code), searched freely and snapped afterwards;
     without ``search`` the initial scales are snapped. Cosines are updated from per-row partial sums, so one
     candidate costs one pass over its cluster's elements."""
     k = num_clusters or (int(labels.max()) + 1 if labels.numel() else 1)
@@ -153,7 +158,7 @@ def search_cluster_scales(
     cf = torch.ones(xf.shape[-1]) if channel_factor is None else channel_factor.detach().float().cpu()
     cf = cf.to(xf.device)
     lab = labels.long().to(xf.device)
-    xn = xf / cf.view(1, 1, -1)
+    xn = (xf if init_from is None else init_from.detach().float()) / cf.view(1, 1, -1)
     glob = initial_scale(xn, qmax)
     init = []
     for c in range(k):
@@ -176,11 +181,12 @@ def search_cluster_scales(
             if idx.numel() == 0:
                 continue
             raw = init[c] * factors
-            cands = _pow2_candidates(float(scales[0]), raw) if power_of_two and c > 0 else raw
+            snapped = power_of_two and c > 0 and not snap_after
+            cands = _pow2_candidates(float(scales[0]), raw) if snapped else raw
             xc = xf[:, idx, :].reshape(-1, xf.shape[-1])
             rc = rf[:, idx, :].reshape(-1, rf.shape[-1])
             scales[c] = _best_scale(rc, xc, cands.tolist(), qmin, qmax, cf)
-        return scales.float()
+        return snap_power_of_two(scales) if power_of_two and snap_after and k > 1 else scales.float()
 
     # channel clusters share every row's cosine: per-row partial sums (dot, |q|^2) of each cluster's columns
     b, length, ch = xf.shape
@@ -313,6 +319,7 @@ def search_state_scales(
     step_factor: torch.Tensor | None = None,
     channel_factor: torch.Tensor | None = None,
     search: bool = True,
+    score_factor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-step scales (L,) (token-position order) of the carried 8-bit state, expressed on the scan's own state:
     step t re-quantizes ``h_t`` with ``scale[t] * channel_factor[e]`` (what :class:`QSelectiveScan` stores).
@@ -322,13 +329,16 @@ def search_state_scales(
     ``scale[t] = s_h[t] * r_L[t]`` (``step_factor``). With ``search``, greedily in scan order: for step i >= 1 every
     candidate for the previous step's scale quantizes the carried state, one scan step runs, and the candidate whose
     ``y_i = C_i . h_i`` is most cosine-similar (over channels, averaged over the batch) to the float ``y_i`` is
-    committed. The last step's scale only affects nothing downstream and keeps its initial value."""
+    committed. ``score_factor`` (E,): score ``y / score_factor`` instead (the official code scores the
+    reparameterised output ``y / r_C``). The last step's scale only affects nothing downstream and keeps its initial
+    value."""
     b, length, e = u.shape
     Af = A.float()
     n = Af.shape[1]
     dev = u.device
     lf = torch.ones(length, device=dev) if step_factor is None else step_factor.float().to(dev)
     cf = torch.ones(e, device=dev) if channel_factor is None else channel_factor.float().to(dev)
+    sf = None if score_factor is None else score_factor.float().to(dev)
     order = _steps(length, reverse)
 
     def step_terms(t):
@@ -354,6 +364,8 @@ def search_state_scales(
             h_fp = dA * h_fp + dBu
             if prev is not None:
                 y_ref = (h_fp * C[:, t, None, :].float()).sum(-1)  # (b, E)
+                if sf is not None:
+                    y_ref = y_ref / sf
                 n_ref = y_ref.pow(2).sum(-1)
                 cands = (init[prev] * factors).tolist()
                 scores = []
@@ -362,6 +374,8 @@ def search_state_scales(
                     scale = s * lf[prev] * cf.view(1, 1, -1, 1)
                     h_hat = fake_quant(h_q.unsqueeze(0), scale, qmin, qmax)
                     y = ((dA * h_hat + dBu) * C[:, t, None, :].float()).sum(-1)  # (K, b, E)
+                    if sf is not None:
+                        y = y / sf
                     cos = _row_cos((y * y_ref).sum(-1), n_ref, y.pow(2).sum(-1)).mean(-1)
                     scores.extend(cos.tolist())
                 s_h[prev] = cands[_argmax_first(scores)]

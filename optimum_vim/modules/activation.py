@@ -25,7 +25,8 @@ scan order (``reverse: true`` for the backward scan) and reset at each window; o
 (symmetric, per (sample, token) absmax) or 16 (fp16). Extra spec keys, all stored so reloads are bit-identical:
 ``length``, ``outlier_bits`` (8 | 16, default 8), ``refresh`` (int >= 1, default 10), ``outlier_sigma`` (> 0,
 default 3.0), ``reverse`` (bool), ``static_outliers`` (bool: a fixed list ``outlier_channels`` instead of the
-detection; needs ``channels``).
+detection; needs ``channels``), and, only where they differ from the defaults, ``outlier_trigger`` (``"interval"`` |
+``"range"``) and ``outlier_affine`` (bool): the official Δ quantizer's rules (``primitives.outliers``).
 
 ``channel_factor: true`` multiplies every scale by a per-channel vector ``factor (C,)`` (the k-scaled
 reparameterisation factor r_C). Zero points are stored as int32 codes.
@@ -97,6 +98,10 @@ def _validate_outlier_spec(spec: dict) -> None:
         raise ValueError(f"outlier_sigma must be a positive number; got {sigma!r}")
     if spec.get("static_outliers") and not spec.get("channels"):
         raise ValueError("static_outliers needs the channel count (channels)")
+    if spec.get("outlier_trigger", "interval") not in ("interval", "range"):
+        raise ValueError(f"outlier_trigger must be 'interval' or 'range'; got {spec.get('outlier_trigger')!r}")
+    if not isinstance(spec.get("outlier_affine", False), bool):
+        raise ValueError(f"outlier_affine must be true or false; got {spec.get('outlier_affine')!r}")
 
 
 @register_qmodule("activation")
@@ -299,6 +304,7 @@ class QActivation(QModule):
             x3, self.scale if scale is None else scale, None if self.symmetric else self.zero_point, self.qmin,
             self.qmax, refresh=spec["refresh"], sigma=float(spec["outlier_sigma"]), reverse=bool(spec["reverse"]),
             outlier_bits=spec["outlier_bits"], static_mask=static, ste=ste,
+            trigger=spec.get("outlier_trigger", "interval"), outlier_affine=spec.get("outlier_affine", False),
         )
 
     def outlier_gemm_operands(self, x: torch.Tensor):

@@ -72,19 +72,22 @@ _INNER = {"silu": F.silu, "softplus": F.softplus, "identity": lambda x: x}
 
 @register_qmodule("output")
 class QOutput(QModule):
-    """Applies an elementwise function (SiLU, softplus, identity) then quantizes its output."""
+    """Applies an elementwise function (SiLU, softplus, identity) around an input and/or an output quantizer
+    (k-scaled PTQ quantizes the outputs; OuroMamba's official Δ quantizer sits on softplus's input)."""
 
     def __init__(self, spec: dict):
         super().__init__(spec)
         if spec.get("inner") not in _INNER:
             raise ValueError(f"QOutput inner must be one of {sorted(_INNER)}; got {spec.get('inner')!r}")
-        if not isinstance(spec.get("output"), dict):
-            raise ValueError(f"QOutput needs an output quantizer spec; got {spec.get('output')!r}")
+        if not isinstance(spec.get("output"), dict) and not isinstance(spec.get("input"), dict):
+            raise ValueError(f"QOutput needs an input or an output quantizer spec; got input {spec.get('input')!r}, "
+                             f"output {spec.get('output')!r}")
         self.fn = _INNER[spec["inner"]]
         self.input_quantizer = QActivation(spec["input"]) if spec.get("input") else None
-        self.output_quantizer = QActivation(spec["output"])
+        self.output_quantizer = QActivation(spec["output"]) if spec.get("output") else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        return self.output_quantizer(self.fn(x))
+        y = self.fn(x)
+        return y if self.output_quantizer is None else self.output_quantizer(y)

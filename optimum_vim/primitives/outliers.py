@@ -17,6 +17,13 @@ with an empty outlier set O. At step t:
 5. ``x̂ = x̂_I + x̂_O``; O persists to the end of the window.
 
 ``static_mask`` replaces the detection by a fixed channel list (the "static outliers" ablation).
+
+The official code's Δ quantizer (``Q_Act_d``) differs in two places, available here as options:
+``trigger="range"`` starts the detection when the inliers' span ``(max_c x_I - min_c x_I) / (qmax - qmin)`` exceeds
+the static step (step 2 above tests where the values lie; this tests only their spread), and
+``outlier_affine=True`` quantizes 8-bit outliers on an affine ``[0, 255]`` grid (scale ``(max - min) / 255`` over the
+token's outlier vector, zeros of the inlier channels included, and an integer zero point) instead of step 4's
+symmetric one.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from .quant import round_ste
+
+TRIGGERS = ("interval", "range")
 
 
 @dataclass
@@ -51,10 +60,13 @@ class OutlierSplit:
 
 
 def detect_outlier_masks(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *, refresh: int, sigma: float,
-                         reverse: bool) -> torch.Tensor:
+                         reverse: bool, trigger: str = "interval") -> torch.Tensor:
     """Outlier masks (b, L, C) bool of the windowed detection (steps 1-2 and 5 of the module docstring).
 
-    ``lo``/``hi``: (L,) representable inlier range per token position (token order)."""
+    ``lo``/``hi``: (L,) representable inlier range per token position (token order). ``trigger``: ``"interval"``
+    (a value outside ``[lo, hi]``) or ``"range"`` (the span ``max - min`` over channels wider than ``hi - lo``)."""
+    if trigger not in TRIGGERS:
+        raise ValueError(f"trigger must be one of {TRIGGERS}; got {trigger!r}")
     x = x.detach().float()
     if reverse:
         x, lo, hi = x.flip(1), lo.flip(0), hi.flip(0)
@@ -69,7 +81,10 @@ def detect_outlier_masks(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *,
     for r in range(refresh):  # the windows are independent: one step per position inside a window
         xt = xw[:, :, r]
         xi = xt.masked_fill(mask, 0.0)
-        clips = ((xi > high[:, r, None]) | (xi < low[:, r, None])).any(-1, keepdim=True)  # (b, W, 1)
+        if trigger == "interval":
+            clips = ((xi > high[:, r, None]) | (xi < low[:, r, None])).any(-1, keepdim=True)  # (b, W, 1)
+        else:
+            clips = (xi.amax(-1, keepdim=True) - xi.amin(-1, keepdim=True)) > (high[:, r] - low[:, r])[:, None]
         if bool(clips.any()):
             a = xi.abs()
             theta = a.mean(-1, keepdim=True) + sigma * a.std(-1, keepdim=True)
@@ -81,7 +96,8 @@ def detect_outlier_masks(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *,
 
 def extract_outliers(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, qmin: int, qmax: int, *,
                      refresh: int = 10, sigma: float = 3.0, reverse: bool = False, outlier_bits: int = 8,
-                     static_mask: torch.Tensor | None = None, ste: bool = False) -> OutlierSplit:
+                     static_mask: torch.Tensor | None = None, ste: bool = False, trigger: str = "interval",
+                     outlier_affine: bool = False) -> OutlierSplit:
     """Splits ``x`` (b, L, C) into static per-token inliers and quantized outliers.
 
     Args:
@@ -91,7 +107,10 @@ def extract_outliers(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | 
         reverse: the scan runs from the last token to the first (backward Vim direction).
         outlier_bits: 8 (symmetric, per (sample, token) absmax) or 16 (fp16 values).
         static_mask: (C,) bool; when given, these channels are the outliers at every token (no detection).
-        ste: straight-through rounding (calibration).
+        ste: straight-through rounding (calibration). Without it the rounding passes no gradient (the official
+            code's plain ``round()``): the inlier step still gets the codes as its gradient, the input only what
+            flows through the 8-bit outliers' dynamic scale or the fp16 outliers.
+        trigger, outlier_affine: the official Δ quantizer's detection trigger and outlier grid (module docstring).
     """
     xf = x.float()
     s = scale.float()
@@ -101,7 +120,7 @@ def extract_outliers(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | 
     else:
         zz = z if z is not None else torch.zeros_like(s)
         masks = detect_outlier_masks(xf, s * (qmin - zz), s * (qmax - zz), refresh=refresh, sigma=sigma,
-                                     reverse=reverse)
+                                     reverse=reverse, trigger=trigger)
     s3 = s.view(1, -1, 1)
     z3 = z.view(1, -1, 1) if z is not None else None
     xi = xf.masked_fill(masks, 0.0)
@@ -111,12 +130,22 @@ def extract_outliers(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | 
     if outlier_bits == 16:
         xo_hat = xo.half().float()
     elif outlier_bits == 8:
-        so = (xo.detach().abs().amax(-1, keepdim=True) / 127.0).clamp_min(1e-8)
-        ro = round_ste(xo / so) if ste else torch.round(xo / so)
-        xo_hat = ro.clamp(-127, 127) * so
+        # the dynamic scale is a constant for the straight-through estimator; without it (official) it carries the
+        # only gradient of the outliers
+        xs = xo.detach() if ste else xo
+        if outlier_affine:
+            top, bottom = xs.amax(-1, keepdim=True), xs.amin(-1, keepdim=True)
+            so = ((top - bottom) / 255.0).clamp_min(1e-8)
+            zo = torch.round(-bottom / so).detach()
+            ro = round_ste(xo / so) if ste else torch.round(xo / so)
+            xo_hat = ((ro + zo).clamp(0, 255) - zo) * so
+        else:
+            so = (xs.abs().amax(-1, keepdim=True) / 127.0).clamp_min(1e-8)
+            ro = round_ste(xo / so) if ste else torch.round(xo / so)
+            xo_hat = ro.clamp(-127, 127) * so
     else:
         raise ValueError(f"outlier_bits must be 8 or 16; got {outlier_bits!r}")
     return OutlierSplit(codes, s3, z3, masks, xo_hat)
 
 
-__all__ = ["OutlierSplit", "detect_outlier_masks", "extract_outliers"]
+__all__ = ["TRIGGERS", "OutlierSplit", "detect_outlier_masks", "extract_outliers"]

@@ -37,6 +37,9 @@ class Recipe:
     def __init__(self, config):
         self.config = config
         self.args = self.build_args(config.recipe_args)
+        # the image processor of the checkpoint being quantized: the config's ``image_processor`` or the one saved
+        # next to the checkpoint (``quantizer.run_recipe`` resolves it for every recipe, data-free ones included)
+        self.image_processor = config.image_processor
 
     @classmethod
     def build_args(cls, recipe_args: dict | None, *, strings: bool = False):
@@ -51,11 +54,32 @@ class Recipe:
         unknown = sorted(set(recipe_args) - set(types_))
         if unknown:
             raise ValueError(f"recipe {cls.name!r} has no options {unknown}; its options are {sorted(types_)}")
-        args = cls.Args(**coerce_fields(types_, recipe_args, f"recipe {cls.name!r}", strings=strings))
+        values = coerce_fields(types_, recipe_args, f"recipe {cls.name!r}", strings=strings)
+        args = cls.Args(**cls._expand_preset(values))
         validate = getattr(args, "validate", None)
         if validate is not None:
             validate()
         return args
+
+    @classmethod
+    def _expand_preset(cls, values: dict) -> dict:
+        """``values`` with the options of ``values["preset"]`` (a key of ``Args.PRESETS``) filled in. An option the
+        preset sets may be given too only with the preset's value; options the preset leaves alone combine freely
+        (e.g. fewer iterations for a quick run of the paper-faithful configuration)."""
+        name = values.get("preset")
+        if name is None:
+            return values
+        presets = getattr(cls.Args, "PRESETS", {})
+        if name not in presets:
+            raise ValueError(f"recipe {cls.name!r} has no preset {name!r}; its presets are {sorted(presets)}")
+        preset = presets[name]
+        clash = {k: v for k, v in values.items() if k in preset and v != preset[k]}
+        if clash:
+            sets = ", ".join(f"{k}={preset[k]!r}" for k in clash)
+            given = ", ".join(f"{k}={v!r}" for k, v in clash.items())
+            raise ValueError(f"recipe {cls.name!r} preset {name!r} sets {sets}, which contradicts the recipe_args "
+                             f"{given}: drop the preset or those options")
+        return {**preset, **values}
 
     @classmethod
     def parse_recipe_args(cls, raw: dict[str, str]) -> dict:
@@ -78,6 +102,12 @@ class Recipe:
     @classmethod
     def requires_data(cls, config) -> bool:
         return True
+
+    @classmethod
+    def uses_image_processor(cls, config) -> bool:
+        """Whether calibration reads the image processor (to process calibration images, or to bound generated
+        pixels); ``run_recipe`` then loads the checkpoint's when the config names none."""
+        return cls.requires_data(config)
 
     def layer_settings(self, name: str) -> dict | None:
         """Bits of module ``name`` after the config's ``overrides`` (None: the module stays in float)."""

@@ -32,6 +32,9 @@ Deviations from the official code (each also in the README's recipe table):
 * The activation grid spreads its candidates over the live half of the official one (see
   :func:`optimum_vim.calibration.lp_init.lp_token_affine`); the official ``a = k/100`` grid never tries min-max and
   wastes every ``a > 0.5`` on inverted intervals.
+* Every candidate range of the activation grid is widened to include 0 before it is scored, so it is scored on the
+  grid it would store (``widen_to_zero="candidates"``); the official code scores the candidates unwidened and widens
+  only the winner, which ``widen_to_zero="winner"`` reproduces (ablation row in ``benchmarks/accuracy.py``).
 * Calibration images are the seeded draw of the config, processed with the model's eval transform; the official code
   draws one 256-image batch through Vim's training augmentations.
 * Not a deviation but an option: ``loss="nmse"`` trains on the normalised squared error of the block output instead
@@ -52,7 +55,7 @@ import torch
 from ..calibration.blockwise import BlockContext, SelectableBlockLoss, calibrate_blockwise, check_block_loss
 from ..calibration.data import CalibrationDataError
 from ..calibration.fakequant import FakeQuantLinear, LearnedActQuantizer, LearnedWeightQuantizer
-from ..calibration.lp_init import lp_token_affine, lp_weight_scale
+from ..calibration.lp_init import WIDEN_TO_ZERO, lp_token_affine, lp_weight_scale
 from .base import BLOCK_LINEARS, LayerPlan, QuantPlan, Recipe, register_recipe, select_linears
 
 
@@ -78,6 +81,10 @@ class PTQ4VMArgs:
     # JLSS block loss: "cosine" (the paper's mean 1 - cos) or "nmse" (normalised squared error, which also sees the
     # output norm that the cosine loss lets shrink; not in the paper, see calibration.blockwise.nmse_block_loss)
     loss: str = "cosine"
+    # activation grid init: "candidates" widens every candidate range to include 0 before scoring it (ours: each
+    # candidate is scored on the grid it would store); "winner" scores them unwidened and widens the chosen one
+    # (the official code); calibration.lp_init.lp_token_affine
+    widen_to_zero: str = "candidates"
 
     def validate(self) -> None:
         # types are checked from the annotations by optimum_vim.options before this runs; ranges here
@@ -95,6 +102,8 @@ class PTQ4VMArgs:
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"ptq4vm batch_size must be a positive int or None; got {self.batch_size!r}")
         check_block_loss(self.loss, "ptq4vm")
+        if self.widen_to_zero not in WIDEN_TO_ZERO:
+            raise ValueError(f"ptq4vm widen_to_zero must be one of {WIDEN_TO_ZERO}; got {self.widen_to_zero!r}")
         unknown = [t for t in self.targets if t not in BLOCK_LINEARS]
         if unknown:
             raise ValueError(f"ptq4vm targets must be block linears from {BLOCK_LINEARS}; got {unknown}")
@@ -171,7 +180,7 @@ class PTQ4VMRecipe(SelectableBlockLoss, Recipe):
             wq = LearnedWeightQuantizer(lp_weight_scale(w, s["weight_bits"], a.p_norm, a.candidates), s["weight_bits"])
             aq = None
             if s["act_bits"] is not None:
-                step, zero = lp_token_affine(x, s["act_bits"], a.p_norm, a.candidates)
+                step, zero = lp_token_affine(x, s["act_bits"], a.p_norm, a.candidates, widen=a.widen_to_zero)
                 aq = LearnedActQuantizer(step, s["act_bits"], zero)
             student.set_submodule(rel, FakeQuantLinear(linear, wq, aq, sigma))
         return student

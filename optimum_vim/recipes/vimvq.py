@@ -18,6 +18,11 @@ re-chosen as ratios collapse, and sub-vectors are confirmed incrementally until 
 codebooks are fine-tuned. ``convex=False, incremental=False`` is plain k-means VQ (the paper's "basic VQ"
 ablation): data-free. ``convex=True, incremental=False`` hardens once at the end ("+ convex").
 
+No one-hot regulariser by default: VQ4DiT (the authors' predecessor code; ViM-VQ's is not public) adds
+``n * mean(pi (1 - pi))`` over the soft sub-vectors to its loss on the steps where that term did not fall below its
+lowest value so far; here incremental hardening alone drives the ratios to one-hot. ``onehot_regularizer=True`` adds
+VQ4DiT's term with VQ4DiT's rule (ablation row ``ViM-VQ W2 + one-hot regulariser`` in ``benchmarks/accuracy.py``).
+
 Bad input: a ``vector_dim`` that does not divide a layer's width is padded (the last sub-vector of each row is
 zero-padded; the padding is dropped on decode), a codebook larger than a layer's sub-vector count is refused,
 4+ bits are refused with a pointer to ``rtn`` / ``ptq4vm``, and ``act_bits`` must be None (weight-only; the weight
@@ -34,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..calibration.blockwise import calibrate_blockwise, cosine_block_loss, fixed_threads
 from ..calibration.convex_vq import ConvexVQLinear, ConvexVQWeight
 from ..calibration.vq import CODEBOOK_DTYPES, DEFAULT_VQ_SETTINGS, VQLayout, choose_codebook_size, kmeans_vq
 from .base import BLOCK_LINEARS, LayerPlan, QuantPlan, Recipe, layer_overrides, register_recipe, select_linears
@@ -76,6 +82,9 @@ class ViMVQArgs:
     replace_every: int = 10
     confirm_threshold: float = 0.99
     targets: tuple[str, ...] = BLOCK_LINEARS
+    # VQ4DiT's one-hot regulariser n * mean(pi (1 - pi)) over the soft sub-vectors, added to the block loss on the
+    # steps where it did not fall below its running minimum (VQ4DiT's rule); off by default (ablation row)
+    onehot_regularizer: bool = False
 
     def validate(self) -> None:
         for name in ("vector_dim", "codebook_size"):
@@ -94,7 +103,7 @@ class ViMVQArgs:
             raise ValueError(f"codebook_dtype must be one of {sorted(CODEBOOK_DTYPES)}; got {self.codebook_dtype!r}")
         if self.size_budget not in SIZE_BUDGETS:
             raise ValueError(f"size_budget must be 'rtn_g32' or None; got {self.size_budget!r}")
-        for name in ("channel_scale", "convex", "incremental"):
+        for name in ("channel_scale", "convex", "incremental", "onehot_regularizer"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool; got {getattr(self, name)!r}")
         for name in ("kmeans_iterations", "iterations", "batch_size", "replace_every"):
@@ -206,8 +215,6 @@ class ViMVQRecipe(Recipe):
         return kmeans_vq(weight, layout, seed=self.config.seed + order, iters=self.args.kmeans_iterations)
 
     def calibrate(self, model, batches) -> QuantPlan:
-        from ..calibration.blockwise import fixed_threads
-
         # the engine's fixed thread count for the k-means too: on a shared CPU a multi-threaded run mostly waits
         with fixed_threads():
             return self._calibrate(model, batches)
@@ -220,8 +227,6 @@ class ViMVQRecipe(Recipe):
             if not batches:
                 raise ValueError("vimvq with convex=True trains on calibration images; pass calibration_dataset "
                                  "(or use convex=False for data-free k-means VQ)")
-            from ..calibration.blockwise import calibrate_blockwise
-
             block_recipe = ViMVQBlockRecipe(self, layouts)
             log: list[dict] = []
             soft = calibrate_blockwise(model, torch.cat(list(batches)), block_recipe, seed=self.config.seed,
@@ -269,6 +274,7 @@ class ViMVQBlockRecipe:
     """
 
     grad_clip = None  # RMSprop normalises the step per parameter already
+    _onehot_min = float("inf")
 
     def __init__(self, recipe: ViMVQRecipe, layouts: dict[str, tuple[VQLayout, int]]):
         self.recipe = recipe
@@ -286,6 +292,7 @@ class ViMVQBlockRecipe:
         student = copy.deepcopy(ctx.block)
         student.requires_grad_(False)  # weight-only VQ: only the codebook stand-ins train
         self._stand_ins = {}
+        self._onehot_min = float("inf")
         for rel in self._targets(ctx):
             full = f"{ctx.name}.{rel}"
             linear = student.get_submodule(rel)
@@ -307,6 +314,23 @@ class ViMVQBlockRecipe:
 
     def block_schedule(self, ctx) -> tuple[int, int]:
         return self.args.iterations, min(self.args.batch_size, ctx.num_samples)
+
+    def block_loss(self, ctx, out, target):
+        """The engine's block loss, plus VQ4DiT's one-hot regulariser with ``onehot_regularizer``: the mean over the
+        block's soft layers of ``n * mean(pi (1 - pi))``, added only on steps where it did not fall below its lowest
+        value so far (VQ4DiT adds it "when the soft loss stops decreasing")."""
+        loss = cosine_block_loss(out, target)
+        if not self.args.onehot_regularizer:
+            return loss
+        soft = [s.vq for s in self._stand_ins.values() if s.vq.frozen_fraction < 1.0]
+        if not soft:
+            return loss
+        penalty = torch.stack([vq.logits.shape[1] * vq.onehot_penalty() for vq in soft]).mean()
+        value = float(penalty.detach())
+        if value <= self._onehot_min:
+            self._onehot_min = value
+            return loss
+        return loss + penalty
 
     def on_step(self, ctx, student, step: int, steps: int) -> None:
         every = self.args.replace_every

@@ -14,11 +14,21 @@ Per block and scan direction, the float model's selective-scan inputs (Δ, A, B,
    directions"). The product of Ā is computed in closed form, ``exp(A · Σ Δ)``, from a cumulative sum of Δ.
    Deviation from the official attention code: it stops the Ā product one step short of the class token (it omits the
    class token's own Ā_cls); we keep the exact recurrence, which includes it.
-2. **Δ-weighted p×p patching** (``patch_size``, p = 5 by default, the paper's best; the official code uses 3). The
-   state contributions of the patches are aggregated over each patch's p×p neighbourhood on the patch grid, weighted
-   by ``w_k = Σ_e Δ_k[e]`` min-max normalised to [0, 1], replicate padding at the borders. The attention is linear in
-   the state, so patching the states equals patching the per-patch attention vectors, which is what we compute
-   (``(b, P, E)`` instead of ``(b, P, E, N)``). The min-max normalisation is taken **per image over its patches**:
+2. **Δ-weighted p×p patching** (``patch_size``, p = 5 by default, the paper's best; the official code uses 3):
+   vectors on the patch grid are aggregated over each patch's p×p neighbourhood, weighted by ``w_k = Σ_e Δ_k[e]``
+   min-max normalised to [0, 1], replicate padding at the borders. What is patched (``patching``):
+
+   * ``"attention"`` (default, ours): the per-patch attention vectors ``α[cls, j]`` of step 1, ``(b, P, E)``.
+   * ``"state"`` (the official ``state_fusion``): the hidden states ``h_j`` (b, P, E, N) of the scan are patched,
+     and a patch's feature is the class token's read-out of its patched state carried to the class token,
+     ``Σ_n C_cls[n] · exp(A[e, n] · Σ_{k between} Δ_k[e]) · h_p(j)[e, n]``: the attention of step 1 with the
+     patched state in place of ``Δ_j B_j``. How the official loop turns its patched states into the loss is not
+     released; this read-out is ours ([open]).
+
+   The two are **not** equal: ``α[cls, j]`` depends on ``Δ_j B_j`` (what token j writes into the state), ``h_j`` on
+   every token scanned before j and on the input u, so patching one is not patching the other. ``"state"`` keeps
+   (b, L, E, N) states per scan for the backward pass (a step loop over the tokens), ``"attention"`` only (b, P, E).
+   The min-max normalisation is taken **per image over its patches**:
    the official ``selective_scan_ref`` normalises along the batch axis (``dim=0``), which makes one image's weights
    depend on the other images in the batch; we treat that as unintended. The class token is excluded from the grid
    wherever the config puts it (the official code drops index 0, which is a patch in the midclstok models).
@@ -96,6 +106,24 @@ def _scan_modules(backbone: nn.Module, layers: Sequence[int] | None) -> list[tup
 
 # ---------------------------------------------------------------------------------------------------------------
 # the enhanced implicit attention
+PATCHINGS = ("attention", "state")
+
+
+def _class_gap(delta: torch.Tensor, cls_pos: int, reverse: bool) -> tuple[slice, torch.Tensor] | None:
+    """The tokens one scan direction carries into the class token's state and, for each, ``Σ Δ_k`` over the steps
+    between it and the class token: ``(source slice, gap (b, J, E))``; None when the direction reaches no token."""
+    length = delta.shape[1]
+    if not reverse:
+        if cls_pos == 0:
+            return None
+        # Σ_{k=j+1}^{cls} Δ_k for j < cls: a suffix sum over tokens 1..cls
+        return slice(0, cls_pos), delta[:, 1 : cls_pos + 1].flip(1).cumsum(1).flip(1)
+    if cls_pos == length - 1:
+        return None
+    # the backward scan walks j, j-1, ..., cls: Σ_{k=cls}^{j-1} Δ_k for j > cls
+    return slice(cls_pos + 1, length), delta[:, cls_pos : length - 1].cumsum(1)
+
+
 def class_token_attention(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, cls_pos: int,
                           reverse: bool) -> torch.Tensor:
     """Implicit attention of the class token's output to every token of one scan direction.
@@ -112,22 +140,51 @@ def class_token_attention(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     delta, A, B, C = delta.float(), A.float(), B.float(), C.float()
     out = delta.new_zeros(b, length, e)
     c_cls = C[:, cls_pos]  # (b, N)
-    if not reverse:
-        if cls_pos == 0:
-            return out
-        src = slice(0, cls_pos)
-        # Σ_{k=j+1}^{cls} Δ_k for j < cls: a suffix sum over tokens 1..cls
-        gap = delta[:, 1 : cls_pos + 1].flip(1).cumsum(1).flip(1)
-    else:
-        if cls_pos == length - 1:
-            return out
-        src = slice(cls_pos + 1, length)
-        # the backward scan walks j, j-1, ..., cls: Σ_{k=cls}^{j-1} Δ_k for j > cls
-        gap = delta[:, cls_pos : length - 1].cumsum(1)
+    carried = _class_gap(delta, cls_pos, reverse)
+    if carried is None:
+        return out
+    src, gap = carried
     decay = torch.exp(gap.unsqueeze(-1) * A)  # (b, J, E, N), exponent <= 0
     bc = B[:, src] * c_cls.unsqueeze(1)  # (b, J, N)
     out[:, src] = torch.einsum("bjen,bjn->bje", decay, bc) * delta[:, src]
     return out
+
+
+def class_token_state_attention(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                                C: torch.Tensor, cls_pos: int, reverse: bool, grid: int,
+                                patch_size: int) -> torch.Tensor:
+    """``patching="state"``: the scan's hidden states ``h_t`` (all tokens, scan order) are Δ-weighted p×p patched on
+    the patch grid (the official ``state_fusion``; class token excluded), then read out by the class token after
+    being carried to it (module docstring, step 2).
+
+    Args: u, delta (b, L, E); A (E, N); B, C (b, L, N); grid: patches per side; patch_size: p.
+
+    Returns:
+        (b, P, E) fp32 per patch (class token removed), zero for the patches on the other side of the class token.
+    """
+    b, length, e = delta.shape
+    u, delta, A, B, C = u.float(), delta.float(), A.float(), B.float(), C.float()
+    n = A.shape[1]
+    # per-token views by unbind (its backward is one stack; indexing decay[:, t] would allocate a full-size gradient
+    # per token in the backward pass)
+    decay = torch.exp(delta.unsqueeze(-1) * A).unbind(1)  # L x (b, E, N)
+    write = ((delta * u).unsqueeze(-1) * B.unsqueeze(2)).unbind(1)  # Δ_t u_t B_t
+    h = delta.new_zeros(b, e, n)
+    states = [None] * length
+    for t in (range(length - 1, -1, -1) if reverse else range(length)):
+        h = decay[t] * h + write[t]
+        states[t] = h
+    states = torch.stack(states, 1)  # (b, L, E, N)
+    patches = torch.cat([states[:, :cls_pos], states[:, cls_pos + 1 :]], dim=1).reshape(b, length - 1, e * n)
+    patched = patch_neighbourhood(patches, patch_weights(delta, cls_pos), grid, patch_size).reshape(b, -1, e, n)
+    patched = torch.cat([patched[:, :cls_pos], patched.new_zeros(b, 1, e, n), patched[:, cls_pos:]], dim=1)
+    out = delta.new_zeros(b, length, e)
+    carried = _class_gap(delta, cls_pos, reverse)
+    if carried is not None:
+        src, gap = carried
+        carry = torch.exp(gap.unsqueeze(-1) * A) * patched[:, src]  # (b, J, E, N)
+        out[:, src] = torch.einsum("bjen,bn->bje", carry, C[:, cls_pos])
+    return torch.cat([out[:, :cls_pos], out[:, cls_pos + 1 :]], dim=1)
 
 
 def patch_weights(delta: torch.Tensor, cls_pos: int) -> torch.Tensor:
@@ -189,8 +246,7 @@ class _ScanCapture:
     def __enter__(self):
         for layer, reverse, mod in self.modules:
             def hook(_mod, args, key=(layer, reverse)):
-                _u, delta, A, B, C = args[:5]
-                self.captured[key] = (delta, A, B, C)
+                self.captured[key] = tuple(args[:5])  # (u, Δ, A, B, C)
 
             self.handles.append(mod.register_forward_pre_hook(hook))
         return self
@@ -204,13 +260,17 @@ class _ScanCapture:
 def generation_loss(model: nn.Module, pixel_values: torch.Tensor, targets: torch.Tensor | None = None, *,
                     patch_size: int = 5, positives: int = 12, temperature: float = 0.1,
                     contrastive_weight: float = 1.0, class_weight: float = 1.0,
-                    layers: Sequence[int] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """OuroMamba-Gen's loss on a batch of images (differentiable w.r.t. ``pixel_values``).
+                    layers: Sequence[int] | None = None,
+                    patching: str = "attention") -> tuple[torch.Tensor, dict[str, float]]:
+    """OuroMamba-Gen's loss on a batch of images (differentiable w.r.t. ``pixel_values``); ``patching``: what the
+    Δ-weighted patching aggregates (module docstring, step 2).
 
     Returns ``(loss, {"loss", "contrastive", "class"})``; the dict holds floats for logging.
     """
     backbone, classifier = _backbone_and_head(model)
     config = backbone.config
+    if patching not in PATCHINGS:
+        raise ValueError(f"patching must be one of {PATCHINGS}; got {patching!r}")
     if class_weight and classifier is None:
         raise ValueError("the class output loss needs a classifier head: pass a VimForImageClassification, or "
                          "class_weight=0 for the contrastive loss only")
@@ -226,10 +286,13 @@ def generation_loss(model: nn.Module, pixel_values: torch.Tensor, targets: torch
     total = pixel_values.new_zeros((), dtype=torch.float32)
     if contrastive_weight:
         per_layer: dict[int, torch.Tensor] = {}
-        for (layer, _reverse), (delta, A, B, C) in sorted(cap.captured.items()):
-            attn = class_token_attention(delta, A, B, C, cls_pos, _reverse)
-            attn = torch.cat([attn[:, :cls_pos], attn[:, cls_pos + 1 :]], dim=1)  # (b, P, E) patch tokens only
-            patched = patch_neighbourhood(attn, patch_weights(delta, cls_pos), grid, patch_size)
+        for (layer, _reverse), (u, delta, A, B, C) in sorted(cap.captured.items()):
+            if patching == "state":
+                patched = class_token_state_attention(u, delta, A, B, C, cls_pos, _reverse, grid, patch_size)
+            else:
+                attn = class_token_attention(delta, A, B, C, cls_pos, _reverse)
+                attn = torch.cat([attn[:, :cls_pos], attn[:, cls_pos + 1 :]], dim=1)  # (b, P, E) patch tokens only
+                patched = patch_neighbourhood(attn, patch_weights(delta, cls_pos), grid, patch_size)
             per_layer[layer] = per_layer[layer] + patched if layer in per_layer else patched
         l_c = torch.stack([patch_info_nce(f, positives, temperature) for f in per_layer.values()]).mean()
         total = total + contrastive_weight * l_c
@@ -301,6 +364,7 @@ def generate_calibration_images(
     jitter: int | None = None,
     flip: bool = True,
     tv_weight: float = 0.05,
+    patching: str = "attention",
     processor=None,
     seed: int = 0,
     progress: bool = True,
@@ -332,6 +396,8 @@ def generate_calibration_images(
             neighbouring normalised pixels per image); 0: off (the paper's loss ``L_C + L_O`` alone). With the
             priors the images show object shapes on a dark background instead of pixel noise, and W4A4O8 calibrated
             on them gains 1.2 dB logit SQNR on the fixture (benchmarks/RESULTS.md).
+        patching: ``"attention"`` (ours) patches the class-token attention vectors, ``"state"`` the hidden states as
+            the official ``state_fusion`` (module docstring, step 2; more memory: (b, L, E, N) per scan).
         processor: the model's image processor; when given, pixels are kept inside the valid normalised range
             (the image of [0, 1] under its mean/std) and PIL images are un-normalised with it.
         seed: seeds the Gaussian init and the target sampling; equal seeds give bit-identical images.
@@ -350,7 +416,7 @@ def generate_calibration_images(
     if jitter is None:
         jitter = max(1, config.stride // 2)
     _validate(n, iterations, patch_size, positives, temperature, lr, batch_size, contrastive_weight, class_weight,
-              jitter, flip, tv_weight)
+              jitter, flip, tv_weight, patching)
     if class_weight and classifier is None:
         raise ValueError("the class output loss needs a classifier head: pass a VimForImageClassification, or "
                          "class_weight=0")
@@ -401,6 +467,7 @@ def generate_calibration_images(
                 loss, parts = generation_loss(
                     model, seen, t, patch_size=patch_size, positives=positives, temperature=temperature,
                     contrastive_weight=contrastive_weight, class_weight=class_weight, layers=layers,
+                    patching=patching,
                 )
                 if tv_weight:
                     tv = total_variation(x)
@@ -456,7 +523,7 @@ def _augment(x: torch.Tensor, shifts: torch.Tensor | None, mirrors: torch.Tensor
 
 
 def _validate(n, iterations, patch_size, positives, temperature, lr, batch_size, contrastive_weight, class_weight,
-              jitter=0, flip=False, tv_weight=0.0):
+              jitter=0, flip=False, tv_weight=0.0, patching="attention"):
     checks = [
         (isinstance(n, int) and n >= 1, f"n must be a positive int; got {n!r}"),
         (isinstance(iterations, int) and iterations >= 0, f"iterations must be an int >= 0; got {iterations!r}"),
@@ -473,6 +540,7 @@ def _validate(n, iterations, patch_size, positives, temperature, lr, batch_size,
         (isinstance(flip, bool), f"flip must be True or False; got {flip!r}"),
         (isinstance(tv_weight, (int, float)) and not isinstance(tv_weight, bool) and math.isfinite(tv_weight)
          and tv_weight >= 0, f"tv_weight must be a number >= 0 (0: off); got {tv_weight!r}"),
+        (patching in PATCHINGS, f"patching must be one of {PATCHINGS}; got {patching!r}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -480,9 +548,11 @@ def _validate(n, iterations, patch_size, positives, temperature, lr, batch_size,
 
 
 __all__ = [
+    "PATCHINGS",
     "GenerationDivergedError",
     "to_pil_images",
     "class_token_attention",
+    "class_token_state_attention",
     "generate_calibration_images",
     "generation_loss",
     "patch_info_nce",

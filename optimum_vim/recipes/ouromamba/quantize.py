@@ -18,20 +18,44 @@ search); then the weight, linear-input and S6 inlier steps train ``epochs`` epoc
 decay 1e-5, grad clip 2.0) on the block's cosine loss (``loss="nmse"``: the normalised squared error instead), no
 smoothing.
 
-Deviations from the official code (also in the README recipe table):
+Differences from the official code (``ICCV-OuroMamba@562d7e3``), each switchable unless marked fixed, each with an
+ablation row in ``benchmarks/accuracy.py``; ``recipe_args={"preset": "paper"}`` sets every switch to the official side
+(the paper-faithful configuration; explicit options that contradict it are refused):
 
-* Each scan direction has its own u / Δ / B / C quantizers. The official code uses one set per block for both
-  directions, so one per-token scale serves tensors walked in opposite orders with different parameters.
-* Each sample detects its own outliers (the official code triggers the detection for the whole batch), see
-  :mod:`optimum_vim.primitives.outliers`.
-* At 4-bit activations the S6 inlier steps (u, Δ, B, C of each direction) learn in the block-wise step learning
-  with the linears' steps (``train_scan_steps``; default None: on at A4, off at A8). The official training loop
-  selects only the linears' weight and input steps by parameter name, so its S6 quantizers keep their grid init;
-  ``train_scan_steps=False`` reproduces that. Measured on the fixture (128 real images, full test split): W4A4O8
-  +0.66 dB logit SQNR and +0.5 points agreement with the float model; W4A8O16 -1.9 dB (AdamW's lr-sized moves are
-  large against 8-bit steps), hence off there (benchmarks/RESULTS.md).
-* A and D stay float (parameters, not activations); the hidden state is float (the official fast path does not
-  quantize it either).
+* ``delta_before_softplus`` (default False): we quantize Δ where the scan reads it, after softplus; the official code
+  quantizes ``dt_proj``'s output (bias included) and applies softplus inside the scan kernel. True puts the Δ
+  extractor on the softplus module's input (a ``QOutput`` with only an input quantizer).
+* ``quantize_scan_u`` (default True): we quantize the scan input u; the official code quantizes only x_proj's copy of
+  it (x_proj's input quantizer) and hands the scan u in float. False reproduces that.
+* ``delta_outliers`` (default ``"interval"``): our Δ extractor starts a detection when an inlier leaves the static
+  grid and keeps 8-bit outliers on the symmetric absmax/127 grid of every other tensor; the official ``Q_Act_d``
+  triggers when the inliers' span ``(max - min) / (2^b - 1)`` exceeds the step and quantizes outliers on an affine
+  [0, 255] grid (``"range"``; :mod:`optimum_vim.primitives.outliers`).
+* ``calibration_threshold`` (default ``"inliers"``): before the inlier grid search we remove outliers with the
+  run-time rule, θ from the values not yet flagged in the window; the official initialisation takes θ from the raw
+  |x| of each token and ORs the flags over the window (``"raw"``).
+* ``widen_to_zero`` (default ``"candidates"``): Δ's affine grid search widens every candidate to include 0 before
+  scoring it; the official one widens only the winner (``"winner"``, as PTQ4VM's option).
+* ``step_training`` (default ``"ste"``): our step learning uses straight-through rounding and trains the steps of
+  every block linear. The official loop does not train "the linears' steps": its activation quantizers round with a
+  plain ``round()`` (no straight-through estimator, so the input of a quantizer gets gradient only through its
+  outliers), x_proj / dt_proj of both directions sit inside a custom autograd function that returns them no gradient,
+  and its weight-step optimiser group matches names ending in ``proj.s`` (missing ``_b``). What trains there is
+  out_proj's weight and input steps, and in_proj's from the little gradient that leaks through out_proj's input
+  outliers. ``"official"`` reproduces that: plain rounding in the activation quantizers, only in_proj's and
+  out_proj's steps in the optimiser, S6 steps frozen.
+* ``train_scan_steps`` (default None: on at 4-bit activations, off at 8): the S6 inlier steps (u, Δ, B, C of each
+  direction) learn beside the linears' steps; the official loop leaves them at their grid init (``False``).
+  Measured on the fixture (128 real images, full test split): W4A4O8 +0.66 dB logit SQNR and +0.5 points agreement;
+  W4A8O16 -1.9 dB (AdamW's lr-sized moves are large against 8-bit steps), hence off there (benchmarks/RESULTS.md).
+* OuroMamba-Gen (:mod:`.generation`): ``gen_patching`` (attention vectors, ours, or the hidden states as the official
+  ``state_fusion``) and the image priors ``gen_jitter`` / ``gen_flip`` / ``gen_tv_weight`` (ours; 0 / False / 0 is the
+  paper's loss alone).
+* Fixed (no switch): each scan direction has its own u / Δ / B / C quantizers (the official code uses one set per
+  block for both directions, so one per-token scale serves tensors walked in opposite orders); each sample detects its
+  own outliers (the official code triggers the detection for the whole batch); A and D stay float (the official code
+  also passes them through extractor quantizers; they are parameters, constant per channel); the hidden state is
+  float (the official fast path does not quantize it either).
 * ``dynamic_outliers=False`` (the "static outliers" ablation) flags, per tensor, the channels whose summed |x| over
   the calibration set exceeds mean + 4σ over channels (the official optional list) and keeps them in outlier precision
   at every token.
@@ -40,22 +64,31 @@ Deviations from the official code (also in the README recipe table):
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...calibration.blockwise import BlockContext, SelectableBlockLoss, calibrate_blockwise, check_block_loss
 from ...calibration.fakequant import FakeQuantLinear, LearnedWeightQuantizer
-from ...calibration.lp_init import lp_token_affine, lp_token_symmetric, lp_weight_scale
+from ...calibration.lp_init import WIDEN_TO_ZERO, lp_token_affine, lp_token_symmetric, lp_weight_scale
 from ...primitives import int_range
-from ...primitives.outliers import detect_outlier_masks, extract_outliers
+from ...primitives.outliers import TRIGGERS, detect_outlier_masks, extract_outliers
 from ..base import BLOCK_LINEARS, LayerPlan, QuantPlan, Recipe, layer_overrides, register_recipe, select_linears
+from .generation import PATCHINGS
+
+logger = logging.getLogger(__name__)
 
 _MIN_STEP = 1e-8
 _REVERSE_LINEARS = ("x_proj_b", "dt_proj_b")  # run on the backward scan's tensors: their scan order is reversed
 _SCAN_INPUTS = {"u": 0, "delta": 1, "B": 3, "C": 4}  # positional inputs of VimSelectiveScan.forward
+CALIBRATION_THRESHOLDS = ("inliers", "raw")
+STEP_TRAINING = ("ste", "official")
+_OFFICIAL_TRAINED = ("in_proj", "out_proj")  # the linears whose steps the official loop's gradients reach
 
 
 def _is_int(v) -> bool:
@@ -102,6 +135,36 @@ class OuroMambaArgs:
     # block loss of the step learning: "cosine" (the official mean 1 - cos) or "nmse" (normalised squared error, not
     # in the paper; see calibration.blockwise.nmse_block_loss)
     loss: str = "cosine"
+    # --- where we differ from the official code, each switchable (module docstring; ablation rows in
+    # benchmarks/accuracy.py); preset "paper" sets every one to the official side
+    # Δ quantized after softplus (ours, the scan's input) or dt_proj's output, bias included, before softplus (official)
+    delta_before_softplus: bool = False
+    quantize_scan_u: bool = True  # False: the scan reads u in float (official: only x_proj's copy of u is quantized)
+    # Δ's extractor: "interval" (detection when an inlier leaves the grid; symmetric 8-bit outliers, as every other
+    # tensor) or "range" (official Q_Act_d: when the inliers' (max - min) / (2^b - 1) exceeds the step; affine
+    # [0, 255] outliers)
+    delta_outliers: str = "interval"
+    # outliers removed before the inlier grid search: "inliers" (θ from the inliers left at each token, the run-time
+    # rule) or "raw" (official: θ = mean + σ std of the raw |x| at each token, flags accumulated over the window)
+    calibration_threshold: str = "inliers"
+    widen_to_zero: str = "candidates"  # Δ's affine grid init, as PTQ4VM's option (official: "winner")
+    # OuroMamba-Gen: "attention" patches the class-token attention vectors (ours); "state" patches the hidden states
+    # as the official state_fusion and reads them out towards the class token (generation.py)
+    gen_patching: str = "attention"
+    # "ste": straight-through rounding, every linear's steps train; "official": what the official loop's gradients
+    # reach: plain round() in the activation quantizers (no straight-through estimator) and only in_proj's and
+    # out_proj's steps train (its custom autograd function gives x_proj / dt_proj of both directions none)
+    step_training: str = "ste"
+    preset: str | None = None  # "paper": the configuration closest to the official code (PRESETS)
+
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "paper": {
+            "gen_jitter": 0, "gen_flip": False, "gen_tv_weight": 0.0, "gen_patching": "state",
+            "train_scan_steps": False, "delta_before_softplus": True, "quantize_scan_u": False,
+            "delta_outliers": "range", "calibration_threshold": "raw", "widen_to_zero": "winner",
+            "step_training": "official", "loss": "cosine",
+        },
+    }
 
     def validate(self) -> None:
         for name in ("num_synthetic", "positives", "refresh", "candidates"):
@@ -141,16 +204,42 @@ class OuroMambaArgs:
         if self.grad_clip is not None and (not _is_number(self.grad_clip) or not self.grad_clip > 0):
             raise ValueError(f"ouromamba grad_clip must be a positive number or None; got {self.grad_clip!r}")
         check_block_loss(self.loss, "ouromamba")
+        for name, allowed in (("delta_outliers", TRIGGERS), ("calibration_threshold", CALIBRATION_THRESHOLDS),
+                              ("widen_to_zero", WIDEN_TO_ZERO), ("gen_patching", PATCHINGS),
+                              ("step_training", STEP_TRAINING)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ouromamba {name} must be one of {allowed}; got {getattr(self, name)!r}")
+        for name in ("delta_before_softplus", "quantize_scan_u"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ouromamba {name} must be true or false; got {getattr(self, name)!r}")
+        if self.step_training == "official" and self.train_scan_steps:
+            raise ValueError("ouromamba step_training='official' trains only in_proj's and out_proj's steps (what the "
+                             "official loop's gradients reach): it cannot be combined with train_scan_steps=True")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # static inlier-scale initialisation
 @torch.no_grad()
-def calibration_outlier_masks(x: torch.Tensor, refresh: int, sigma: float, reverse: bool) -> torch.Tensor:
-    """Outliers of a calibration tensor (n, L, C) removed before the inlier grid search: the windowed σ rule with the
-    detection run at every token (there is no static scale to trigger it yet)."""
-    zeros = torch.zeros(x.shape[1], device=x.device)
-    return detect_outlier_masks(x, zeros, zeros, refresh=refresh, sigma=sigma, reverse=reverse)
+def calibration_outlier_masks(x: torch.Tensor, refresh: int, sigma: float, reverse: bool,
+                              threshold: str = "inliers") -> torch.Tensor:
+    """Outliers of a calibration tensor (n, L, C) removed before the inlier grid search, windows of ``refresh`` tokens
+    in scan order, detection at every token (there is no static scale to trigger it yet).
+
+    ``threshold="inliers"``: the run-time rule, θ from the values not yet flagged in the window;
+    ``"raw"``: the official initialisation, θ = mean + σ·std of the raw |x| of each token, flags accumulated (OR)
+    over the window."""
+    if threshold == "inliers":
+        zeros = torch.zeros(x.shape[1], device=x.device)
+        return detect_outlier_masks(x, zeros, zeros, refresh=refresh, sigma=sigma, reverse=reverse)
+    a = x.detach().float().abs()
+    a = a.flip(1) if reverse else a
+    n, length, c = a.shape
+    windows = -(-length // refresh)
+    pad = windows * refresh - length
+    aw = F.pad(a, (0, 0, 0, pad)).view(n, windows, refresh, c)
+    flags = aw > aw.mean(-1, keepdim=True) + sigma * aw.std(-1, keepdim=True)
+    masks = flags.cumsum(2).bool().view(n, windows * refresh, c)[:, :length]
+    return masks.flip(1) if reverse else masks
 
 
 @torch.no_grad()
@@ -166,11 +255,12 @@ class LearnedOutlierActQuantizer(nn.Module):
 
     def __init__(self, step: torch.Tensor, bits: int, *, zero_point: torch.Tensor | None = None, refresh: int,
                  sigma: float, reverse: bool, outlier_bits: int, static_mask: torch.Tensor | None = None,
-                 trainable: bool = True):
+                 trainable: bool = True, trigger: str = "interval", outlier_affine: bool = False, ste: bool = True):
         super().__init__()
         self.bits, self.symmetric = bits, zero_point is None
         self.qmin, self.qmax = int_range(bits, self.symmetric, True)
         self.refresh, self.sigma, self.reverse, self.outlier_bits = refresh, float(sigma), reverse, outlier_bits
+        self.trigger, self.outlier_affine, self.ste = trigger, outlier_affine, ste
         self.step = nn.Parameter(step.detach().float().clone(), requires_grad=trainable)
         self.register_buffer("zero_point", None if zero_point is None else zero_point.detach().float().round())
         self.register_buffer("static_mask", None if static_mask is None else static_mask.detach().bool())
@@ -178,7 +268,8 @@ class LearnedOutlierActQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         split = extract_outliers(x, self.step.clamp(min=_MIN_STEP), self.zero_point, self.qmin, self.qmax,
                                  refresh=self.refresh, sigma=self.sigma, reverse=self.reverse,
-                                 outlier_bits=self.outlier_bits, static_mask=self.static_mask, ste=True)
+                                 outlier_bits=self.outlier_bits, static_mask=self.static_mask, ste=self.ste,
+                                 trigger=self.trigger, outlier_affine=self.outlier_affine)
         return split.dequantize().to(x.dtype)
 
     @torch.no_grad()
@@ -186,6 +277,10 @@ class LearnedOutlierActQuantizer(nn.Module):
         spec = {"granularity": "dynamic_outlier", "bits": self.bits, "symmetric": self.symmetric,
                 "length": self.step.numel(), "outlier_bits": self.outlier_bits, "refresh": self.refresh,
                 "outlier_sigma": self.sigma, "reverse": self.reverse, "static_outliers": self.static_mask is not None}
+        if self.trigger != "interval":
+            spec["outlier_trigger"] = self.trigger
+        if self.outlier_affine:
+            spec["outlier_affine"] = True
         if channels is not None or self.static_mask is not None:
             spec["channels"] = int(channels if channels is not None else self.static_mask.numel())
         tensors = {"scale": self.step.clamp(min=_MIN_STEP).detach().float().contiguous()}
@@ -208,6 +303,24 @@ class _ChannelsExport(nn.Module):
 
     def export(self):
         return self.inner.export(self.channels)
+
+
+class FakeQuantSoftplus(nn.Module):
+    """Training stand-in of Δ quantized before softplus (the official quantization point: dt_proj's output, bias
+    included); exports a QOutput with only an input quantizer."""
+
+    def __init__(self, quantizer: LearnedOutlierActQuantizer, channels: int):
+        super().__init__()
+        self.quantizer, self.channels = quantizer, channels
+
+    def forward(self, x):
+        return F.softplus(self.quantizer(x))
+
+    @torch.no_grad()
+    def export(self) -> LayerPlan:
+        spec, tensors = self.quantizer.export(self.channels)
+        return LayerPlan(spec={"type": "output", "inner": "softplus", "input": spec, "output": None},
+                         tensors={f"input_quantizer.{k}": v for k, v in tensors.items()})
 
 
 class FakeQuantScan(nn.Module):
@@ -273,8 +386,14 @@ class OuroMambaRecipe(SelectableBlockLoss, Recipe):
         # data-free: it generates its calibration set unless real images are passed (the real-data ablation)
         return config.calibration_dataset is not None
 
+    @classmethod
+    def uses_image_processor(cls, config) -> bool:
+        return True  # real images are processed with it; synthetic pixels are kept inside its valid range
+
     def _train_scan_steps(self, act_bits: int) -> bool:
         flag = self.args.train_scan_steps
+        if self.args.step_training == "official":
+            return False  # the official loop leaves the S6 steps at their grid init
         return act_bits <= 4 if flag is None else flag
 
     def _outlier_bits(self, act_bits: int) -> int:
@@ -290,10 +409,16 @@ class OuroMambaRecipe(SelectableBlockLoss, Recipe):
             pixels = torch.cat(list(batches))
             info["calibration_real_images"] = pixels.shape[0]
         else:
+            if self.image_processor is None:
+                logger.warning(
+                    "ouromamba: no image processor (none in the config, none saved next to the checkpoint): the "
+                    "synthetic pixels are not kept inside the valid normalised range; pass "
+                    "ViMQuantizationConfig(image_processor=...) to match the CLI"
+                )
             pixels = generate_calibration_images(
                 model, a.num_synthetic, iterations=a.gen_iterations, patch_size=a.patch_size, positives=a.positives,
                 lr=a.gen_lr, contrastive_weight=a.contrastive_weight, jitter=a.gen_jitter, flip=a.gen_flip,
-                tv_weight=a.gen_tv_weight, processor=cfg.image_processor, seed=cfg.seed,
+                tv_weight=a.gen_tv_weight, patching=a.gen_patching, processor=self.image_processor, seed=cfg.seed,
             )
             info["calibration_source"] = (
                 f"calibrated on {pixels.shape[0]} synthetic images (OuroMamba-Gen, {a.gen_iterations} iterations, "
@@ -344,11 +469,12 @@ class OuroMambaRecipe(SelectableBlockLoss, Recipe):
         return {n: {k: torch.cat(v) for k, v in d.items()} for n, d in got.items()}
 
     def _act_quantizer(self, x: torch.Tensor, bits: int, *, symmetric: bool, sigma: float, reverse: bool,
-                       trainable: bool) -> LearnedOutlierActQuantizer:
+                       trainable: bool, delta: bool = False) -> LearnedOutlierActQuantizer:
         a = self.args
-        masks = calibration_outlier_masks(x, a.refresh, sigma, reverse) if a.dynamic_outliers else None
-        static = None
-        if not a.dynamic_outliers:
+        if a.dynamic_outliers:
+            masks = calibration_outlier_masks(x, a.refresh, sigma, reverse, a.calibration_threshold)
+            static = None
+        else:
             static = static_outlier_channels(x)
             masks = static.view(1, 1, -1).expand_as(x)
         inliers = x.masked_fill(masks, 0.0)
@@ -356,10 +482,16 @@ class OuroMambaRecipe(SelectableBlockLoss, Recipe):
         if symmetric:
             step = lp_token_symmetric(inliers, bits, a.p_norm, a.candidates)
         else:
-            step, zero = lp_token_affine(inliers, bits, a.p_norm, a.candidates)
+            step, zero = lp_token_affine(inliers, bits, a.p_norm, a.candidates, widen=a.widen_to_zero)
+        official_delta = delta and a.delta_outliers == "range"
         return LearnedOutlierActQuantizer(step, bits, zero_point=zero, refresh=a.refresh, sigma=sigma, reverse=reverse,
                                           outlier_bits=self._outlier_bits(bits), static_mask=static,
-                                          trainable=trainable)
+                                          trainable=trainable, trigger=a.delta_outliers if delta else "interval",
+                                          outlier_affine=official_delta, ste=a.step_training == "ste")
+
+    def _trains(self, rel: str) -> bool:
+        """Whether the steps of the linear ``rel`` train (all of them, or what the official loop's gradients reach)."""
+        return self.args.step_training == "ste" or rel.rsplit(".", 1)[-1] in _OFFICIAL_TRAINED
 
     @torch.no_grad()
     def prepare_block(self, ctx: BlockContext):
@@ -371,22 +503,35 @@ class OuroMambaRecipe(SelectableBlockLoss, Recipe):
             linear = ctx.block.get_submodule(rel)
             w = linear.weight.detach().float()
             wq = LearnedWeightQuantizer(lp_weight_scale(w, 4, a.p_norm, a.candidates), 4)
+            wq.step.requires_grad_(self._trains(rel))
             reverse = rel.rsplit(".", 1)[-1] in _REVERSE_LINEARS
             aq = self._act_quantizer(inputs[rel].float(), act_bits, symmetric=True, sigma=a.outlier_sigma,
-                                     reverse=reverse, trainable=True)
+                                     reverse=reverse, trainable=self._trains(rel))
             student.set_submodule(rel, FakeQuantLinear(linear, wq, _ChannelsExport(aq, linear.in_features)))
         captured = self._capture_scan_inputs(ctx, list(scans)) if scans else {}
+        # Δ before softplus (official): the quantizer sits on the softplus module's input, dt_proj's output
+        softplus = {rel: _softplus_of(rel) for rel in scans} if a.delta_before_softplus else {}
+        pre = ctx.capture(list(softplus.values()), stream="float") if softplus else {}
         for rel, bits in scans.items():
             scan = ctx.block.get_submodule(rel)
-            quantizers = {
-                name: self._act_quantizer(
-                    x, bits, symmetric=name != "delta", sigma=a.delta_sigma if name == "delta" else a.outlier_sigma,
-                    reverse=bool(scan.reverse), trainable=self._train_scan_steps(bits),
-                )
-                for name, x in captured[rel].items()
-            }
+            skip = {"delta"} if softplus else set()
+            if not a.quantize_scan_u:
+                skip.add("u")
+            quantizers = {name: self._s6_quantizer(name, x, bits, bool(scan.reverse))
+                          for name, x in captured[rel].items() if name not in skip}
             student.set_submodule(rel, FakeQuantScan(copy.deepcopy(scan), quantizers, ctx.model_config.d_state))
+            if softplus:
+                x = pre[softplus[rel]].float()
+                delta = self._s6_quantizer("delta", x, bits, bool(scan.reverse))
+                student.set_submodule(softplus[rel], FakeQuantSoftplus(delta, x.shape[-1]))
         return student
+
+    def _s6_quantizer(self, name: str, x: torch.Tensor, bits: int, reverse: bool) -> LearnedOutlierActQuantizer:
+        """The extractor of one S6 tensor (u, B, C symmetric at ``outlier_sigma``; Δ affine at ``delta_sigma``)."""
+        a, is_delta = self.args, name == "delta"
+        return self._act_quantizer(x, bits, symmetric=not is_delta, reverse=reverse,
+                                   trainable=self._train_scan_steps(bits),
+                                   sigma=a.delta_sigma if is_delta else a.outlier_sigma, delta=is_delta)
 
     def block_optimizer(self, ctx: BlockContext, student):
         a = self.args
@@ -398,6 +543,8 @@ class OuroMambaRecipe(SelectableBlockLoss, Recipe):
                 params.extend(group)
         for rel in self._rel(ctx, self._scans):
             params.extend(p for p in student.get_submodule(rel).quantizers.parameters() if p.requires_grad)
+            if a.delta_before_softplus:
+                params.extend(p for p in student.get_submodule(_softplus_of(rel)).parameters() if p.requires_grad)
         if not params:
             return None
         return torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay)
@@ -416,7 +563,15 @@ class OuroMambaRecipe(SelectableBlockLoss, Recipe):
         for rel in self._rel(ctx, self._scans):
             plans[f"{ctx.name}.{rel}"] = student.get_submodule(rel).export(cfg.sequence_length,
                                                                            cfg.intermediate_size)
+            if self.args.delta_before_softplus:
+                plans[f"{ctx.name}.{_softplus_of(rel)}"] = student.get_submodule(_softplus_of(rel)).export()
         return plans
+
+
+def _softplus_of(scan: str) -> str:
+    """The softplus module feeding Δ to the scan ``scan`` (``mixer.ssm_b`` -> ``mixer.softplus_b``)."""
+    head, leaf = scan.rsplit(".", 1)
+    return f"{head}.{leaf.replace('ssm', 'softplus')}"
 
 
 def _skipped(name: str, skip) -> bool:
@@ -425,4 +580,4 @@ def _skipped(name: str, skip) -> bool:
     return is_skipped(name, skip)
 
 
-__all__ = ["FakeQuantScan", "LearnedOutlierActQuantizer", "OuroMambaArgs", "OuroMambaRecipe"]
+__all__ = ["FakeQuantScan", "FakeQuantSoftplus", "LearnedOutlierActQuantizer", "OuroMambaArgs", "OuroMambaRecipe"]
