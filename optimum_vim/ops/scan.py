@@ -306,7 +306,7 @@ def selective_scan_mamba_cuda(u, delta, A, B, C, D=None, z=None, reverse=False) 
     return y.transpose(1, 2).to(u.dtype)
 
 
-_SCAN_BACKENDS = ("auto", "torch", "mamba")
+_SCAN_BACKENDS = ("auto", "torch", "mamba", "triton")
 
 
 def selective_scan(
@@ -320,10 +320,19 @@ def selective_scan(
     reverse: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Dispatching selective scan. ``backend``: ``"auto"`` (mamba-ssm on CUDA when importable, else PyTorch),
-    ``"torch"`` or ``"mamba"``. Shapes as in :func:`selective_scan_torch`."""
+    """Dispatching selective scan. ``backend``: ``"auto"`` (on CUDA: mamba-ssm when importable, else the Triton
+    scan, else PyTorch; :func:`optimum_vim.ops.dispatch.float_scan_backend` decides), ``"torch"``, ``"mamba"`` or
+    ``"triton"`` (forward only). Shapes as in :func:`selective_scan_torch`."""
     if backend not in _SCAN_BACKENDS:
         raise ValueError(f"unknown scan backend {backend!r}; choose one of {_SCAN_BACKENDS}")
-    if backend == "mamba" or (backend == "auto" and u.is_cuda and _mamba_selective_scan_fn() is not None):
+    if backend == "auto" and u.is_cuda:
+        from .dispatch import float_scan_backend
+
+        backend = float_scan_backend(u, delta, A, B, C, D, z, d_state=A.shape[1])
+    if backend == "mamba":
         return selective_scan_mamba_cuda(u, delta, A, B, C, D, z, reverse)
+    if backend == "triton":
+        from optimum_vim_kernels.scan import selective_scan_q
+
+        return selective_scan_q(u, delta, A, B, C, D, z, reverse=reverse, out_dtype=u.dtype)
     return selective_scan_torch(u, delta, A, B, C, D, z, reverse)
