@@ -473,6 +473,26 @@ def _scan_operands(b, length, e, n, int_inputs, device, dtype):
     return (f(b, length, e), delta, A, f(b, length, n), f(b, length, n), D, f(b, length, e)), dict(out_dtype=dtype)
 
 
+def dry_run(args) -> int:
+    """The plan of a run, from the real model configurations (no model is built, nothing is timed)."""
+    import optimum_vim_kernels.tuning  # noqa: F401 - the table module the tuner writes for
+
+    if args.tune:
+        shapes = {(size, stride, nk) for size in args.tune_models for stride in (16, 8)
+                  for nk in _layer_names(build_config(size, stride))}
+        tokens = sorted({build_config("tiny", s).sequence_length for s in (16, 8)})
+        print(f"dry run --tune: {len(shapes)} GEMM shapes x {len(args.formats)} formats x M = {tokens} tokens x "
+              f"batches {list(TUNE_BATCHES)}, {len(GEMM_CANDIDATES)} GEMM and {len(SCAN_CANDIDATES)} scan candidates, "
+              f"budget {args.tune_seconds:.0f} s -> {args.tune_out}")
+    else:
+        for size in args.models:
+            c = build_config(size)
+            print(f"dry run: Vim-{size[0].upper()} (hidden {c.hidden_size}, E {c.intermediate_size}, "
+                  f"{c.sequence_length} tokens) x batches {args.batches} x fp16 + {args.formats}, "
+                  f"{args.repeats} repeats -> {args.json}, {args.markdown}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -487,7 +507,10 @@ def main(argv=None) -> int:
     p.add_argument("--tune-seconds", type=float, default=150.0)
     p.add_argument("--tune-out", default="tuned.json")
     p.add_argument("--smoke", action="store_true", help="toy sizes on CPU with the Triton interpreter")
+    p.add_argument("--dry-run", action="store_true", help="check the arguments and print the plan; run nothing")
     args = p.parse_args(argv)
+    if args.dry_run:
+        return dry_run(args)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     elif not torch.cuda.is_available():
