@@ -30,7 +30,7 @@ def test_dry_run_checks_everything_up_to_the_launch(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout
     assert "budget 350 s" in out and "dry run OK" in out and "timeout_s=440" in out
-    for stage in ("env (40 s)", "kernels (110 s)", "e2e (75 s)", "e2e_det (25 s)", "bench (100 s)"):
+    for stage in ("env (40 s)", "kernels (100 s)", "e2e (90 s)", "e2e_det (25 s)", "bench (95 s)"):
         assert stage in out, stage
     assert re.search(r"kernel tests: \d+/\d+ tests collected \(\d+ deselected\)", out)
     assert "configurations valid: ['kscale', 'ouromamba', 'ptq4vm', 'rtn', 'vimvq']" in out
@@ -43,6 +43,7 @@ def test_dry_run_checks_everything_up_to_the_launch(tmp_path):
     (["--stages", "env,train"], "unknown stage 'train'"),
     (["--tune-seconds", "soon"], "--tune-seconds must be a whole number"),
     (["--frobnicate"], "unknown option '--frobnicate'"),
+    (["--budget", "bench=soon"], "--budget takes STAGE=SECONDS"),
 ])
 def test_bad_arguments_stop_before_anything_runs(tmp_path, args, message):
     res = _check("--dry-run", "--out", str(tmp_path / "out"), *args, timeout=60)
