@@ -9,19 +9,20 @@
 #   e2e      benchmarks/gpu_e2e.py: every recipe calibrated on CUDA, reloaded, compared, rerun   -> e2e.json
 #            and the learned recipes rerun under torch.use_deterministic_algorithms              -> e2e_det.json
 #   bench    benchmarks/gpu_kernels.py tables (Vim-S first, then T and B; what the budget allows) -> bench.json, .md
+#   calib    (not a default stage) PTQ4VM W4A4 timed on a Vim-S-shaped model (2 of 24 blocks)    -> calib.json
 #   tune     (not a default stage) benchmarks/gpu_kernels.py --tune                              -> tuned.json
 #   always   check.log (everything printed) and summary.md (stage results and the tables)
 #
 # The default stages take at most 350 s (under 6 minutes, leaving room for a rerun in 15 minutes of device time).
 #
 #   bash benchmarks/gpu_check.sh                      # on the device machine
-#   bash benchmarks/gpu_check.sh --stages env,tune    # the launch-configuration sweep (at most 4.2 minutes)
+#   bash benchmarks/gpu_check.sh --stages env,calib,tune   # calibration timing + launch-config sweep (<= 6.2 min)
 #   bash benchmarks/gpu_check.sh --dry-run            # anywhere (CI): checks everything up to the launch
 #
 # Options: --wheels DIR (default .whl: wheels to carry, filled by benchmarks/gpu_prep.sh), --data DIR (default
 # .gpu-data: Fashion-MNIST test files, same script), --out DIR (default $OUT, else gpu_check_out), --stages LIST
 # (default env,kernels,e2e,bench), --tune-seconds N (default 150), --budget STAGE=SECONDS (a stage's timeout; the
-# defaults: env 40, kernels 100, e2e 90, e2e_det 25, bench 95). $PYTHON names the interpreter (default python3).
+# defaults: env 40, kernels 100, e2e 90, e2e_det 25, bench 95, calib 120). $PYTHON names the interpreter.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-python3}
@@ -31,7 +32,7 @@ DATA=.gpu-data
 OUTDIR=${OUT:-gpu_check_out}
 STAGES=env,kernels,e2e,bench
 TUNE_SECONDS=150
-declare -A BUDGET=([env]=40 [kernels]=100 [e2e]=90 [e2e_det]=25 [bench]=95 [tune]=0)
+declare -A BUDGET=([env]=40 [kernels]=100 [e2e]=90 [e2e_det]=25 [bench]=95 [calib]=120 [tune]=0)
 KERNEL_TESTS=(tests/test_kernels_gemm.py tests/test_kernels_scan.py tests/test_kernel_dispatch.py
               tests/test_ouromamba_outliers.py tests/test_tuning.py tests/test_gpu_path.py)
 # left out there: the CLI test calibrates on Fashion-MNIST through `datasets`; the tune smoke test is interpreter-only
@@ -48,8 +49,8 @@ while [ $# -gt 0 ]; do
         --out) [ $# -ge 2 ] || die "--out needs a folder"; OUTDIR=$2; shift ;;
         --stages) [ $# -ge 2 ] || die "--stages needs a list"; STAGES=$2; shift ;;
         --tune-seconds) [ $# -ge 2 ] || die "--tune-seconds needs a number"; TUNE_SECONDS=$2; shift ;;
-        --budget) [[ "${2:-}" =~ ^(env|kernels|e2e|e2e_det|bench)=[0-9]+$ ]] \
-                      || die "--budget takes STAGE=SECONDS (stages env, kernels, e2e, e2e_det, bench)"
+        --budget) [[ "${2:-}" =~ ^(env|kernels|e2e|e2e_det|bench|calib)=[0-9]+$ ]] \
+                      || die "--budget takes STAGE=SECONDS (stages env, kernels, e2e, e2e_det, bench, calib)"
                   BUDGET[${2%%=*}]=${2#*=}; shift ;;
         -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) die "unknown option '$1' (options: --dry-run --wheels --data --out --stages --tune-seconds --budget)" ;;
@@ -61,7 +62,7 @@ BUDGET[tune]=$((TUNE_SECONDS + 60))  # the sweep stops itself at its budget; the
 IFS=, read -r -a STAGE_LIST <<< "$STAGES"
 TOTAL=0
 for s in "${STAGE_LIST[@]}"; do
-    case "$s" in env|kernels|e2e|bench|tune) ;; *) die "unknown stage '$s' (stages: env,kernels,e2e,bench,tune)" ;; esac
+    case "$s" in env|kernels|e2e|bench|calib|tune) ;; *) die "unknown stage '$s' (stages: env,kernels,e2e,bench,calib,tune)" ;; esac
     TOTAL=$((TOTAL + BUDGET[$s]))
     [ "$s" = e2e ] && TOTAL=$((TOTAL + BUDGET[e2e_det]))
 done
@@ -101,6 +102,7 @@ main() {
     local kernels=("$PY" -m pytest -q -p no:cacheprovider -rfE "${KERNEL_SELECT[@]}" "${KERNEL_TESTS[@]}")
     local bench=("$PY" benchmarks/gpu_kernels.py --models small tiny base --batches 1 64 --json "$OUTDIR/bench.json"
                  --markdown "$OUTDIR/bench.md")
+    local calib=("$PY" benchmarks/gpu_e2e.py --ptq4vm-vim-s --out "$OUTDIR/calib.json")
     local tune=("$PY" benchmarks/gpu_kernels.py --tune --tune-models small tiny base --tune-seconds "$TUNE_SECONDS"
                 --tune-out "$OUTDIR/tuned.json")
     local env=(bash -c 'set -e; py=$1; out=$2; shift 2
@@ -122,6 +124,7 @@ print('  imports: torch', torch.__version__, '| triton', triton.__version__, '| 
         "${e2e[@]}" --dry-run || die "benchmarks/gpu_e2e.py --dry-run failed"
         "${e2e_det[@]}" --dry-run || die "benchmarks/gpu_e2e.py --deterministic --dry-run failed"
         "${bench[@]}" --dry-run || die "benchmarks/gpu_kernels.py --dry-run failed"
+        "${calib[@]}" --dry-run || die "benchmarks/gpu_e2e.py --ptq4vm-vim-s --dry-run failed"
         "${tune[@]}" --dry-run || die "benchmarks/gpu_kernels.py --tune --dry-run failed"
         local collected
         collected=$("$PY" -m pytest --collect-only -q -p no:cacheprovider "${KERNEL_SELECT[@]}" "${KERNEL_TESTS[@]}" \
@@ -135,11 +138,14 @@ print('  imports: torch', torch.__version__, '| triton', triton.__version__, '| 
                 kernels) echo "  kernels (${BUDGET[kernels]} s): ${kernels[*]} [-n 8 with pytest-xdist]" ;;
                 e2e) echo "  e2e (${BUDGET[e2e]} s): ${e2e[*]}"; echo "  e2e_det (${BUDGET[e2e_det]} s): ${e2e_det[*]}" ;;
                 bench) echo "  bench (${BUDGET[bench]} s): ${bench[*]}" ;;
+                calib) echo "  calib (${BUDGET[calib]} s): ${calib[*]}" ;;
                 tune) echo "  tune (${BUDGET[tune]} s): ${tune[*]}" ;;
             esac
         done
         "$PY" benchmarks/gpu_check_helpers.py summary "$OUTDIR" "dry-run=ok=0" > /dev/null
-        echo "dry run OK. Device call: run(command=\"bash benchmarks/gpu_check.sh\", carry=[\"$WHEELS\", \"$DATA\"]," \
+        local call="bash benchmarks/gpu_check.sh"
+        [ "$STAGES" = env,kernels,e2e,bench ] || call="$call --stages $STAGES"
+        echo "dry run OK. Device call: run(command=\"$call\", carry=[\"$WHEELS\", \"$DATA\"]," \
              "timeout_s=$((TOTAL + 90)))"
         return 0
     fi
@@ -174,6 +180,7 @@ print('  imports: torch', torch.__version__, '| triton', triton.__version__, '| 
             run_stage e2e_det "${BUDGET[e2e_det]}" "${e2e_det[@]}"
         fi
         has_stage bench && run_stage bench "${BUDGET[bench]}" "${bench[@]}"
+        has_stage calib && run_stage calib "${BUDGET[calib]}" "${calib[@]}"
         has_stage tune && run_stage tune "${BUDGET[tune]}" "${tune[@]}"
     fi
     echo; echo "gpu_check.sh: $(( $(date +%s) - start )) s in all"

@@ -66,7 +66,8 @@ def env(out: str) -> int:
 
 
 def summary(outdir: str, stages: list[str]) -> str:
-    """summary.md: the stage table, the kernel tests' verdict, the e2e tables, the benchmark tables, the tuning."""
+    """summary.md: the stage table, the kernel tests' verdict, the e2e tables, the calibration timing, the benchmark
+    tables, the tuning."""
     out = Path(outdir)
     lines = ["# gpu_check summary", ""]
     if (out / "env.json").is_file():
@@ -91,6 +92,11 @@ def summary(outdir: str, stages: list[str]) -> str:
                       e2e_markdown(result)]
             lines += [f"{key}: {json.dumps(result[key])[:1500]}" for key in ("float", "rtn_cpu_vs_gpu", "cli")
                       if key in result]
+    if (out / "calib.json").is_file():
+        c = json.loads((out / "calib.json").read_text())
+        lines += ["", f"## calib.json: PTQ4VM W4A4 on a Vim-S shape, {c['blocks']} blocks in {c['seconds']:.1f} s -> "
+                  f"24 blocks ~ {c['estimate_24_blocks_s']:.0f} s (goal < {c['goal_s']} s; scan in training: "
+                  f"{c['training_scan']})"]
     if (out / "bench.md").is_file():
         lines += ["", "## benchmarks/gpu_kernels.py", "", (out / "bench.md").read_text()]
     if (out / "tuned.json").is_file():

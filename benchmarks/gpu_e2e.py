@@ -19,7 +19,13 @@ calibrated on the GPU; and, when ``datasets`` imports and Fashion-MNIST is given
 ``--device cuda`` (quantize + evaluate). ``--dry-run`` checks the arguments, the fixture, the data folder and every
 recipe configuration without a GPU. Output: ``--out`` (JSON) and a Markdown table on stdout.
 
+``--ptq4vm-vim-s`` times, instead of all the above, PTQ4VM W4A4 at the paper's settings (256 images, 100 JLSS steps
+per block) on a Vim-S-shaped model (random weights, 224 x 224, 197 tokens) with ``--vim-s-blocks`` of its 24 blocks
+(default 2): the engine calibrates one block after another on the same shapes, so 24 x the seconds per block (after
+the embedding) estimates the whole model against the issue's 5-minute goal.
+
     python benchmarks/gpu_e2e.py --out e2e.json --data .gpu-data
+    python benchmarks/gpu_e2e.py --ptq4vm-vim-s --out calib.json
 """
 
 from __future__ import annotations
@@ -65,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--no-cli", action="store_true", help="skip the command-line run")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --quick: checks the script)")
     p.add_argument("--quick", action="store_true", help="toy calibration budgets and 100 eval images")
+    p.add_argument("--ptq4vm-vim-s", action="store_true", help="only time PTQ4VM W4A4 on a Vim-S-shaped model")
+    p.add_argument("--vim-s-blocks", type=int, default=2, help="blocks of that model to calibrate (24 estimated)")
     p.add_argument("--dry-run", action="store_true", help="check arguments, files and configurations; run nothing")
     args = p.parse_args(argv)
     unknown = sorted(set(args.rerun) - set(args.recipes))
@@ -263,6 +271,9 @@ def main(argv=None) -> int:
     import optimum_vim  # noqa: F401
 
     cfgs = configs()
+    if args.dry_run and args.ptq4vm_vim_s:
+        print(f"dry run: PTQ4VM W4A4 on Vim-S, {args.vim_s_blocks} of 24 blocks, 256 images, 100 steps -> {args.out}")
+        return 0
     if args.dry_run:
         print(f"dry run: recipes {args.recipes} (configurations valid: {sorted(cfgs)}), reruns {args.rerun}, "
               f"data {data_root or 'random images'}, out {args.out}")
@@ -273,6 +284,11 @@ def main(argv=None) -> int:
         return 2
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
+    if args.ptq4vm_vim_s:
+        result = ptq4vm_vim_s(device, args.vim_s_blocks, quick=args.quick)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1))
+        return 0
     processor = AutoImageProcessor.from_pretrained(FIXTURE)
     calib_pool, eval_x, labels = images(data_root, processor)
     if args.quick:
@@ -306,6 +322,36 @@ def main(argv=None) -> int:
         if key in result:
             print(f"{key}: {json.dumps(result[key])[:1500]}")
     return 0
+
+
+def ptq4vm_vim_s(device, blocks: int, quick: bool = False) -> dict:
+    """PTQ4VM W4A4 (paper settings: 256 images, 100 steps per block) on a Vim-S-shaped model with ``blocks`` blocks:
+    seconds, seconds per block, the 24-block estimate, peak memory, the scan backend that training used."""
+    import torch
+
+    from optimum_vim import VimConfig, VimForImageClassification, ViMQuantizationConfig, quantize_model
+    from optimum_vim.ops.dispatch import float_scan_backend
+
+    torch.manual_seed(0)
+    images, steps = (8, 2) if quick else (256, 100)
+    config = VimConfig(hidden_size=384, num_hidden_layers=blocks)  # Vim-S: 384 wide, d_state 16, 224 / 16
+    model = VimForImageClassification(config).to(device).eval()
+    calib = torch.randn(images, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(0))
+    cfg = ViMQuantizationConfig(recipe="ptq4vm", weight_bits=4, act_bits=4, calibration_dataset=calib,
+                                num_calibration_samples=images, recipe_args={"steps": steps})
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    quantize_model(model, cfg)
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    u = torch.zeros(1, config.sequence_length, config.intermediate_size, device=device, requires_grad=True)
+    return {"model": "Vim-S shape, random weights", "blocks": blocks, "images": images, "steps": steps,
+            "seconds": seconds, "seconds_per_block": seconds / blocks, "estimate_24_blocks_s": 24 * seconds / blocks,
+            "goal_s": 300, "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else float("nan"),
+            "training_scan": float_scan_backend(u, d_state=config.d_state) if cuda else "torch"}
 
 
 def rtn_cpu_vs_gpu(fp, calib_pool, eval_x, quick: bool) -> dict:
