@@ -52,6 +52,7 @@ def test_table_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv(tuning.ENV_VAR)
     assert tuning.table_for("a GPU nobody tuned") == {}
     assert tuning.cuda_table(torch.device("cpu")) == {}
+    assert tuning.cuda_lookup(torch.device("cpu"), "quant_gemm", "i8-w8", (768, 192), 197) is None
 
 
 def test_launch_configs_are_checked():

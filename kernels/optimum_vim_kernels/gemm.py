@@ -225,9 +225,9 @@ def launch_config(m, n, k, *, group, int_a, variant: str, device) -> tuple[int, 
     """The launch configuration of a call: the tuned entry of this GPU model (``optimum_vim_kernels.tuning``) for
     ``variant`` and ``(n, k)`` at the nearest M bucket when there is one, else :func:`heuristic_config`."""
     if not _interpreting():
-        from .tuning import cuda_table, lookup
+        from .tuning import cuda_lookup
 
-        tuned = lookup(cuda_table(device), "quant_gemm", variant, (n, k), m)
+        tuned = cuda_lookup(device, "quant_gemm", variant, (n, k), m)
         if tuned is not None:
             try:
                 return check_launch_config(tuned, group=group, int_a=int_a)

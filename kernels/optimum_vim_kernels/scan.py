@@ -243,9 +243,9 @@ def _scan_launch_config(batch: int, e: int, n: int, device: torch.device, varian
     """(BLOCK_E, num_warps) of a launch: the tuned entry of this GPU model (``optimum_vim_kernels.tuning``) for
     ``variant`` and ``(e, n)`` at the nearest batch bucket when there is one, else :func:`heuristic_scan_config`."""
     if device.type == "cuda":
-        from .tuning import cuda_table, lookup
+        from .tuning import cuda_lookup
 
-        tuned = lookup(cuda_table(device), "selective_scan_q", variant, (e, n), batch)
+        tuned = cuda_lookup(device, "selective_scan_q", variant, (e, n), batch)
         if tuned is not None:
             try:
                 return check_scan_config(tuned)

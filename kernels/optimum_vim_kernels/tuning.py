@@ -107,3 +107,22 @@ def cuda_table(device) -> dict:
     if getattr(device, "type", None) != "cuda":
         return {}
     return table_for(torch.cuda.get_device_name(device))
+
+
+def cuda_lookup(device, op: str, variant: str, shape: tuple[int, int], size: int) -> tuple[int, ...] | None:
+    """:func:`lookup` in the table of the CUDA ``device``'s GPU model (None off CUDA), memoised per device, table
+    setting, key and bucket: a launch pays a dictionary lookup, not a file check."""
+    if getattr(device, "type", None) != "cuda":
+        return None
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cached_lookup(index, os.environ.get(ENV_VAR), op, variant, tuple(shape), bucket(size))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_lookup(index: int, env: str | None, op: str, variant: str, shape: tuple[int, int], size: int):
+    import torch
+
+    found = lookup(table_for(torch.cuda.get_device_name(index)), op, variant, shape, size)
+    return None if found is None else tuple(found)
