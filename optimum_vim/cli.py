@@ -9,6 +9,68 @@ import sys
 
 logger = logging.getLogger("optimum_vim.cli")
 
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def resolve_device(name: str | None):
+    """``--device`` -> ``torch.device`` (None: the CPU). Raises ValueError, saying what to do, for an unknown device,
+    or one that this machine's PyTorch cannot use (CUDA requested without a CUDA build, a driver or that GPU)."""
+    import torch
+
+    if name is None:
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"unknown --device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this PyTorch was built without CUDA" if torch.version.cuda is None
+                   else "PyTorch finds no NVIDIA GPU or driver")
+            raise ValueError(f"--device {name}: CUDA is not available ({why}; torch {torch.__version__}). Run on a "
+                             "machine with an NVIDIA GPU and a CUDA build of PyTorch, or use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+        return device
+    backend = getattr(torch, device.type, None)
+    if device.type in ("mps", "xpu") and backend is not None and backend.is_available():
+        return device
+    raise ValueError(f"--device {name}: {device.type!r} is not a device optimum-vim can run on here; use cpu, cuda "
+                     "or cuda:N")
+
+
+def resolve_dtype(name: str | None):
+    """``--dtype`` -> ``torch.dtype`` (None: the checkpoint's own). Raises ValueError for any other dtype."""
+    import torch
+
+    if name is None:
+        return None
+    if name.lower() not in DTYPES:
+        raise ValueError(f"unknown --dtype {name!r}: use float32, float16 or bfloat16")
+    return getattr(torch, DTYPES[name.lower()])
+
+
+def _add_device_args(p, what: str) -> None:
+    p.add_argument("--device", default=None,
+                   help=f"where {what} runs: cpu (default), cuda or cuda:N; under `accelerate launch` each process "
+                        "uses its own device")
+    p.add_argument("--dtype", default=None,
+                   help="float32 | float16 | bfloat16: dtype of the float parts (default: as stored; quantized layers "
+                        "keep their integer codes and fp32 scales)")
+
+
+def _load_model(path: str, device, dtype, **kwargs):
+    """``from_pretrained`` in ``dtype`` (None: as stored), then moved to ``device``."""
+    from transformers import AutoModelForImageClassification
+
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return AutoModelForImageClassification.from_pretrained(path, **kwargs).to(device)
+
 
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert an official hustvl/Vim .pth checkpoint to a transformers folder")
@@ -37,16 +99,18 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
     p.add_argument("--batch-size", type=int, default=256)
+    _add_device_args(p, "the model")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_run_evaluate)
 
 
 def _run_evaluate(args) -> int:
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    from transformers import AutoImageProcessor
 
     from .evaluation import evaluate, load_named_dataset
 
-    model = AutoModelForImageClassification.from_pretrained(args.model)
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    model = _load_model(args.model, device, dtype)
     processor = AutoImageProcessor.from_pretrained(args.model)
     dataset = load_named_dataset(args.dataset, args.split, args.limit)
     result = evaluate(model, dataset, processor, batch_size=args.batch_size)
@@ -55,7 +119,7 @@ def _run_evaluate(args) -> int:
             print(json.dumps(result.to_dict()))
         else:
             print(f"top-1 {result.top1:.4f} ({result.correct}/{result.total}) in {result.seconds:.1f}s "
-                  f"on {result.num_processes} process(es)")
+                  f"on {result.num_processes} process(es) ({result.device})")
     return 0
 
 
@@ -122,6 +186,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("--eval-split", default="test")
     p.add_argument("--eval-limit", type=int, default=None)
     p.add_argument("--eval-batch-size", type=int, default=500)
+    _add_device_args(p, "calibration (and --evaluate)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=_run_quantize)
 
@@ -130,14 +195,16 @@ def _run_quantize(args) -> int:
     import os
     from pathlib import Path
 
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    from transformers import AutoImageProcessor
 
     from .evaluation import evaluate, load_named_dataset
     from .hub import atomic_save, set_card_info, write_model_card
     from .quantization_config import ViMQuantizationConfig
+    from .quantizer import quantize_model
     from .recipes import get_recipe_class
     from .size import checkpoint_bytes, quantized_layer_bytes
 
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
@@ -158,18 +225,21 @@ def _run_quantize(args) -> int:
     import time
 
     start = time.perf_counter()
-    model = AutoModelForImageClassification.from_pretrained(args.model, quantization_config=config)
+    # the float model on its device and in its dtype, calibrated there (the calibration that from_pretrained runs
+    # for a quantization_config)
+    model = quantize_model(_load_model(args.model, device, dtype), config)
     seconds = time.perf_counter() - start
     sizes = quantized_layer_bytes(model)
     summary = {
         "model": args.model, "output": str(out), "recipe": args.recipe, "weight_bits": args.weight_bits,
-        "act_bits": args.act_bits, "quantize_seconds": round(seconds, 2), "quantized_modules": sizes["layers"],
+        "act_bits": args.act_bits, "device": str(device), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "quantize_seconds": round(seconds, 2), "quantized_modules": sizes["layers"],
         "quantized_layer_bytes": sizes["quantized"], "fp16_layer_bytes": sizes["fp16"],
         "layer_size_ratio_vs_fp16": round(sizes["ratio"], 4),
     }
     if args.evaluate:
         data = load_named_dataset(args.eval_dataset, args.eval_split, args.eval_limit)
-        fp_model = AutoModelForImageClassification.from_pretrained(args.model)
+        fp_model = _load_model(args.model, device, dtype)
         fp = evaluate(fp_model, data, processor, batch_size=args.eval_batch_size)
         q = evaluate(model, data, processor, batch_size=args.eval_batch_size)
         summary.update(fp_top1=fp.top1, quantized_top1=q.top1, eval_images=q.total)
@@ -204,7 +274,8 @@ def _run_quantize(args) -> int:
 
 def _print_quantize_summary(s: dict) -> None:
     act = f"A{s['act_bits']}" if s["act_bits"] else " weight-only"
-    print(f"quantized {s['model']} with {s['recipe']} W{s['weight_bits']}{act} in {s['quantize_seconds']:.1f}s "
+    where = "" if s["device"] == "cpu" else f" on {s['device']}"
+    print(f"quantized {s['model']} with {s['recipe']} W{s['weight_bits']}{act} in {s['quantize_seconds']:.1f}s{where} "
           f"({s['quantized_modules']} modules) -> {s['output']}")
     if s.get("float_checkpoint_bytes"):
         print(f"checkpoint: {s['float_checkpoint_bytes']:,} bytes float32 -> {s['checkpoint_bytes']:,} bytes "

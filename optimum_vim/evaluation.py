@@ -31,6 +31,7 @@ class EvalResult:
     total: int
     seconds: float
     num_processes: int = 1
+    device: str = "cpu"  # where this process ran its forward passes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -158,7 +159,7 @@ def evaluate(
     total = int(count)
     if total == 0:
         raise ValueError("the evaluation data set is empty")
-    return EvalResult(int(correct) / total, int(correct), total, time.perf_counter() - start, world)
+    return EvalResult(int(correct) / total, int(correct), total, time.perf_counter() - start, world, str(device))
 
 
 def _maybe_accelerator():

@@ -3,6 +3,7 @@ code path through the Triton interpreter at toy sizes; the numbers themselves co
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -12,17 +13,26 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_kernel_benchmark_smoke_prints_every_variant():
+def test_kernel_benchmark_smoke_prints_every_variant(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_kernels.py"), "--smoke"], env=env,
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_kernels.py"), "--smoke", "--json",
+                          str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.md")], env=env,
                          capture_output=True, text=True, timeout=600, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [line for line in res.stdout.splitlines() if line.startswith("| Vim-")]
     variants = {line.split("|")[3].strip() for line in rows}
     assert {"W8A8", "W4A8", "W4A16", "VQ2"} <= variants, variants
-    for line in rows:
-        ms = float(line.split("|")[4])
-        assert ms > 0 and re.search(r"\d+\.\d+x", line)
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert (tmp_path / "b.md").read_text() in res.stdout  # the tables printed are the tables written
+    assert {r["variant"] for r in result["rows"]} == {"fp32", "W8A8", "W4A8", "W4A16", "VQ2"}
+    for row in result["rows"]:
+        assert row["forward_ms"] > 0 and re.search(r"\d+\.\d+x", f"{row['speedup']:.2f}x")
+        kernels = {k["kernel"]: k for k in row["kernels"]}
+        # every block linear and the scan of block 0 were recorded and replayed (both directions: two launches)
+        assert {"in_proj", "x_proj", "dt_proj", "out_proj", "scan (one direction)"} <= set(kernels), kernels
+        assert kernels["x_proj"]["launches"] == 2 and kernels["scan (one direction)"]["launches"] == 2
+        assert all(k["ms"] > 0 for k in kernels.values())
+        assert ("combine" in kernels) == (row["variant"] in ("W8A8", "W4A8"))  # the fused int8 combine
 
 
 def test_kernel_benchmark_without_gpu_says_so():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -11,17 +12,20 @@ from transformers import AutoModelForImageClassification
 from optimum_vim import ViMQuantizationConfig
 from optimum_vim.ops.dispatch import KernelUnsupportedError, current_backend, pick_kernel, use_kernels
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton path: compiled on a GPU, interpreted here
+
 
 @pytest.fixture(scope="module")
 def w8a8_scan_model(tiny_vim_dir):
     cfg = ViMQuantizationConfig(weight_bits=8, act_bits=8, recipe_args={"scan_act_bits": 8, "act_granularity": "token"},
                                 calibration_dataset=torch.randn(16, 1, 28, 28))
-    return AutoModelForImageClassification.from_pretrained(tiny_vim_dir, quantization_config=cfg)
+    return AutoModelForImageClassification.from_pretrained(tiny_vim_dir, quantization_config=cfg).to(DEVICE)
 
 
 @pytest.fixture(scope="module")
 def w4_model(tiny_vim_dir):
-    return AutoModelForImageClassification.from_pretrained(tiny_vim_dir, quantization_config=ViMQuantizationConfig(weight_bits=4))
+    return AutoModelForImageClassification.from_pretrained(
+        tiny_vim_dir, quantization_config=ViMQuantizationConfig(weight_bits=4)).to(DEVICE)
 
 
 def _count_calls(monkeypatch):
@@ -51,24 +55,26 @@ def _count_calls(monkeypatch):
 @pytest.mark.parametrize("fixture", ["w8a8_scan_model", "w4_model"])
 def test_whole_model_through_triton_matches_reference(fixture, request, monkeypatch):
     model = request.getfixturevalue(fixture)
-    x = torch.randn(2, 1, 28, 28)
+    x = torch.randn(2, 1, 28, 28, device=DEVICE)
     with torch.no_grad(), use_kernels("reference"):
         ref = model(x).logits
     calls = _count_calls(monkeypatch)
     with torch.no_grad(), use_kernels("triton"):
         out = model(x).logits
     assert calls["gemm"] == 12  # every block linear ran the Triton GEMM (interpreted here)
-    assert calls["scan"] == (4 if fixture == "w8a8_scan_model" else 0)  # int8 scan inputs -> the Triton scan
+    # int8 scan inputs -> the Triton scan; forced Triton on CUDA runs the W4 model's float scans there too
+    assert calls["scan"] == (4 if fixture == "w8a8_scan_model" or DEVICE == "cuda" else 0)
     # static int8 out_proj input -> the fused combine + requantization, one per layer
     assert calls["combine"] == (2 if fixture == "w8a8_scan_model" else 0)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_auto_on_cpu_uses_reference(w8a8_scan_model, monkeypatch):
+    model = copy.deepcopy(w8a8_scan_model).cpu()
     calls = _count_calls(monkeypatch)
     assert current_backend().value == "auto"
     with torch.no_grad():
-        w8a8_scan_model(torch.randn(1, 1, 28, 28))
+        model(torch.randn(1, 1, 28, 28))
     assert calls == {"gemm": 0, "scan": 0, "combine": 0}
 
 
@@ -81,11 +87,13 @@ def test_environment_variable_selects_policy(monkeypatch):
 
 
 def test_forced_triton_explains_unsupported_calls(tiny_vim_dir):
-    q3 = AutoModelForImageClassification.from_pretrained(tiny_vim_dir, quantization_config=ViMQuantizationConfig(weight_bits=3))
+    q3 = AutoModelForImageClassification.from_pretrained(
+        tiny_vim_dir, quantization_config=ViMQuantizationConfig(weight_bits=3)).to(DEVICE)
+    x = torch.randn(1, 1, 28, 28, device=DEVICE)
     with use_kernels("triton"), pytest.raises(KernelUnsupportedError, match="3-bit"):
-        q3(torch.randn(1, 1, 28, 28))
+        q3(x)
     with torch.no_grad():  # the default policy serves it from the reference
-        assert torch.isfinite(q3(torch.randn(1, 1, 28, 28)).logits).all()
+        assert torch.isfinite(q3(x).logits).all()
 
 
 class _FakeCuda:

@@ -153,16 +153,16 @@ def test_bf16_inputs_are_upcast():
            reference.selective_scan_q_ref(bf[0], bf[1], A, bf[2], bf[3], D, bf[4], **kw))
 
 
-def test_strided_B_C_and_masked_channel_tail(monkeypatch):
+def test_strided_B_C_and_masked_channel_tail():
     """B and C as column slices of x_proj's output (no copy), 37 channels in blocks of 16 (tail of 5)."""
     u, delta, A, B, C, D, z, bias = _inputs(e=37)
     x_dbl = torch.cat([torch.randn(2, LEN, 3), B, C], -1)  # (b, L, dt_rank + 2N), as Vim's x_proj emits
     Bs, Cs = x_dbl[..., 3:3 + N], x_dbl[..., 3 + N:]
     assert not Bs.is_contiguous()
-    monkeypatch.setattr(scan, "_scan_launch_config", lambda b, e, n, dev: (16, 1))
     for reverse in (False, True):
         kw = dict(delta_bias=bias, delta_softplus=True, reverse=reverse)
-        _close(_kernel(u, delta, A, Bs, Cs, D, z, **kw), reference.selective_scan_q_ref(u, delta, A, B, C, D, z, **kw))
+        _close(_kernel(u, delta, A, Bs, Cs, D, z, **kw, config=(16, 1)),
+               reference.selective_scan_q_ref(u, delta, A, B, C, D, z, **kw))
 
 
 EDGE_SHAPES = {"one-token-one-state": (1, 1, 3, 1), "one-channel": (1, 2, 1, 2), "n32": (1, 5, 17, 32)}

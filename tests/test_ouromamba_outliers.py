@@ -191,8 +191,9 @@ def test_qlinear_outlier_gemm_under_triton_equals_the_reference(count_calls):
     pytest.importorskip("triton")
     from optimum_vim_kernels import outlier
 
-    layer = _outlier_linear(k=32, n=16, length=12)
-    x = _moving_outliers(b=2, length=12, seed=5)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU, interpreted here
+    layer = _outlier_linear(k=32, n=16, length=12).to(device)
+    x = _moving_outliers(b=2, length=12, seed=5).to(device)
     with use_kernels("reference"):
         ref = layer(x)
     calls = count_calls(outlier, "outlier_gemm")

@@ -189,11 +189,61 @@ def _blocks(m, n, k, group, int_a):
     return bm, bn, bk
 
 
+def check_launch_config(config, *, group, int_a) -> tuple[int, int, int, int, int | None]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` validated against the kernel's constraints (powers of
+    two, tiles of at least 16, ``BLOCK_K == group_size`` for per-group weights, ``BLOCK_K >= 32`` for int8
+    activations); ``num_stages`` None: Triton's default. Raises ValueError otherwise."""
+    bm, bn, bk, warps = (int(v) for v in config[:4])
+    stages = int(config[4]) if len(config) > 4 and config[4] is not None else None
+    pow2 = all(v >= 1 and v & (v - 1) == 0 for v in (bm, bn, bk, warps))
+    if not pow2 or min(bm, bn, bk) < 16 or (group and bk != group) or (int_a and bk < 32) or \
+            (stages is not None and not 1 <= stages <= 8):
+        raise ValueError(f"quant_gemm launch config {tuple(config)} does not fit this call (group_size={group}, "
+                         f"int8 activations={int_a})")
+    return bm, bn, bk, warps, stages
+
+
+def heuristic_config(m, n, k, *, group, int_a) -> tuple[int, int, int, int, None]:
+    """The built-in launch configuration (no tuned table): fixed tiles by M, 8 warps, Triton's default stages."""
+    return (*_blocks(m, n, k, group, int_a), 8, None)
+
+
+def launch_key(a, w_scale, *, bits, group_size=None, codebook=None, out_scale=None) -> tuple[str, int | None, bool]:
+    """``(variant, group, int8 activations)`` of a call: the tuned-table variant key
+    (:func:`optimum_vim_kernels.tuning.gemm_variant`) and the facts the launch configuration depends on."""
+    from .tuning import gemm_variant
+
+    group = group_size if w_scale is not None and w_scale.shape[1] > 1 else None
+    int_a = not a.is_floating_point()
+    variant = gemm_variant(bits=bits, int_activations=int_a, act_dtype_name=str(a.dtype).removeprefix("torch."),
+                           group_size=group, vector_dim=codebook.shape[1] if codebook is not None else None,
+                           requant=out_scale is not None)
+    return variant, group, int_a
+
+
+def launch_config(m, n, k, *, group, int_a, variant: str, device) -> tuple[int, int, int, int, int | None]:
+    """The launch configuration of a call: the tuned entry of this GPU model (``optimum_vim_kernels.tuning``) for
+    ``variant`` and ``(n, k)`` at the nearest M bucket when there is one, else :func:`heuristic_config`."""
+    if not _interpreting():
+        from .tuning import cuda_lookup
+
+        tuned = cuda_lookup(device, "quant_gemm", variant, (n, k), m)
+        if tuned is not None:
+            try:
+                return check_launch_config(tuned, group=group, int_a=int_a)
+            except ValueError:
+                pass  # an entry of another kernel revision: the heuristics are always valid
+    return heuristic_config(m, n, k, group=group, int_a=int_a)
+
+
 def quant_gemm(
     a, qweight, w_scale, *, bits, in_features, group_size=None, codebook=None, a_scale=None, a_zero=None,
-    bias=None, out_dtype=None, out_scale=None,
+    bias=None, out_dtype=None, out_scale=None, config=None,
 ):
-    """Triton twin of ``reference.quant_gemm_ref``: ``(M, K) x quantized (N, K) -> (M, N)``."""
+    """Triton twin of ``reference.quant_gemm_ref``: ``(M, K) x quantized (N, K) -> (M, N)``.
+
+    ``config``: ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps[, num_stages])`` to launch with instead of
+    :func:`launch_config`'s choice (the tuner's sweep)."""
     m, k = a.shape
     n = qweight.shape[0]
     int_a = not a.is_floating_point()
@@ -216,7 +266,11 @@ def quant_gemm(
     vec = codebook.shape[1] if codebook is not None else 1
     if codebook is not None and vec & (vec - 1):
         raise ValueError(f"codebook vector_dim must be a power of two; got {vec}")
-    bm, bn, bk = _blocks(m, n, k, group, int_a)
+    variant = launch_key(a, w_scale, bits=bits, group_size=group_size, codebook=codebook, out_scale=out_scale)[0]
+    if config is not None:
+        bm, bn, bk, warps, stages = check_launch_config(config, group=group, int_a=int_a)
+    else:
+        bm, bn, bk, warps, stages = launch_config(m, n, k, group=group, int_a=int_a, variant=variant, device=dev)
     # bf16 arithmetic is broken in the interpreter and fp32 dots must be exact (no TF32) to match the reference
     dot_f32 = (not int_a) and (a.dtype == torch.float32 or (a.dtype == torch.bfloat16 and _interpreting()))
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
@@ -236,9 +290,10 @@ def quant_gemm(
         OS_PER_ROW=out_scale is not None and out_scale.numel() > 1, DOT_F32=dot_f32,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
     )
+    launch = {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
     if a.is_cuda:
         with torch.cuda.device(a.device):
-            _quant_gemm_kernel[grid](*args, **meta, num_warps=8)
+            _quant_gemm_kernel[grid](*args, **meta, **launch)
     else:
-        _quant_gemm_kernel[grid](*args, **meta, num_warps=8)
+        _quant_gemm_kernel[grid](*args, **meta, **launch)
     return c

@@ -239,13 +239,28 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _scan_launch_config(batch: int, e: int, n: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_E, num_warps) of a launch.
+def _scan_launch_config(batch: int, e: int, n: int, device: torch.device, variant: str = "float") -> tuple[int, int]:
+    """(BLOCK_E, num_warps) of a launch: the tuned entry of this GPU model (``optimum_vim_kernels.tuning``) for
+    ``variant`` and ``(e, n)`` at the nearest batch bucket when there is one, else :func:`heuristic_scan_config`."""
+    if device.type == "cuda":
+        from .tuning import cuda_lookup
+
+        tuned = cuda_lookup(device, "selective_scan_q", variant, (e, n), batch)
+        if tuned is not None:
+            try:
+                return check_scan_config(tuned)
+            except ValueError:
+                pass  # an entry of another kernel revision: the heuristics are always valid
+    return heuristic_scan_config(batch, e, n, device)
+
+
+def heuristic_scan_config(batch: int, e: int, n: int, device: torch.device) -> tuple[int, int]:
+    """The built-in (BLOCK_E, num_warps).
 
     Interpreter: cost is per op and per program, flat in block size, so one program per sample (numel cap keeps
-    numpy tiles small). GPU (untuned; needs timing on the device): 64 channels x N states (8 fp32 per thread at
-    N=16, 4 warps), halved down to 16 while the grid would leave SMs idle, because the sequential scan is
-    latency-bound and small batches otherwise occupy a handful of SMs.
+    numpy tiles small). GPU (not timed on a device yet): 64 channels x N states (8 fp32 per thread at N=16,
+    4 warps), halved down to 16 while the grid would leave SMs idle, because the sequential scan is latency-bound
+    and small batches otherwise occupy a handful of SMs.
     """
     if device.type != "cuda":
         return min(triton.next_power_of_2(e), max(16, 16384 // n)), 4
@@ -255,6 +270,15 @@ def _scan_launch_config(batch: int, e: int, n: int, device: torch.device) -> tup
         block_e //= 2
     num_warps = max(1, min(4, block_e * n // 256))
     return block_e, num_warps
+
+
+def check_scan_config(config) -> tuple[int, int]:
+    """``(BLOCK_E, num_warps)``, powers of two (BLOCK_E up to 256, warps up to 8); raises ValueError otherwise."""
+    block_e, warps = (int(v) for v in config)
+    if not (1 <= block_e <= 256 and block_e & (block_e - 1) == 0 and warps in (1, 2, 4, 8)):
+        raise ValueError(f"selective_scan_q launch config {tuple(config)}: BLOCK_E a power of two <= 256, "
+                         "num_warps 1, 2, 4 or 8")
+    return block_e, warps
 
 
 def _check_scale(x: torch.Tensor, scale, name: str, length: int) -> tuple[bool, bool]:
@@ -279,9 +303,10 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
 def selective_scan_q(
     u, delta, A, B, C, D=None, z=None, *, u_scale=None, delta_scale=None, delta_zero=None, B_scale=None,
     C_scale=None, delta_bias=None, delta_softplus=False, reverse=False, h_scale=None, h_channel_scale=None,
-    h_qmin=-128, h_qmax=127, out_dtype=None,
+    h_qmin=-128, h_qmax=127, out_dtype=None, config=None,
 ):
-    """Triton twin of :func:`optimum_vim_kernels.reference.selective_scan_q_ref` (same arguments and result).
+    """Triton twin of :func:`optimum_vim_kernels.reference.selective_scan_q_ref` (same arguments and result;
+    ``config``: ``(BLOCK_E, num_warps)`` to launch with instead of the tuned / heuristic choice, for the tuner).
 
     Shapes: u, delta, z: (b, L, E) float (fp32 / fp16 / bf16) or integer codes; B, C: (b, L, N) likewise;
     A: (E, N); D, delta_bias, h_channel_scale: (E,); ``*_scale`` / ``delta_zero``: (L,) or (1,); h_scale: (L,)
@@ -335,7 +360,13 @@ def selective_scan_q(
     u, delta, B, C = (_unit_last(t) for t in (u, delta, B, C))
     zz = _unit_last(z) if z is not None else None
     y = torch.empty(b, length, e, device=dev, dtype=out_dtype or torch.float32)
-    block_e, num_warps = _scan_launch_config(b, e, n, dev)
+    if config is not None:
+        block_e, num_warps = check_scan_config(config)
+    else:
+        from .tuning import scan_variant
+
+        variant = scan_variant(int_inputs=any(flags[f"{key}_INT"] for key in "UDBC"), state_quant=h_scale is not None)
+        block_e, num_warps = _scan_launch_config(b, e, n, dev, variant)
     grid = (b, triton.cdiv(e, block_e))
     zt = zz if zz is not None else u  # never read without HAS_Z; any tensor with u's strides
     args = (

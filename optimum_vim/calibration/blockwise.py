@@ -33,6 +33,18 @@ GEMMs would split their sums by thread count); the parallelism comes from runnin
 Every piece is computed by one thread in a fixed order and every sum across pieces runs in piece order, so seeded
 runs are bit-identical for any thread count (tested for 1 and 2). What a piece computes must not draw from the global
 random generator (the stand-ins and Vim blocks in eval-like use do not).
+
+Determinism on CUDA (the engine, like every recipe, runs on the model's device): reruns of a seeded calibration on
+the same GPU model and software stack (driver, CUDA, PyTorch, Triton) are bit-identical where every pass is a forward
+pass (RTN, k-scale, k-means VQ, and the initialisation of the learned recipes): PyTorch's CUDA reductions,
+single-stream cuBLAS and our Triton kernels (fixed launch configurations, no atomics) repeat their sums in the same
+order, and the k-means of k-scale / ViM-VQ always runs on the CPU in float64. The training steps of PTQ4VM, OuroMamba
+(and OuroMamba-Gen) and ViM-VQ are not guaranteed to be: CUDA backward passes may accumulate with atomic adds in a
+varying order (the gradient of an indexing / gather such as ViM-VQ's codeword lookup does).
+``torch.use_deterministic_algorithms(True)`` with ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` set before CUDA starts makes
+PyTorch choose deterministic kernels (or raise where it has none). Never bit-identical: a CPU run against a GPU run,
+or two GPU models (other summation orders; cuDNN convolutions default to TF32). ``benchmarks/gpu_check.sh`` checks
+the reruns on a GPU (``rerun_bit_identical`` in its e2e.json and, deterministic, e2e_det.json).
 """
 
 from __future__ import annotations

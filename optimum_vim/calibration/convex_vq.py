@@ -46,10 +46,10 @@ class ConvexVQWeight(nn.Module):
         layout = init.layout
         self.layout = layout
         n_cand = min(candidates, layout.codebook_size)
-        scale = init.scale
+        scale = init.scale.to(w.device) if init.scale is not None else None  # the k-means init is on the CPU
         target = split_subvectors(w.detach().float() / scale if scale is not None else w.detach().float(),
                                   layout.vector_dim).reshape(-1, layout.vector_dim)
-        codebook = init.codebook.float().clone()
+        codebook = init.codebook.float().to(w.device, copy=True)
         near_d, hull = _nearest_k(target, codebook, n_cand)  # ascending: hull[:, 0] is the nearest codeword
         # VQ4DiT's distance-based init: l_k = log(d_farthest / d_k), so the farthest candidate gets 0 and nearer
         # ones proportionally more (the floor avoids log(0) for a sub-vector sitting on a codeword)
@@ -59,7 +59,7 @@ class ConvexVQWeight(nn.Module):
         self.logits = nn.Parameter(logits)
         self.scale = nn.Parameter(scale.float().clone()) if scale is not None else None
         self.register_buffer("hull", hull)
-        self.register_buffer("frozen", torch.zeros(hull.shape[0], dtype=torch.bool))
+        self.register_buffer("frozen", torch.zeros(hull.shape[0], dtype=torch.bool, device=hull.device))
         self.register_buffer("hard", hull[:, 0].clone())
 
     # ------------------------------------------------------------------------------------------------ forward

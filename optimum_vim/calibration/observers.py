@@ -47,11 +47,11 @@ class ActivationStats:
         self.count += x.shape[0]
         if not self.keep_samples:
             return
-        flat = x.flatten().cpu()
-        if flat.numel() > _SAMPLES_PER_BATCH:
+        flat = x.flatten()
+        if flat.numel() > _SAMPLES_PER_BATCH:  # indices drawn on the CPU (same draw on any device), gathered there
             idx = torch.randint(0, flat.numel(), (_SAMPLES_PER_BATCH,), generator=self._gen)
-            flat = flat[idx]
-        self._samples.append(flat)
+            flat = flat[idx.to(flat.device)]
+        self._samples.append(flat.cpu())
 
     def percentile_range(self, pct: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(lo, hi) = the (100 - pct) and pct percentiles of the sampled values."""

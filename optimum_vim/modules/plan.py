@@ -44,12 +44,22 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
             raise ValueError(f"float override for unknown parameter {name!r}")
         with torch.no_grad():
             params[name].copy_(value.to(params[name].dtype))
+    home = _device_of(model, torch.device("cpu"))
     for name, layer in plan.layers.items():
         old = model.get_submodule(name)
-        device = next(iter(old.buffers()), next(iter(old.parameters()), torch.empty(0))).device
+        # a module without tensors of its own (the float scan) takes the model's device
+        device = _device_of(old, home)
         with torch.device(device):
             new = build_qmodule(layer.spec)
         load_qmodule_tensors(new, layer.tensors)
         new.requires_grad_(False)
         model.set_submodule(name, new)
     return model
+
+
+def _device_of(module: nn.Module, default: torch.device) -> torch.device:
+    """The device of ``module``'s first parameter or buffer, ``default`` when it has none."""
+    first = next(iter(module.parameters()), None)
+    if first is None:
+        first = next(iter(module.buffers()), None)
+    return default if first is None else first.device

@@ -11,6 +11,9 @@ when neither can serve the call.
 * ``cpu``: the CPU kernels, never Triton (CPU tensors only): a call that a CPU kernel cannot serve raises like
   ``triton``; an op outside the CPU family runs its PyTorch path.
 
+The float selective scan of the unquantized model is chosen by :func:`float_scan_backend` (on CUDA: mamba-ssm when
+importable, else the Triton scan, else the PyTorch loop with one WARNING that says what to install).
+
 Each kernel module of ``optimum_vim_kernels`` exposes ``supports_<op>(...) -> str | None`` (None: supported,
 else the reason) next to the launcher, so dispatch never hard-codes which kernel handles what. The Triton family is
 one module per op family (``gemm``, ``scan``, ``outlier``); the CPU family is the single module ``cpu``, and an op it
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import enum
+import functools
 import importlib
 import logging
 import os
@@ -125,3 +129,60 @@ def _pick_cpu(op: str, tensor: torch.Tensor, support_args: dict, forced: bool):
         raise KernelUnsupportedError(f"cpu.{op}: {reason}")
     logger.debug("cpu.%s falls back to the PyTorch reference: %s", op, reason)
     return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the float selective scan on an accelerator
+@functools.lru_cache(maxsize=1)
+def mamba_scan_available() -> bool:
+    """True when mamba-ssm's CUDA selective scan imports (checked once per process: a failing import is slow)."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - any import failure (missing package, ABI mismatch) means "not available"
+        logger.debug("mamba-ssm selective scan unavailable: %s", err)
+        return False
+    return True
+
+
+_warned_scan: set[str] = set()
+
+_SCAN_INSTALL_HINT = ("install mamba-ssm (`pip install 'optimum-vim[cuda]'`) for its fused CUDA scan with backward; "
+                      "triton serves the forward-only scan")
+
+
+def float_scan_backend(u: torch.Tensor, *tensors: torch.Tensor | None, d_state: int) -> str:
+    """``"mamba"``, ``"triton"`` or ``"torch"``: what runs a float selective scan on the CUDA tensor ``u`` under
+    ``backend="auto"`` (``tensors``: the scan's other inputs, to see whether autograd needs its backward).
+
+    * ``auto`` policy: mamba-ssm when importable; else, without autograd, our Triton scan
+      (``optimum_vim_kernels.scan.selective_scan_q``, which serves float inputs too) when it supports the shape;
+      else the per-token PyTorch loop, announced once per reason at WARNING with what to install;
+    * ``triton``: the Triton scan when no gradient is needed (never mamba-ssm); an unsupported shape raises
+      :class:`KernelUnsupportedError`; with autograd the loop (the Triton scan has no backward);
+    * ``reference`` / ``cpu``: mamba-ssm when importable, else the loop (as chosen: no warning).
+
+    float64 inputs always take the loop (neither kernel computes in float64).
+    """
+    if u.dtype not in (torch.float32, torch.float16, torch.bfloat16):  # float64: the exact loop, on purpose
+        return "torch"
+    policy = current_backend()
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, *tensors))
+    if policy is not KernelBackend.TRITON and mamba_scan_available():
+        return "mamba"
+    if policy in (KernelBackend.REFERENCE, KernelBackend.CPU):
+        return "torch"
+    if needs_grad:
+        reason = "training through the scan needs a backward, which the Triton scan does not have"
+    else:
+        mod = _load("scan")
+        reason = (f"Triton is unavailable ({mod})" if isinstance(mod, ImportError)
+                  else mod.supports_selective_scan_q(length=u.shape[1], d_state=d_state))
+        if reason is None:
+            return "triton"
+        if policy is KernelBackend.TRITON:
+            raise KernelUnsupportedError(f"scan.selective_scan_q (float scan): {reason}")
+    if policy is not KernelBackend.TRITON and reason not in _warned_scan:
+        _warned_scan.add(reason)
+        logger.warning("selective scan on %s runs the per-token PyTorch loop, which is much slower: %s. To fix: %s.",
+                       u.device, reason, _SCAN_INSTALL_HINT)
+    return "torch"

@@ -303,7 +303,7 @@ def selective_scan_mamba_cuda(u, delta, A, B, C, D=None, z=None, reverse=False) 
     return y.transpose(1, 2).to(u.dtype)
 
 
-_SCAN_BACKENDS = ("auto", "torch", "mamba", "cpu")
+_SCAN_BACKENDS = ("auto", "torch", "mamba", "cpu", "triton")
 
 
 def _cpu_scan_kernel(u: torch.Tensor, forced: bool):
@@ -312,7 +312,7 @@ def _cpu_scan_kernel(u: torch.Tensor, forced: bool):
     from .dispatch import KernelBackend, current_backend, pick_kernel, use_kernels
 
     if not forced and (current_backend() in (KernelBackend.REFERENCE, KernelBackend.TRITON) or u.is_cuda):
-        return None  # there is no Triton float scan: the PyTorch scan serves the float op under these policies
+        return None  # on CPU the PyTorch scan serves the float op under these policies (CUDA: float_scan_backend)
     with use_kernels(KernelBackend.CPU) if forced else contextlib.nullcontext():
         return pick_kernel("scan", "selective_scan", u, dtype=u.dtype, device=u.device)
 
@@ -330,18 +330,28 @@ def selective_scan(
 ) -> torch.Tensor:
     """Dispatching selective scan. Shapes as in :func:`selective_scan_torch`. ``backend``:
 
-    * ``"auto"``: mamba-ssm on CUDA when importable; on CPU the fused CPU scan (``optimum_vim_kernels.cpu``, numba)
-      unless the kernel policy (``OPTIMUM_VIM_KERNELS`` / ``use_kernels``) is ``reference`` or it cannot serve the
-      call (fp64 inputs, numba missing), else the PyTorch scan;
+    * ``"auto"``: on CUDA, mamba-ssm when importable, else the Triton scan, else PyTorch
+      (:func:`optimum_vim.ops.dispatch.float_scan_backend` decides); on CPU the fused CPU scan
+      (``optimum_vim_kernels.cpu``, numba) unless the kernel policy (``OPTIMUM_VIM_KERNELS`` / ``use_kernels``) is
+      ``reference`` or ``triton`` or it cannot serve the call (fp64 inputs, numba missing), else the PyTorch scan;
     * ``"torch"``: the PyTorch scan (the reference), ``"mamba"``: mamba-ssm's CUDA kernel, ``"cpu"``: the fused CPU
-      scan (raises ``KernelUnsupportedError`` with the reason when it cannot serve the call)."""
+      scan (raises ``KernelUnsupportedError`` with the reason when it cannot serve the call), ``"triton"``: the Triton
+      scan (forward only)."""
     if backend not in _SCAN_BACKENDS:
         raise ValueError(f"unknown scan backend {backend!r}; choose one of {_SCAN_BACKENDS}")
-    if backend == "mamba" or (backend == "auto" and u.is_cuda and _mamba_selective_scan_fn() is not None):
+    if backend == "auto" and u.is_cuda:
+        from .dispatch import float_scan_backend
+
+        backend = float_scan_backend(u, delta, A, B, C, D, z, d_state=A.shape[1])
+    if backend == "mamba":
         return selective_scan_mamba_cuda(u, delta, A, B, C, D, z, reverse)
     if backend in ("auto", "cpu"):
         _check_scan_shapes(u, delta, A, B, C, D, z)
         kernel = _cpu_scan_kernel(u, forced=backend == "cpu")
         if kernel is not None:
             return kernel(u, delta, A, B, C, D, z, reverse)
+    if backend == "triton":
+        from optimum_vim_kernels.scan import selective_scan_q
+
+        return selective_scan_q(u, delta, A, B, C, D, z, reverse=reverse, out_dtype=u.dtype)
     return selective_scan_torch(u, delta, A, B, C, D, z, reverse)

@@ -347,6 +347,7 @@ def _sample_targets(n: int, num_labels: int, generator: torch.Generator) -> torc
     return base[torch.randperm(n, generator=generator)]
 
 
+@torch.enable_grad()  # the pixels are trained by backprop, also when the caller quantizes under no_grad
 def generate_calibration_images(
     model: nn.Module,
     n: int = 128,
