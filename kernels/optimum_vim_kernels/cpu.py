@@ -50,7 +50,12 @@ def _version(t: torch.Tensor) -> int:
 
 def _cached(tensor: torch.Tensor, kind: tuple, build, deps: tuple = ()):
     """``build()`` computed once per (tensor, kind) until ``tensor`` or one of the ``deps`` tensors it is built from
-    is replaced, modified in place or freed."""
+    is replaced, modified in place or freed.
+
+    Under ``torch.compile`` / ``torch.export`` the decoding is traced into the graph instead: an ``id()``-keyed
+    lookup would make dynamo guard on each layer's tensor and recompile once per layer until its recompile limit."""
+    if torch.compiler.is_compiling():
+        return build()
     key = (id(tensor), kind)
     tensors = (tensor, *deps)
     versions = tuple(_version(t) if t is not None else None for t in tensors)

@@ -55,7 +55,8 @@ class QSelectiveScan(QModule):
         state, so a NaN in C marks its own step. ``None`` when no input holds a NaN: checked on CPU only (where the
         host sync is free) by one sum per input, a NaN anywhere making its sum NaN (so does +inf with -inf, which
         the exact check below then clears)."""
-        if not u.is_cuda and not any(bool(torch.isnan(x.sum())) for x in (u, delta, B, C)):
+        if not u.is_cuda and not torch.compiler.is_compiling() and not any(
+                bool(torch.isnan(x.sum())) for x in (u, delta, B, C)):
             return None
         carried = torch.isnan(u) | torch.isnan(delta) | torch.isnan(B).any(-1, keepdim=True)
         carried = carried.flip(1) if self.reverse else carried

@@ -27,6 +27,7 @@ import logging
 import os
 
 import torch
+import optimum_vim_kernels.cpu as _cpu_family  # pure PyTorch; imported here because dynamo cannot import while tracing
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ def pick_kernel(family: str, op: str, tensor: torch.Tensor, **support_args):
     """Returns the launcher that serves ``op`` under the active policy: ``optimum_vim_kernels.<family>.<op>``
     (Triton) or ``optimum_vim_kernels.cpu.<op>`` (CPU) when its ``supports_<op>(**support_args)`` allows it, else
     None (the caller runs the reference)."""
+    if torch.compiler.is_compiling():
+        return _pick_traced(op, tensor, support_args)
     backend = current_backend()
     if backend is KernelBackend.REFERENCE:
         return None
@@ -106,6 +109,21 @@ def pick_kernel(family: str, op: str, tensor: torch.Tensor, **support_args):
         raise KernelUnsupportedError(f"{family}.{op}: {reason}")
     logger.debug("%s.%s falls back to the PyTorch reference: %s", family, op, reason)
     return None
+
+
+def _pick_traced(op: str, tensor: torch.Tensor, support_args: dict):
+    """The choice under ``torch.compile`` (dynamo cannot read the :func:`use_kernels` context variable, nor import):
+    the CPU family for CPU tensors when ``$OPTIMUM_VIM_KERNELS`` is ``auto`` or ``cpu`` (their weight decodings are
+    traced into the graph instead of cached), the PyTorch reference otherwise, which the compiler fuses itself.
+    Under ``torch.export`` always the reference: an exported program must not depend on the exporting machine."""
+    if torch.compiler.is_exporting() or tensor.device.type != "cpu":
+        return None
+    if os.environ.get(ENV_VAR, "auto").strip().lower() not in ("auto", "cpu"):
+        return None
+    cpu = _cpu_family
+    if not hasattr(cpu, f"supports_{op}") or getattr(cpu, f"supports_{op}")(**support_args) is not None:
+        return None
+    return getattr(cpu, op)
 
 
 def _pick_cpu(op: str, tensor: torch.Tensor, support_args: dict, forced: bool):

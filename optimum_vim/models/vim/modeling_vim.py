@@ -34,7 +34,13 @@ class VimRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *, prenorm: bool = False,
+                residual_in_fp32: bool = True):
+        """``RMSNorm(x)``; with ``prenorm=True`` the fused residual add of mamba-ssm's blocks:
+        ``residual = x + residual`` (``x`` when None), returns ``(RMSNorm(residual), residual)``. Blocks call the module
+        (not its weight) so that hooks on it run, e.g. accelerate's offload hooks that bring the weight in."""
+        if prenorm:
+            return add_rms_norm(x, residual, self.weight, self.eps, residual_in_fp32=residual_in_fp32)
         return rms_norm(x, self.weight, self.eps)
 
 
@@ -146,9 +152,7 @@ class VimBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is not None and self.training and self.drop_path > 0:
             hidden_states = _drop_path(hidden_states, self.drop_path)
-        normed, residual = add_rms_norm(
-            hidden_states, residual, self.norm.weight, self.norm.eps, residual_in_fp32=self.residual_in_fp32
-        )
+        normed, residual = self.norm(hidden_states, residual, prenorm=True, residual_in_fp32=self.residual_in_fp32)
         return self.mixer(normed), residual
 
 
@@ -324,7 +328,9 @@ class VimPreTrainedModel(PreTrainedModel):
         init.ones_(mixer.D)
         init.ones_(mixer.D_b)
         dt_std = mixer.dt_rank**-0.5 * cfg.dt_scale
-        for dt_proj in (mixer.dt_proj, mixer.dt_proj_b):
+        # a quantized projection (QLinear: codes and scales in buffers, always loaded from the checkpoint) has nothing
+        # to initialise; transformers calls this for modules whose weights it did not see, e.g. ones offloaded to disk
+        for dt_proj in (p for p in (mixer.dt_proj, mixer.dt_proj_b) if isinstance(p, nn.Linear)):
             init.uniform_(dt_proj.weight, -dt_std, dt_std)
             dt = torch.exp(
                 torch.rand(mixer.d_inner, device=dt_proj.bias.device) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
@@ -334,7 +340,8 @@ class VimPreTrainedModel(PreTrainedModel):
         # kaiming-uniform (a=sqrt(5)) scaled by 1/sqrt(depth): Mamba's GPT-2 style rescale of the residual-branch
         # output projection, written as one init call so that loaded weights are never touched
         bound = 1.0 / math.sqrt(mixer.d_inner) / math.sqrt(cfg.num_hidden_layers)
-        init.uniform_(mixer.out_proj.weight, -bound, bound)
+        if isinstance(mixer.out_proj, nn.Linear):
+            init.uniform_(mixer.out_proj.weight, -bound, bound)
 
 
 # save_pretrained(push_to_hub=True) arguments that belong to push_to_hub
@@ -483,7 +490,7 @@ class VimModel(VimPreTrainedModel):
             hidden_states, residual = layer(hidden_states, residual)
         if self.training and self.layers and self.layers[-1].drop_path > 0:
             hidden_states = _drop_path(hidden_states, self.layers[-1].drop_path)
-        out, _ = add_rms_norm(hidden_states, residual, self.norm_f.weight, self.norm_f.eps, self.config.residual_in_fp32)
+        out, _ = self.norm_f(hidden_states, residual, prenorm=True, residual_in_fp32=self.config.residual_in_fp32)
         if all_hidden is not None:
             all_hidden.append(out)
         pooled = out[:, self.config.token_position, :]
