@@ -26,8 +26,8 @@ import importlib
 import logging
 import os
 
-import torch
 import optimum_vim_kernels.cpu as _cpu_family  # pure PyTorch; imported here because dynamo cannot import while tracing
+import torch
 
 logger = logging.getLogger(__name__)
 
