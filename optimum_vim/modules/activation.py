@@ -37,6 +37,7 @@ import torch
 
 from ..primitives import dequantize, int_range, quantize, quantize_int8
 from .base import QModule, register_qmodule
+from .training import activation_ste, needs_grad
 
 GRANULARITIES = ("tensor", "token", "token_cluster", "channel", "channel_cluster", "dynamic_token", "dynamic_outlier")
 ROW_GRANULARITIES = ("tensor", "token", "token_cluster", "dynamic_token")  # one scale per (sample, token) row
@@ -165,7 +166,10 @@ class QActivation(QModule):
         return quantize(x3.float(), scale, zero, self.qmin, self.qmax), scale, zero
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Quantize-dequantize (the reference path): float output in ``x.dtype``."""
+        """Quantize-dequantize (the reference path): float output in ``x.dtype``. With a gradient to compute, the
+        rounding is straight-through (:mod:`optimum_vim.modules.training`)."""
+        if needs_grad(self, x):
+            return activation_ste(self, x)
         if self.granularity == "dynamic_outlier":
             return self.outlier_split(x).dequantize().reshape(x.shape).to(x.dtype)
         q, scale, zero = self.quantize(x)

@@ -23,6 +23,7 @@ from ..ops.quantized import selective_scan_q
 from ..primitives import int_range
 from .activation import QActivation
 from .base import QModule, mark_nan, register_qmodule
+from .training import needs_grad, scan_train_forward
 
 _INPUTS = ("u", "delta", "B", "C")
 
@@ -65,6 +66,8 @@ class QSelectiveScan(QModule):
         return carried | torch.isnan(C).any(-1, keepdim=True)
 
     def forward(self, u, delta, A, B, C, D=None, z=None):
+        if needs_grad(self, u, delta, A, B, C, D, z):  # straight-through float path (optimum_vim.modules.training)
+            return scan_train_forward(self, u, delta, A, B, C, D, z)
         if self.state_scale is not None and u.shape[1] != self.spec["length"]:
             raise ValueError(f"per-step state scales were calibrated for {self.spec['length']} tokens; got {u.shape[1]}")
         if all(getattr(self, f"{n}_quantizer") is None for n in _INPUTS) and self.state_scale is None \

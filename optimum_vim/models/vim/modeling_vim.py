@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 
 from ...ops import add_rms_norm, causal_conv1d, rms_norm, selective_scan
@@ -139,8 +140,9 @@ class VimMixer(nn.Module):
         return self.out_proj(y)
 
 
-class VimBlock(nn.Module):
-    """Pre-norm residual block: ``residual += hidden; hidden = mixer(RMSNorm(residual))`` (mamba-ssm ``Block``)."""
+class VimBlock(GradientCheckpointingLayer):
+    """Pre-norm residual block: ``residual += hidden; hidden = mixer(RMSNorm(residual))`` (mamba-ssm ``Block``).
+    Checkpointed (recomputed in backward) after ``model.activation_checkpointing_enable()`` (``gradient_checkpointing_enable``)."""
 
     def __init__(self, config: VimConfig, layer_idx: int, drop_path: float = 0.0):
         super().__init__()
@@ -295,7 +297,7 @@ class VimPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _no_split_modules = ["VimBlock"]
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -459,6 +461,10 @@ class VimModel(VimPreTrainedModel):
         )
         self.norm_f = VimRMSNorm(config.hidden_size, eps=config.norm_eps)
         self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The patch embedding (what ``enable_input_require_grads`` hooks for adapter training with checkpointing)."""
+        return self.patch_embed
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(batch, C, H, W) -> (batch, L, D): patches, middle class token, position embedding."""
