@@ -164,6 +164,8 @@ class QLinear(QModule):
         """OuroMamba's dynamic outlier extractor in front of per-channel integer weights, symmetric int8 inliers:
         the inlier GEMM + gathered outlier GEMM (``ops.outlier_gemm``) serves the layer."""
         iq = self.input_quantizer
+        if torch.compiler.is_exporting():  # a gathered GEMM has a data-dependent width: export fake-quantizes
+            return False
         return (iq.granularity == "dynamic_outlier" and iq.symmetric and iq.qmax <= 127 and self.format == "int"
                 and not self.group_size and self.smooth_scale is None)
 

@@ -324,6 +324,10 @@ def selective_scan(
     ``"torch"`` or ``"mamba"``. Shapes as in :func:`selective_scan_torch`."""
     if backend not in _SCAN_BACKENDS:
         raise ValueError(f"unknown scan backend {backend!r}; choose one of {_SCAN_BACKENDS}")
+    if torch.compiler.is_exporting():  # one loop node instead of L unrolled steps (optimum_vim.ops.scan_loop)
+        from .scan_loop import selective_scan_loop
+
+        return selective_scan_loop(u, delta, A, B, C, D, z, reverse)
     if backend == "mamba" or (backend == "auto" and u.is_cuda and _mamba_selective_scan_fn() is not None):
         return selective_scan_mamba_cuda(u, delta, A, B, C, D, z, reverse)
     return selective_scan_torch(u, delta, A, B, C, D, z, reverse)
