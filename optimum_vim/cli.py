@@ -133,7 +133,7 @@ def _run_quantize(args) -> int:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     from .evaluation import evaluate, load_named_dataset
-    from .hub import atomic_save, set_card_info, write_model_card
+    from .hub import atomic_save, set_card_info, write_loading_hints, write_model_card
     from .quantization_config import ViMQuantizationConfig
     from .recipes import get_recipe_class
     from .size import checkpoint_bytes, quantized_layer_bytes
@@ -191,6 +191,7 @@ def _run_quantize(args) -> int:
             rows.insert(0, {"name": "float32 original", "bytes": f"{fp_bytes:,}"})
         set_card_info(model, sizes=rows)
         write_model_card(model, tmp, repo_id=out.name)
+        write_loading_hints(tmp)
 
     atomic_save(_save, out)
     q_bytes = sizes["q"]

@@ -94,7 +94,8 @@ def test_push_and_reload_through_loopback_hub(quantized, tiny_vim_dir, tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         repo = hub.state.repos["org/vim-w4a8"]
-        assert sorted(repo.files) == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+        assert sorted(repo.files) == ["README.md", "config.json", "model.safetensors", "optimum_vim_loader.py",
+                                      "preprocessor_config.json"]
         assert len(repo.commits) == 1  # weights, processor and card in one commit
         card = repo.files["README.md"].decode()
         assert "base_model_relation: quantized" in card and 'model="org/vim-w4a8"' in card
