@@ -145,7 +145,9 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for kind, rs in rows.items():
         label = "Trainer, float params + scales (STE)" if kind == "full" else "LoRA r=8 on quantized linears + head"
-        get = lambda when, key: [r[when][key] for r in rs]  # noqa: E731
+        def get(when, key, rs=rs):
+            return [r[when][key] for r in rs]
+
         print(f"| {label} | {rs[0]['trainable']:,} | {stat(get('before', 'top1'))}% | {stat(get('after', 'top1'))}% | "
               f"{stat(get('before', 'sqnr'), False)} | {stat(get('after', 'sqnr'), False)} | "
               f"{stat(get('before', 'agree'))}% | {stat(get('after', 'agree'))}% | "

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoBackbone, AutoModelForImageClassification
 
-from optimum_vim import ViMQuantizationConfig, VimBackbone, VimConfig
+from optimum_vim import VimBackbone, VimConfig, ViMQuantizationConfig
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Model cards, atomic saving and Hub publishing."""
 
-from .cards import plot_accuracy_vs_bits, render_model_card
-from .cards import merge_card
+from .cards import merge_card, plot_accuracy_vs_bits, render_model_card
 from .push import (
     atomic_save,
     load_benchmark_table,

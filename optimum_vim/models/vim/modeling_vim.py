@@ -17,9 +17,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.backbone_utils import BackboneMixin
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
+from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 
