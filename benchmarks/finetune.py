@@ -2,7 +2,7 @@
 
     python benchmarks/finetune.py [--setting rtn-w4a4] [--steps 300] [--seeds 0 1 2] [--lora]
 
-The bundled Fashion-MNIST Vim is quantized (calibration: 128 seeded training images), evaluated on the test split,
+The bundled Fashion-MNIST Vim is quantized (calibration: 128 seeded images of the fine-tuning subset of the training split), evaluated on the test split,
 fine-tuned with transformers' ``Trainer`` on the training split (straight-through gradients through every quantizer,
 weights frozen as codes; float parameters and quantization scales train), and evaluated again. With ``--lora``, a second
 row trains LoRA adapters on the quantized linears (plus the head) instead. Rows at 4-bit activations give mean ± std
@@ -46,13 +46,12 @@ def logits_on(model, pixels: torch.Tensor, batch: int = 500) -> torch.Tensor:
     return torch.cat([model(pixels[i : i + batch]).logits.float() for i in range(0, len(pixels), batch)])
 
 
-def tensors(dataset, processor, limit=None):
+def tensors(dataset, processor):
     xs, ys = [], []
     for x, y in iter_batches(dataset, processor, 1000):
         xs.append(x)
         ys.append(y)
-    x, y = torch.cat(xs), torch.cat(ys)
-    return (x[:limit], y[:limit]) if limit else (x, y)
+    return torch.cat(xs), torch.cat(ys)
 
 
 class _Pairs(torch.utils.data.Dataset):
@@ -93,16 +92,16 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--lora", action="store_true", help="add a LoRA row (adapters on the quantized linears)")
     parser.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images")
-    parser.add_argument("--train-limit", type=int, default=None, help="fine-tune on the first N training images")
+    parser.add_argument("--train-limit", type=int, default=10000, help="fine-tune on the first N training images")
     args = parser.parse_args(argv)
 
     from optimum_vim_kernels.cpu_features import describe_cpu
 
     print(f"# {describe_cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     processor = AutoImageProcessor.from_pretrained(FIXTURE)
-    train = load_named_dataset("fashion-mnist", "train")
-    test_x, test_y = tensors(load_named_dataset("fashion-mnist", "test"), processor, args.test_limit)
-    train_x, train_y = tensors(train, processor, args.train_limit)
+    train = load_named_dataset("fashion-mnist", "train", args.train_limit)  # calibration draws from it too
+    test_x, test_y = tensors(load_named_dataset("fashion-mnist", "test", args.test_limit), processor)
+    train_x, train_y = tensors(train, processor)
     fp = AutoModelForImageClassification.from_pretrained(FIXTURE)
     fp_logits = logits_on(fp, test_x)
     fp_top1 = (fp_logits.argmax(-1) == test_y).float().mean().item()
