@@ -26,7 +26,6 @@ import importlib
 import logging
 import os
 
-import optimum_vim_kernels.cpu as _cpu_family  # pure PyTorch; imported here because dynamo cannot import while tracing
 import torch
 
 logger = logging.getLogger(__name__)
@@ -113,15 +112,16 @@ def pick_kernel(family: str, op: str, tensor: torch.Tensor, **support_args):
 
 def _pick_traced(op: str, tensor: torch.Tensor, support_args: dict):
     """The choice under ``torch.compile`` (dynamo cannot read the :func:`use_kernels` context variable, nor import):
-    the CPU family for CPU tensors when ``$OPTIMUM_VIM_KERNELS`` is ``auto`` or ``cpu`` (their weight decodings are
-    traced into the graph instead of cached), the PyTorch reference otherwise, which the compiler fuses itself.
+    the CPU family for CPU tensors when ``$OPTIMUM_VIM_KERNELS`` is ``auto`` or ``cpu`` and an eager call has loaded
+    it (their weight decodings are traced into the graph instead of cached; both give the reference's values bit for
+    bit), the PyTorch reference otherwise, which the compiler fuses itself.
     Under ``torch.export`` always the reference: an exported program must not depend on the exporting machine."""
     if torch.compiler.is_exporting() or tensor.device.type != "cpu":
         return None
     if os.environ.get(ENV_VAR, "auto").strip().lower() not in ("auto", "cpu"):
         return None
-    cpu = _cpu_family
-    if not hasattr(cpu, f"supports_{op}") or getattr(cpu, f"supports_{op}")(**support_args) is not None:
+    cpu = _modules.get("cpu")  # dynamo cannot import: before any eager call has loaded the family, the reference
+    if cpu is None or isinstance(cpu, ImportError) or not hasattr(cpu, f"supports_{op}") or getattr(cpu, f"supports_{op}")(**support_args) is not None:
         return None
     return getattr(cpu, op)
 
