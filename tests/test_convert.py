@@ -66,7 +66,7 @@ def test_convert_roundtrip_matches_official_forward(tmp_path):
     _save_official(ckpt, sd)
     out = convert_vim_checkpoint(ckpt, tmp_path / "hf")
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+    assert names == ["README.md", "config.json", "model.safetensors", "optimum_vim_loader.py", "preprocessor_config.json"]
     card = (out / "README.md").read_text()
     assert "Vision Mamba" in card and "library_name: transformers" in card
     cfg = json.loads((out / "config.json").read_text())
