@@ -43,7 +43,7 @@ def test_quantized_card_metadata_and_tables(quantized, tmp_path):
     text = path.read_text()
     meta = _front_matter(text)
     assert meta["base_model"] == "optimum-vim/vim-fashion-mnist" and meta["base_model_relation"] == "quantized"
-    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "image-classification"
+    assert meta["library_name"] == "optimum-vim" and meta["pipeline_tag"] == "image-classification"
     assert {"quantized", "rtn", "w4a8", "vision-mamba"} <= set(meta["tags"])
     assert "| recipe | `rtn` |" in text and "| weight bits | 4 |" in text and "| activation bits | 8 |" in text
     assert "| quantized modules | 12 (linear) |" in text
