@@ -4,7 +4,14 @@
 """
 
 from ._registration import register_vim_with_transformers
-from .models.vim import VimConfig, VimForImageClassification, VimImageProcessor, VimModel, VimPreTrainedModel
+from .models.vim import (
+    VimBackbone,
+    VimConfig,
+    VimForImageClassification,
+    VimImageProcessor,
+    VimModel,
+    VimPreTrainedModel,
+)
 
 __version__ = "0.1.0"
 
@@ -17,6 +24,7 @@ from .quantizer import ViMHfQuantizer, dequantize_model, quantize_model  # noqa:
 from .recipes.ouromamba.generation import generate_calibration_images  # noqa: E402
 
 __all__ = [
+    "VimBackbone",
     "VimConfig",
     "VimForImageClassification",
     "VimImageProcessor",

@@ -14,16 +14,22 @@ def register_vim_with_transformers() -> None:
     global _DONE
     if _DONE:
         return
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
+    from transformers import AutoBackbone, AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from .models.vim import VimConfig, VimForImageClassification, VimImageProcessor, VimModel
+    from .models.vim import VimBackbone, VimConfig, VimForImageClassification, VimImageProcessor, VimModel
+    from .models.vim.image_processing_vim import fast_image_processor_class
 
     if VimConfig.model_type not in CONFIG_MAPPING:
         AutoConfig.register(VimConfig.model_type, VimConfig)
     AutoModel.register(VimConfig, VimModel, exist_ok=True)
     AutoModelForImageClassification.register(VimConfig, VimForImageClassification, exist_ok=True)
-    AutoImageProcessor.register(VimConfig, image_processor_classes={"pil": VimImageProcessor}, exist_ok=True)
+    AutoBackbone.register(VimConfig, VimBackbone, exist_ok=True)
+    processors = {"pil": VimImageProcessor}
+    fast = fast_image_processor_class()  # None unless torchvision imports
+    if fast is not None:
+        processors["torchvision"] = fast
+    AutoImageProcessor.register(VimConfig, image_processor_classes=processors, exist_ok=True)
     from transformers.quantizers import register_quantization_config, register_quantizer
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 

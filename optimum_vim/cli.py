@@ -1,4 +1,4 @@
-"""The ``optimum-vim`` command line: convert, evaluate, quantize, push."""
+"""The ``optimum-vim`` command line: convert, evaluate, quantize, push, export."""
 
 from __future__ import annotations
 
@@ -198,7 +198,7 @@ def _run_quantize(args) -> int:
     from transformers import AutoImageProcessor
 
     from .evaluation import evaluate, load_named_dataset
-    from .hub import atomic_save, set_card_info, write_model_card
+    from .hub import atomic_save, set_card_info, write_loading_hints, write_model_card
     from .quantization_config import ViMQuantizationConfig
     from .quantizer import quantize_model
     from .recipes import get_recipe_class
@@ -261,6 +261,7 @@ def _run_quantize(args) -> int:
             rows.insert(0, {"name": "float32 original", "bytes": f"{fp_bytes:,}"})
         set_card_info(model, sizes=rows)
         write_model_card(model, tmp, repo_id=out.name)
+        write_loading_hints(tmp)
 
     atomic_save(_save, out)
     q_bytes = sizes["q"]
@@ -332,7 +333,50 @@ def build_parser(prog: str = "optimum-vim") -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_convert(sub)
     _add_push(sub)
+    _add_export(sub)
     return parser
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a (quantized) Vim to ONNX or a torch.export program")
+    p.add_argument("model", help="model folder or Hub repo id (float or quantized)")
+    p.add_argument("output", help="file to write: model.onnx (--format onnx) or program.pt2 (--format torch)")
+    p.add_argument("--format", choices=("onnx", "torch"), default="onnx", help="onnx (default) or torch (torch.export)")
+    p.add_argument("--static-batch", action="store_true", help="fix the batch size to the example's (default: dynamic)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch comparison")
+    p.add_argument("--atol", type=float, default=None, help="allowed max abs difference in the check (default 1e-4)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> int:
+    import time
+    from pathlib import Path
+
+    from transformers import AutoModel, AutoModelForImageClassification
+
+    from .export import DEFAULT_ATOL, DEFAULT_OPSET, export_onnx, export_program
+
+    out = Path(args.output)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose a new file name")
+    try:
+        model = AutoModelForImageClassification.from_pretrained(args.model)
+    except ValueError:  # a backbone checkpoint without a classifier head
+        model = AutoModel.from_pretrained(args.model)
+    start = time.perf_counter()
+    if args.format == "onnx":
+        export_onnx(model, out, dynamic_batch=not args.static_batch, opset=args.opset or DEFAULT_OPSET,
+                    check=not args.no_check, atol=args.atol if args.atol is not None else DEFAULT_ATOL)
+    else:
+        import torch
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.export.save(export_program(model, dynamic_batch=not args.static_batch), str(out))
+    checked = "" if args.format != "onnx" or args.no_check else ", checked against PyTorch with onnxruntime"
+    print(f"exported {args.model} to {out} ({args.format}, {'static' if args.static_batch else 'dynamic'} batch"
+          f"{checked}) in {time.perf_counter() - start:.1f}s")
+    return 0
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:

@@ -208,6 +208,35 @@ class ViMQuantizationConfig(QuantizationConfigMixin):
         out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in _RUNTIME_FIELDS}
         return out
 
+    def __iter__(self):
+        """``dict(config)`` (transformers' "a dict or a config" idiom): the serializable fields, deep-copied, plus the
+        runtime-only fields by reference (a calibration generator or DataLoader cannot be copied, and copying a data
+        set would be wasteful)."""
+        yield from self.to_dict().items()
+        for name in _RUNTIME_FIELDS:
+            yield name, getattr(self, name, None)
+
+    def update(self, **kwargs) -> dict[str, Any]:
+        """Sets the given fields with the same checks as the constructor (``weight_bits="four"`` raises, as it does in
+        ``ViMQuantizationConfig(weight_bits="four")``), all or nothing: on an error the config is left unchanged.
+        Returns the keys that are not fields of this config, as ``QuantizationConfigMixin.update`` does."""
+        known = {k: v for k, v in kwargs.items() if k in _field_types()}
+        unused = {k: v for k, v in kwargs.items() if k not in known}
+        if not known:
+            return unused
+        if self.is_quantized_layout and set(known) - set(self.get_loading_attributes()):
+            raise ValueError(
+                f"update({sorted(known)}): this config describes an already quantized checkpoint; only its loading "
+                f"options {sorted(self.get_loading_attributes())} can change. Quantize the float model again with a "
+                "new ViMQuantizationConfig for other settings."
+            )
+        trial = copy.deepcopy(self)
+        for key, value in known.items():
+            setattr(trial, key, value)
+        trial.post_init()  # raises before anything is applied to self
+        self.__dict__.update(trial.__dict__)
+        return unused
+
     def __deepcopy__(self, memo):
         clone = self.__class__.__new__(self.__class__)
         memo[id(self)] = clone

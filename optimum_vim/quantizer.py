@@ -129,7 +129,15 @@ class ViMHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        """Quantized Vims train: every quantizer has a straight-through path (``optimum_vim.modules.training``),
+        float parameters and PEFT adapters get gradients, weight codes stay frozen."""
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        """Trainer may fine-tune the quantized model itself (no adapter needed): the float parameters, and the
+        quantization scales after ``optimum_vim.training.enable_scale_training``."""
+        return True
 
     # ------------------------------------------------------------------------------------------ dequantize
     def _dequantize(self, model, dtype=None):

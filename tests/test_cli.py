@@ -26,7 +26,7 @@ def test_quantize_evaluate_and_card(tiny_vim_dir, tmp_path, capsys):
     assert 0 <= summary["quantized_top1"] <= 1 and 0 <= summary["fp_top1"] <= 1
     assert summary["checkpoint_bytes"] < summary["float_checkpoint_bytes"]
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors",
-                                                    "preprocessor_config.json"]
+                                                    "optimum_vim_loader.py", "preprocessor_config.json"]
     model = AutoModelForImageClassification.from_pretrained(out)
     mixer = model.vim.layers[0].mixer
     assert isinstance(mixer.in_proj, QLinear) and mixer.in_proj.bits == 4 and mixer.dt_proj.bits == 8

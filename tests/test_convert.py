@@ -66,9 +66,9 @@ def test_convert_roundtrip_matches_official_forward(tmp_path):
     _save_official(ckpt, sd)
     out = convert_vim_checkpoint(ckpt, tmp_path / "hf")
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+    assert names == ["README.md", "config.json", "model.safetensors", "optimum_vim_loader.py", "preprocessor_config.json"]
     card = (out / "README.md").read_text()
-    assert "Vision Mamba" in card and "library_name: transformers" in card
+    assert "Vision Mamba" in card and "library_name: optimum-vim" in card
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "vim" and cfg["stride"] == 16 and cfg["num_hidden_layers"] == 2
     assert len(cfg["id2label"]) == 1000

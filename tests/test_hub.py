@@ -43,7 +43,7 @@ def test_quantized_card_metadata_and_tables(quantized, tmp_path):
     text = path.read_text()
     meta = _front_matter(text)
     assert meta["base_model"] == "optimum-vim/vim-fashion-mnist" and meta["base_model_relation"] == "quantized"
-    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "image-classification"
+    assert meta["library_name"] == "optimum-vim" and meta["pipeline_tag"] == "image-classification"
     assert {"quantized", "rtn", "w4a8", "vision-mamba"} <= set(meta["tags"])
     assert "| recipe | `rtn` |" in text and "| weight bits | 4 |" in text and "| activation bits | 8 |" in text
     assert "| quantized modules | 12 (linear) |" in text
@@ -94,7 +94,8 @@ def test_push_and_reload_through_loopback_hub(quantized, tiny_vim_dir, tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         repo = hub.state.repos["org/vim-w4a8"]
-        assert sorted(repo.files) == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+        assert sorted(repo.files) == ["README.md", "config.json", "model.safetensors", "optimum_vim_loader.py",
+                                      "preprocessor_config.json"]
         assert len(repo.commits) == 1  # weights, processor and card in one commit
         card = repo.files["README.md"].decode()
         assert "base_model_relation: quantized" in card and 'model="org/vim-w4a8"' in card

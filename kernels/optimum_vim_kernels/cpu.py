@@ -84,6 +84,9 @@ from .reference import (
 
 logger = logging.getLogger(__name__)
 
+#: Members compiled by numba: opaque to ``torch.compile``, whose graphs take their PyTorch references instead
+OPAQUE_TO_COMPILE = frozenset({"causal_conv1d", "selective_scan", "selective_scan_q"})
+
 # int32 accumulation bound: |a| <= 128, |w| <= 128, plus the zero-point term |a_zero * colsum| <= 256 * 128 * K
 MAX_K = 1 << 15
 EXACT_FP32 = 1 << 24  # every integer of magnitude <= 2^24 is an fp32 value
@@ -106,7 +109,12 @@ def _version(t: torch.Tensor) -> int:
 
 def _cached(tensor: torch.Tensor, kind: tuple, build, deps: tuple = ()):
     """``build()`` computed once per (tensor, kind) until ``tensor`` or one of the ``deps`` tensors it is built from
-    is replaced, modified in place or freed."""
+    is replaced, modified in place or freed.
+
+    Under ``torch.compile`` / ``torch.export`` the decoding is traced into the graph instead: an ``id()``-keyed
+    lookup would make dynamo guard on each layer's tensor and recompile once per layer until its recompile limit."""
+    if torch.compiler.is_compiling():
+        return build()
     key = (id(tensor), kind)
     tensors = (tensor, *deps)
     versions = tuple(_version(t) if t is not None else None for t in tensors)
@@ -253,7 +261,14 @@ def _time_paths(n: int, k: int, rows: int) -> dict[str, float]:
 
 def int_gemm_path(m: int, n: int, k: int) -> str:
     """The integer GEMM path for an (M, K) x (K, N) call: forced (:func:`use_gemm_path`, ``$OPTIMUM_VIM_CPU_GEMM``)
-    or chosen for this CPU (module docstring)."""
+    or chosen for this CPU (module docstring). Under ``torch.compile`` the choice is made while tracing and enters
+    the graph as a constant (both paths give the same values)."""
+    if torch.compiler.is_compiling():
+        return _int_gemm_path_constant(int(m), int(n), int(k))
+    return _int_gemm_path(m, n, k)
+
+
+def _int_gemm_path(m: int, n: int, k: int) -> str:
     forced = _forced_path.get() or os.environ.get(GEMM_PATH_ENV, "auto").strip().lower() or "auto"
     if forced == "int_mm" or (forced == "auto" and int8_dot_product()):
         return "int_mm"
@@ -275,6 +290,9 @@ def int_gemm_path(m: int, n: int, k: int) -> str:
         logger.info("CPU integer GEMM N=%d K=%d M<=%d: int_mm %.0f us, sgemm %.0f us -> %s", n, k, key[2],
                     times["int_mm"] * 1e6, times["sgemm"] * 1e6, choice[0])
     return choice[0]
+
+
+_int_gemm_path_constant = torch._dynamo.assume_constant_result(_int_gemm_path)
 
 
 def gemm_path_choices() -> dict[tuple[int, int, int], tuple[str, dict[str, float]]]:

@@ -104,7 +104,9 @@ def render_model_card(
     config = model.config
     qc = getattr(config, "quantization_config", None)
     repo_id = repo_id or "path/to/this/model"
-    tags = ["vision-mamba", "vim", "optimum-vim", "image-classification"]
+    tags = ["vision-mamba", "vim", "optimum-vim", "transformers", "image-classification"]
+    name = repo_id.split("/")[-1]
+    eval_results = _eval_results(accuracy)
     tags += [t for t in (getattr(model, "model_tags", None) or []) if t not in tags]
     if isinstance(qc, dict):
         from ..quantization_config import ViMQuantizationConfig
@@ -116,8 +118,9 @@ def render_model_card(
         base = base_model or getattr(qc, "base_model", None)
         hub_base = base if _is_repo_id(base) else None
         data = ModelCardData(
-            library_name="transformers", pipeline_tag="image-classification", tags=tags, license=license,
+            library_name=LIBRARY_NAME, pipeline_tag="image-classification", tags=tags, license=license,
             base_model=hub_base, base_model_relation="quantized" if hub_base else None,
+            model_name=name if eval_results else None, eval_results=eval_results,
         )
         layers = qc.layers or {}
         kinds = sorted({spec["type"] for spec in layers.values()})
@@ -154,9 +157,10 @@ def render_model_card(
             benchmark_rows=[{**r, "top1": _fmt(r["top1"]), "act_bits": r.get("act_bits") or "-"} for r in benchmark_table]
             if benchmark_table else None,
         )
-        return card
-    data = ModelCardData(library_name="transformers", pipeline_tag="image-classification", tags=tags, license=license)
-    return ModelCard.from_template(
+        return _marked(card)
+    data = ModelCardData(library_name=LIBRARY_NAME, pipeline_tag="image-classification", tags=tags, license=license,
+                         model_name=name if eval_results else None, eval_results=eval_results)
+    return _marked(ModelCard.from_template(
         data,
         template_str=template_text("float"),
         title=repo_id.split("/")[-1],
@@ -168,4 +172,113 @@ def render_model_card(
         num_tokens=config.sequence_length,
         num_labels=config.num_labels,
         training=training,
-    )
+    ))
+
+
+# the Hub's library name of these repos: transformers alone cannot load them (the model type and the quantizer are
+# registered by `import optimum_vim`), so the card and metadata name the package to install
+LIBRARY_NAME = "optimum-vim"
+
+# Hub dataset ids of the data sets optimum-vim evaluates on by name (model-index "dataset.type")
+_DATASET_IDS = {"fashion-mnist": "zalando-datasets/fashion_mnist", "mnist-subset": "ylecun/mnist",
+                "imagenet-1k": "ILSVRC/imagenet-1k"}
+
+
+def _eval_results(accuracy: dict | None):
+    """``model-index`` entries (top-1 accuracy) from the card's ``accuracy`` facts, or None."""
+    if not accuracy or not isinstance(accuracy.get("top1"), (int, float)):
+        return None
+    from huggingface_hub import EvalResult
+
+    label = str(accuracy.get("dataset", "evaluation data"))
+    key = accuracy.get("dataset_id") or label.split(" ")[0]
+    return [EvalResult(
+        task_type="image-classification", task_name="Image Classification", dataset_type=_DATASET_IDS.get(key, key),
+        dataset_name=label, dataset_split=accuracy.get("split"), metric_type="accuracy", metric_name="top-1 accuracy",
+        metric_value=round(float(accuracy["top1"]), 6),
+    )]
+
+
+# Generated sections carry a marker with a hash of their text, so a later push can tell an untouched generated section
+# (replaced by the new rendering) from one the user edited on the Hub (kept), and from the user's own sections (kept)
+_MARK = re.compile(r"^<!-- optimum-vim:section (\S+) ([0-9a-f]{12}) -->$", re.M)
+
+
+def _digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.strip().encode()).hexdigest()[:12]
+
+
+def _split_sections(body: str) -> list[tuple[str, str]]:
+    """Markdown body -> ``[(heading or "intro", text)]`` cut before each ``## `` heading (fenced code respected)."""
+    sections, current, name, fence = [], [], "intro", False
+    for line in body.splitlines(keepends=True):
+        if line.startswith("```"):
+            fence = not fence
+        if not fence and line.startswith("## "):
+            sections.append((name, "".join(current)))
+            current, name = [], line[3:].strip()
+        current.append(line)
+    sections.append((name, "".join(current)))
+    return [(n, t) for n, t in sections if t.strip()]
+
+
+def _marked(card):
+    """The card with a hash marker closing each generated section."""
+    sections = _split_sections(card.text)
+    out = []
+    for name, text in sections:
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "intro"
+        out.append(f"{text.rstrip()}\n\n<!-- optimum-vim:section {slug} {_digest(text)} -->\n\n")
+    card.text = "".join(out)
+    return card
+
+
+def merge_card(remote_text: str, new_text: str) -> str:
+    """Merges a freshly rendered card into the card already on the Hub (as transformers' own push merges tags):
+
+    * metadata: the remote keys are kept, the keys this card generates are updated, tags are the union, and
+      ``model-index`` is replaced only when this card has evaluation results;
+    * body: a generated section whose text is unchanged since it was generated is replaced by its new rendering; a
+      generated section the user edited, and every section the user added, stays as it is; new generated sections
+      are appended.
+    """
+    from huggingface_hub import ModelCard
+
+    remote, new = ModelCard(remote_text, ignore_metadata_errors=True), ModelCard(new_text)
+    meta = remote.data.to_dict()
+    generated = new.data.to_dict()
+    for key, value in generated.items():
+        if key == "tags":
+            meta["tags"] = list(dict.fromkeys([*(meta.get("tags") or []), *value]))
+        elif value is not None:
+            meta[key] = value
+    fresh = {m.group(1): (text, m.group(2)) for text in _chunks(new.text) if (m := _MARK.search(text))}
+    body, used = [], set()
+    for text in _chunks(remote.text):
+        m = _MARK.search(text)
+        if m is None or m.group(1) not in fresh:
+            body.append(text)  # the user's own section, or one this version no longer generates
+            continue
+        slug, recorded = m.group(1), m.group(2)
+        untouched = _digest(_MARK.sub("", text)) == recorded
+        body.append(fresh[slug][0] if untouched else text)
+        used.add(slug)
+    body += [text for slug, (text, _) in fresh.items() if slug not in used]
+    from huggingface_hub import ModelCardData
+
+    return str(ModelCard(f"---\n{ModelCardData(**meta).to_yaml()}\n---\n\n" + "".join(body)))
+
+
+def _chunks(text: str) -> list[str]:
+    """The body cut after each section marker (a chunk ends with its marker; a trailing chunk may have none)."""
+    out, last = [], 0
+    for m in _MARK.finditer(text):
+        end = m.end()
+        out.append(text[last:end].lstrip("\n") + "\n\n")
+        last = end
+    tail = text[last:].strip()
+    if tail:
+        out.append(tail + "\n")
+    return out

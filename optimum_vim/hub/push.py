@@ -52,6 +52,52 @@ def write_model_card(model, folder: str | os.PathLike, repo_id: str | None = Non
     return path
 
 
+REMOTE_CODE_FILE = "optimum_vim_loader.py"
+_REMOTE_CODE = '''"""Loader of this optimum-vim checkpoint for `trust_remote_code=True` (config.json's auto_map points here).
+
+The model type "vim" and its quantizer come from the optimum-vim package: `pip install optimum-vim`. With it installed,
+the usual way needs no remote code: `import optimum_vim`, then `from_pretrained` this folder or repo.
+"""
+
+import optimum_vim  # noqa: F401 - registers the Vim model type, image processor and quantizer with transformers
+from optimum_vim import VimConfig, VimForImageClassification, VimImageProcessor, VimModel  # noqa: F401
+'''
+_AUTO_MAP = {"AutoConfig": "VimConfig", "AutoModel": "VimModel", "AutoModelForImageClassification":
+             "VimForImageClassification", "AutoImageProcessor": "VimImageProcessor"}
+
+
+def write_loading_hints(folder: str | os.PathLike) -> None:
+    """Makes a saved folder loadable, or at least explain itself, in a process that did not ``import optimum_vim``:
+    config.json gets an ``auto_map`` to a five-line loader that imports optimum-vim. Without ``trust_remote_code``
+    transformers then asks for it instead of suggesting a transformers upgrade; with it, a missing optimum-vim is
+    reported as "requires ... optimum_vim, run pip install"; with optimum-vim installed the folder loads."""
+    folder = Path(folder)
+    (folder / REMOTE_CODE_FILE).write_text(_REMOTE_CODE)
+    module = REMOTE_CODE_FILE.removesuffix(".py")
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["auto_map"] = {auto: f"{module}.{cls}" for auto, cls in _AUTO_MAP.items()}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def merge_with_remote_card(api, repo_id: str, folder: str | os.PathLike, revision: str | None = None) -> bool:
+    """Before a push: merges ``folder/README.md`` into the repo's current card (:func:`optimum_vim.hub.cards.merge_card`:
+    user edits and sections are kept). Returns whether a remote card existed."""
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    from .cards import merge_card
+
+    local = Path(folder) / "README.md"
+    if not local.exists():
+        return False
+    try:
+        remote = Path(api.hf_hub_download(repo_id, "README.md", revision=revision, repo_type="model"))
+    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+        return False
+    local.write_text(merge_card(remote.read_text(), local.read_text()))
+    return True
+
+
 def save_for_hub(model, folder: str | os.PathLike, processor=None, repo_id: str | None = None, **save_kwargs) -> Path:
     """Writes everything a Hub repo of this model needs into ``folder``: weights, config, processor, card."""
 

@@ -40,6 +40,7 @@ import torch
 
 from ..primitives import dequantize, int_range, quantize, quantize_int8
 from .base import QModule, register_qmodule
+from .training import activation_ste, needs_grad
 
 GRANULARITIES = ("tensor", "token", "token_cluster", "channel", "channel_cluster", "dynamic_token", "dynamic_outlier")
 ROW_GRANULARITIES = ("tensor", "token", "token_cluster", "dynamic_token")  # one scale per (sample, token) row
@@ -192,7 +193,10 @@ class QActivation(QModule):
         return quantize(x3.float(), scale, zero, self.qmin, self.qmax), scale, zero
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Quantize-dequantize (the reference path): float output in ``x.dtype``."""
+        """Quantize-dequantize (the reference path): float output in ``x.dtype``. With a gradient to compute, the
+        rounding is straight-through (:mod:`optimum_vim.modules.training`)."""
+        if needs_grad(self, x):
+            return activation_ste(self, x)
         if self.granularity == "dynamic_outlier":
             return self.outlier_split(x).dequantize().reshape(x.shape).to(x.dtype)
         q, scale, zero = self.quantize(x)
@@ -240,12 +244,14 @@ class QActivation(QModule):
     def static_rows(self, batch: int, length: int) -> _RowConstants:
         """The constants of a static per-tensor / per-token quantizer for (batch, L, C) inputs, built once and kept
         until ``scale`` / ``zero_point`` / ``labels`` change (in place or replaced) or the batch size changes."""
-        buffers = tuple(getattr(self, name, None) for name in ("scale", "zero_point", "labels"))
-        key = (batch, length, *((id(t), _version(t)) for t in buffers if t is not None))
-        cache = self.__dict__.setdefault("_row_constants", {})
-        hit = cache.get(key)
-        if hit is not None:
-            return hit
+        compiling = torch.compiler.is_compiling()  # traced into the graph: an id()-keyed cache would guard per layer
+        if not compiling:
+            buffers = tuple(getattr(self, name, None) for name in ("scale", "zero_point", "labels"))
+            key = (batch, length, *((id(t), _version(t)) for t in buffers if t is not None))
+            cache = self.__dict__.setdefault("_row_constants", {})
+            hit = cache.get(key)
+            if hit is not None:
+                return hit
         scale = self.scale.float()
         shift = self.code_shift
         zero = None if self.symmetric else (self.zero_point - shift).to(torch.int32)
@@ -260,6 +266,8 @@ class QActivation(QModule):
             scale_rows=scale.repeat(batch) if per_row else scale.reshape(1),
             zero_rows=None if zero is None else (zero.repeat(batch) if per_row else zero.reshape(1)),
         )
+        if compiling:
+            return k
         if len(cache) >= 8:
             cache.clear()
         cache[key] = k

@@ -72,7 +72,7 @@ def nan_rows(*xs: torch.Tensor) -> torch.Tensor | None:
     for x in xs:
         if x is None:
             continue
-        if x.is_cuda:
+        if x.is_cuda or torch.compiler.is_compiling():  # no host sync (a graph break under torch.compile / export)
             rows = torch.isnan(x).any(-1, keepdim=True)
         else:
             if not math.isnan(x.sum().item()):

@@ -33,6 +33,7 @@ from ..ops.quantized import combine_directions, dequantize_weight_ref, outlier_g
 from ..primitives import packed_row_bytes
 from .activation import QActivation
 from .base import QModule, mark_nan, nan_rows, register_qmodule
+from .training import linear_train_forward, needs_grad
 
 _CODEBOOK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -127,7 +128,10 @@ class QLinear(QModule):
         """``x`` (..., K) -> (..., N). With ``combine=(y_b, z, divide)`` (only when :meth:`can_fuse_combine`), ``x``
         is Vim's forward-direction scan output and the layer computes
         ``self((x + y_b) / 2 * silu(z))`` with the average, gate and input quantization fused; going through the
-        module call keeps forward hooks working (a pre-hook sees ``x = y_f`` and the rest in ``combine``)."""
+        module call keeps forward hooks working (a pre-hook sees ``x = y_f`` and the rest in ``combine``).
+        With a gradient to compute, the float straight-through path runs instead (:mod:`optimum_vim.modules.training`)."""
+        if needs_grad(self, x, *(combine or ())[:2]):
+            return linear_train_forward(self, x, combine)
         if combine is not None:
             y_b, z, divide = combine
             return self._forward_combined(x, y_b, z, divide)
@@ -160,6 +164,8 @@ class QLinear(QModule):
         """OuroMamba's dynamic outlier extractor in front of per-channel integer weights, symmetric int8 inliers:
         the inlier GEMM + gathered outlier GEMM (``ops.outlier_gemm``) serves the layer."""
         iq = self.input_quantizer
+        if torch.compiler.is_exporting():  # a gathered GEMM has a data-dependent width: export fake-quantizes
+            return False
         return (iq.granularity == "dynamic_outlier" and iq.symmetric and iq.qmax <= 127 and self.format == "int"
                 and not self.group_size and self.smooth_scale is None)
 

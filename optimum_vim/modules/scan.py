@@ -23,6 +23,7 @@ from ..ops.quantized import selective_scan_q
 from ..primitives import int_range
 from .activation import QActivation
 from .base import QModule, mark_nan, register_qmodule
+from .training import needs_grad, scan_train_forward
 
 _INPUTS = ("u", "delta", "B", "C")
 
@@ -55,7 +56,8 @@ class QSelectiveScan(QModule):
         state, so a NaN in C marks its own step. ``None`` when no input holds a NaN: checked on CPU only (where the
         host sync is free) by one sum per input, a NaN anywhere making its sum NaN (so does +inf with -inf, which
         the exact check below then clears)."""
-        if not u.is_cuda and not any(bool(torch.isnan(x.sum())) for x in (u, delta, B, C)):
+        if not u.is_cuda and not torch.compiler.is_compiling() and not any(
+                bool(torch.isnan(x.sum())) for x in (u, delta, B, C)):
             return None
         carried = torch.isnan(u) | torch.isnan(delta) | torch.isnan(B).any(-1, keepdim=True)
         carried = carried.flip(1) if self.reverse else carried
@@ -64,6 +66,8 @@ class QSelectiveScan(QModule):
         return carried | torch.isnan(C).any(-1, keepdim=True)
 
     def forward(self, u, delta, A, B, C, D=None, z=None):
+        if needs_grad(self, u, delta, A, B, C, D, z):  # straight-through float path (optimum_vim.modules.training)
+            return scan_train_forward(self, u, delta, A, B, C, D, z)
         if self.state_scale is not None and u.shape[1] != self.spec["length"]:
             raise ValueError(f"per-step state scales were calibrated for {self.spec['length']} tokens; got {u.shape[1]}")
         if all(getattr(self, f"{n}_quantizer") is None for n in _INPUTS) and self.state_scale is None \

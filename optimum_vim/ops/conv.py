@@ -42,6 +42,8 @@ def _cpu_conv_kernel(x, weight, bias):
     ``cpu`` kernel policies, else None (the PyTorch conv below)."""
     from .dispatch import KernelBackend, current_backend, pick_kernel
 
+    if torch.compiler.is_compiling():  # numba is opaque to dynamo: compiled graphs take the PyTorch conv
+        return None
     if x.device.type != "cpu" or current_backend() in (KernelBackend.REFERENCE, KernelBackend.TRITON):
         return None
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))

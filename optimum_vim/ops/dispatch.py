@@ -92,6 +92,8 @@ def pick_kernel(family: str, op: str, tensor: torch.Tensor, **support_args):
     """Returns the launcher that serves ``op`` under the active policy: ``optimum_vim_kernels.<family>.<op>``
     (Triton) or ``optimum_vim_kernels.cpu.<op>`` (CPU) when its ``supports_<op>(**support_args)`` allows it, else
     None (the caller runs the reference)."""
+    if torch.compiler.is_compiling():
+        return _pick_traced(op, tensor, support_args)
     backend = current_backend()
     if backend is KernelBackend.REFERENCE:
         return None
@@ -110,6 +112,24 @@ def pick_kernel(family: str, op: str, tensor: torch.Tensor, **support_args):
         raise KernelUnsupportedError(f"{family}.{op}: {reason}")
     logger.debug("%s.%s falls back to the PyTorch reference: %s", family, op, reason)
     return None
+
+
+def _pick_traced(op: str, tensor: torch.Tensor, support_args: dict):
+    """The choice under ``torch.compile`` (dynamo cannot read the :func:`use_kernels` context variable, nor import):
+    the CPU family for CPU tensors when ``$OPTIMUM_VIM_KERNELS`` is ``auto`` or ``cpu`` and an eager call has loaded
+    it (their weight decodings are traced into the graph instead of cached; both give the reference's values bit for
+    bit), the PyTorch reference otherwise, which the compiler fuses itself.
+    Under ``torch.export`` always the reference: an exported program must not depend on the exporting machine."""
+    if torch.compiler.is_exporting() or tensor.device.type != "cpu":
+        return None
+    if os.environ.get(ENV_VAR, "auto").strip().lower() not in ("auto", "cpu"):
+        return None
+    cpu = _modules.get("cpu")  # dynamo cannot import: before any eager call has loaded the family, the reference
+    if cpu is None or isinstance(cpu, ImportError) or op in getattr(cpu, "OPAQUE_TO_COMPILE", ()):
+        return None  # the numba kernels cannot be traced: their PyTorch references are
+    if not hasattr(cpu, f"supports_{op}") or getattr(cpu, f"supports_{op}")(**support_args) is not None:
+        return None
+    return getattr(cpu, op)
 
 
 def _pick_cpu(op: str, tensor: torch.Tensor, support_args: dict, forced: bool):

@@ -14,6 +14,7 @@ from optimum_vim_kernels.reference import (
 
 from .dispatch import pick_kernel
 from .scan import selective_scan_codes
+from .scan_loop import selective_scan_q_loop
 
 
 def quant_gemm(
@@ -77,7 +78,9 @@ def selective_scan_q(u, delta, A, B, C, D=None, z=None, **kwargs) -> torch.Tenso
 
     Without a kernel and without state quantization, the chunked PyTorch scan runs on the codes, dequantizing them
     into its time-major layout (:func:`~optimum_vim.ops.scan.selective_scan_codes`; same values as the reference
-    loop up to float summation order)."""
+    loop up to float summation order). Under ``torch.export``: one scan node (:mod:`optimum_vim.ops.scan_loop`)."""
+    if torch.compiler.is_exporting():
+        return selective_scan_q_loop(u, delta, A, B, C, D, z, **kwargs)
     kernel = pick_kernel(
         "scan", "selective_scan_q", u, length=u.shape[1], d_state=A.shape[1],
         state_quant=kwargs.get("h_scale") is not None,

@@ -311,6 +311,8 @@ def _cpu_scan_kernel(u: torch.Tensor, forced: bool):
     call, else None (the PyTorch scan runs). ``forced`` (``backend="cpu"``) raises instead of falling back."""
     from .dispatch import KernelBackend, current_backend, pick_kernel, use_kernels
 
+    if torch.compiler.is_compiling():  # numba is opaque to dynamo: compiled graphs take the PyTorch scan
+        return None
     if not forced and (current_backend() in (KernelBackend.REFERENCE, KernelBackend.TRITON) or u.is_cuda):
         return None  # on CPU the PyTorch scan serves the float op under these policies (CUDA: float_scan_backend)
     with use_kernels(KernelBackend.CPU) if forced else contextlib.nullcontext():
@@ -339,6 +341,10 @@ def selective_scan(
       scan (forward only)."""
     if backend not in _SCAN_BACKENDS:
         raise ValueError(f"unknown scan backend {backend!r}; choose one of {_SCAN_BACKENDS}")
+    if torch.compiler.is_exporting():  # one loop node instead of L unrolled steps (optimum_vim.ops.scan_loop)
+        from .scan_loop import selective_scan_loop
+
+        return selective_scan_loop(u, delta, A, B, C, D, z, reverse)
     if backend == "auto" and u.is_cuda:
         from .dispatch import float_scan_backend
 

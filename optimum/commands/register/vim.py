@@ -11,6 +11,7 @@ SUBCOMMANDS = (
     ("evaluate", "top-1 accuracy of a (quantized) Vim on a labelled image data set"),
     ("convert", "convert an official hustvl/Vim .pth checkpoint to a transformers folder"),
     ("push", "publish a (quantized) Vim folder to the Hub with its model card"),
+    ("export", "export a (quantized) Vim to ONNX or a torch.export program"),
 )
 
 
@@ -37,4 +38,29 @@ class VimCommand(BaseOptimumCLICommand):
             raise SystemExit(code)
 
 
-REGISTER_COMMANDS = [VimCommand]
+class VimExportCommand(BaseOptimumCLICommand):
+    """``optimum-cli export vim MODEL OUTPUT [...]``: the optimum-cli spelling of ``optimum-vim export``."""
+
+    COMMAND = CommandInfo(name="vim", help="export a (quantized) Vision Mamba to ONNX or torch.export (optimum-vim)")
+
+    @staticmethod
+    def parse_args(parser):
+        import argparse
+
+        parser.add_argument("vim_args", nargs=argparse.REMAINDER, help="MODEL OUTPUT [--format onnx|torch] ...")
+
+    def run(self):
+        from optimum_vim.cli import main
+
+        code = main(["export", *self.args.vim_args], prog="optimum-cli export vim")
+        if code:
+            raise SystemExit(code)
+
+
+def _export_parent():
+    from optimum.commands.export.base import ExportCommand
+
+    return ExportCommand
+
+
+REGISTER_COMMANDS = [VimCommand, (VimExportCommand, _export_parent())]

@@ -2,6 +2,6 @@
 
 from .configuration_vim import VimConfig
 from .image_processing_vim import VimImageProcessor
-from .modeling_vim import VimForImageClassification, VimModel, VimPreTrainedModel
+from .modeling_vim import VimBackbone, VimForImageClassification, VimModel, VimPreTrainedModel
 
-__all__ = ["VimConfig", "VimForImageClassification", "VimImageProcessor", "VimModel", "VimPreTrainedModel"]
+__all__ = ["VimBackbone", "VimConfig", "VimForImageClassification", "VimImageProcessor", "VimModel", "VimPreTrainedModel"]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 
 from transformers import PreTrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
 
 # Only the architecture of the released midclstok checkpoints is implemented; these flags document it and refuse the
 # rest (the legacy RoPE/head-class-token model uses a different forward pass).
 _SUPPORTED = {"cls_token_position": ("middle",), "bimamba_type": ("v2",)}
 
 
-class VimConfig(PreTrainedConfig):
+class VimConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""Configuration of a Vision Mamba image classifier.
 
     Args:
@@ -33,6 +34,11 @@ class VimConfig(PreTrainedConfig):
         initializer_range (`float`): std of the truncated-normal init of linear layers and embeddings.
         dt_min, dt_max, dt_init_floor, dt_scale: Mamba's initialisation of the delta projection.
         use_mamba_kernels (`bool`, defaults to True): use mamba-ssm's CUDA scan when installed and on GPU.
+        out_features / out_indices (`list`, optional): stages ``VimBackbone`` returns (``"stem"``: the embeddings,
+            ``"stage<i>"``: the residual stream after block i); default the last.
+        apply_layernorm (`bool`, defaults to True): ``VimBackbone`` applies the final RMSNorm to each feature.
+        reshape_hidden_states (`bool`, defaults to True): ``VimBackbone`` returns (batch, D, H', W') maps (middle class
+            token removed) instead of (batch, L, D) sequences.
     """
 
     model_type = "vim"
@@ -61,6 +67,10 @@ class VimConfig(PreTrainedConfig):
     dt_init_floor: float = 1e-4
     dt_scale: float = 1.0
     use_mamba_kernels: bool = True
+    _out_features: list[str] | None = None
+    _out_indices: list[int] | None = None
+    apply_layernorm: bool = True
+    reshape_hidden_states: bool = True
 
     def __post_init__(self, **kwargs):
         for field, allowed in _SUPPORTED.items():
@@ -77,6 +87,9 @@ class VimConfig(PreTrainedConfig):
                 raise ValueError(f"VimConfig.{name} must be >= 1; got {getattr(self, name)}")
         if self.patch_size > self.image_size:
             raise ValueError(f"patch_size {self.patch_size} is larger than image_size {self.image_size}")
+        self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, self.num_hidden_layers + 1)]
+        self.set_output_features_output_indices(out_indices=kwargs.pop("out_indices", None),
+                                                out_features=kwargs.pop("out_features", None))
         super().__post_init__(**kwargs)
 
     @property

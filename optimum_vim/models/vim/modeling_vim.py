@@ -15,9 +15,12 @@ import logging
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
+from transformers.backbone_utils import BackboneMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 
 from ...ops import add_rms_norm, causal_conv1d, rms_norm, selective_scan
@@ -34,7 +37,13 @@ class VimRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *, prenorm: bool = False,
+                residual_in_fp32: bool = True):
+        """``RMSNorm(x)``; with ``prenorm=True`` the fused residual add of mamba-ssm's blocks:
+        ``residual = x + residual`` (``x`` when None), returns ``(RMSNorm(residual), residual)``. Blocks call the module
+        (not its weight) so that hooks on it run, e.g. accelerate's offload hooks that bring the weight in."""
+        if prenorm:
+            return add_rms_norm(x, residual, self.weight, self.eps, residual_in_fp32=residual_in_fp32)
         return rms_norm(x, self.weight, self.eps)
 
 
@@ -133,8 +142,9 @@ class VimMixer(nn.Module):
         return self.out_proj(y)
 
 
-class VimBlock(nn.Module):
-    """Pre-norm residual block: ``residual += hidden; hidden = mixer(RMSNorm(residual))`` (mamba-ssm ``Block``)."""
+class VimBlock(GradientCheckpointingLayer):
+    """Pre-norm residual block: ``residual += hidden; hidden = mixer(RMSNorm(residual))`` (mamba-ssm ``Block``).
+    Checkpointed (recomputed in backward) after ``model.activation_checkpointing_enable()`` (``gradient_checkpointing_enable``)."""
 
     def __init__(self, config: VimConfig, layer_idx: int, drop_path: float = 0.0):
         super().__init__()
@@ -146,9 +156,7 @@ class VimBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is not None and self.training and self.drop_path > 0:
             hidden_states = _drop_path(hidden_states, self.drop_path)
-        normed, residual = add_rms_norm(
-            hidden_states, residual, self.norm.weight, self.norm.eps, residual_in_fp32=self.residual_in_fp32
-        )
+        normed, residual = self.norm(hidden_states, residual, prenorm=True, residual_in_fp32=self.residual_in_fp32)
         return self.mixer(normed), residual
 
 
@@ -236,8 +244,9 @@ class VimPreTrainedModel(PreTrainedModel):
                     create_pr: bool = False, max_shard_size: int | str | None = "50GB", tags: list[str] | None = None,
                     processor=None) -> str:
         """transformers' ``push_to_hub`` (same arguments), publishing weights, config, the image processor
-        (``processor=``) and the rendered model card in one commit (transformers' default would replace the card with
-        a generic one). Returns the commit URL."""
+        (``processor=``) and the rendered model card in one commit. An existing card on the Hub is merged, not
+        replaced: its metadata and user-written or user-edited sections stay (``optimum_vim.hub.merge_card``).
+        Returns the commit URL."""
         import tempfile
 
         from huggingface_hub import HfApi
@@ -252,6 +261,8 @@ class VimPreTrainedModel(PreTrainedModel):
             self.save_pretrained(tmp, repo_id=repo_id, max_shard_size=max_shard_size or "50GB")
             if processor is not None:
                 processor.save_pretrained(tmp)
+            if _REMOTE_CARD_MERGER is not None:  # keep what the user edited in the card on the Hub
+                _REMOTE_CARD_MERGER(api, repo_id, tmp, revision)
             info = api.upload_folder(
                 repo_id=repo_id, folder_path=tmp, repo_type="model", revision=revision, create_pr=create_pr,
                 commit_message=commit_message or f"Upload {'quantized ' if quantized else ''}Vim with optimum-vim",
@@ -299,7 +310,7 @@ class VimPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _no_split_modules = ["VimBlock"]
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -332,7 +343,9 @@ class VimPreTrainedModel(PreTrainedModel):
         init.ones_(mixer.D)
         init.ones_(mixer.D_b)
         dt_std = mixer.dt_rank**-0.5 * cfg.dt_scale
-        for dt_proj in (mixer.dt_proj, mixer.dt_proj_b):
+        # a quantized projection (QLinear: codes and scales in buffers, always loaded from the checkpoint) has nothing
+        # to initialise; transformers calls this for modules whose weights it did not see, e.g. ones offloaded to disk
+        for dt_proj in (p for p in (mixer.dt_proj, mixer.dt_proj_b) if isinstance(p, nn.Linear)):
             init.uniform_(dt_proj.weight, -dt_std, dt_std)
             dt = torch.exp(
                 torch.rand(mixer.d_inner, device=dt_proj.bias.device) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
@@ -342,21 +355,24 @@ class VimPreTrainedModel(PreTrainedModel):
         # kaiming-uniform (a=sqrt(5)) scaled by 1/sqrt(depth): Mamba's GPT-2 style rescale of the residual-branch
         # output projection, written as one init call so that loaded weights are never touched
         bound = 1.0 / math.sqrt(mixer.d_inner) / math.sqrt(cfg.num_hidden_layers)
-        init.uniform_(mixer.out_proj.weight, -bound, bound)
+        if isinstance(mixer.out_proj, nn.Linear):
+            init.uniform_(mixer.out_proj.weight, -bound, bound)
 
 
 # save_pretrained(push_to_hub=True) arguments that belong to push_to_hub
 _PUSH_KWARGS = ("commit_message", "commit_description", "private", "revision", "create_pr", "tags")
 
-# Renders README.md (and its plot) into a folder being saved: ``fn(model, folder, repo_id)``. optimum_vim.hub
-# registers it at import, so that the model does not import the hub package.
+# Renders README.md (and its plot) into a folder being saved: ``fn(model, folder, repo_id)``; and, before a push,
+# merges that card into the repo's current one: ``merge(api, repo_id, folder, revision)``. optimum_vim.hub registers
+# both at import, so that the model does not import the hub package.
 _MODEL_CARD_WRITER = None
+_REMOTE_CARD_MERGER = None
 
 
-def register_model_card_writer(fn) -> None:
-    """Installs the model card hook that :meth:`VimPreTrainedModel.save_pretrained` calls (None: no card)."""
-    global _MODEL_CARD_WRITER
-    _MODEL_CARD_WRITER = fn
+def register_model_card_writer(fn, merge=None) -> None:
+    """Installs the model card hooks that :meth:`VimPreTrainedModel.save_pretrained` / ``push_to_hub`` call."""
+    global _MODEL_CARD_WRITER, _REMOTE_CARD_MERGER
+    _MODEL_CARD_WRITER, _REMOTE_CARD_MERGER = fn, merge
 
 
 @contextlib.contextmanager
@@ -411,8 +427,9 @@ def _refuse_unregistered_quantized_config(config) -> None:
         )
 
 
-def check_pixel_values(pixel_values, config: VimConfig) -> None:
-    """Raises ValueError unless ``pixel_values`` is a float (batch, C, H, W) tensor of the configured size."""
+def check_pixel_values(pixel_values, config: VimConfig, any_size: bool = False) -> None:
+    """Raises ValueError unless ``pixel_values`` is a float (batch, C, H, W) tensor of the configured size (any size
+    of at least one patch with ``any_size``: ``interpolate_pos_encoding=True``)."""
     expected = (config.num_channels, config.image_size, config.image_size)
     if not isinstance(pixel_values, torch.Tensor):
         raise ValueError(
@@ -433,10 +450,15 @@ def check_pixel_values(pixel_values, config: VimConfig) -> None:
             f"this Vim expects {config.num_channels} channel(s); got {pixel_values.shape[1]} "
             f"(shape {tuple(pixel_values.shape)}). Convert the images (e.g. RGB vs grayscale) with the image processor."
         )
-    if tuple(pixel_values.shape[2:]) != (config.image_size, config.image_size):
+    if any_size:
+        if min(pixel_values.shape[2:]) < config.patch_size:
+            raise ValueError(f"images must be at least one patch ({config.patch_size} pixels) high and wide; got "
+                             f"{pixel_values.shape[2]}x{pixel_values.shape[3]}")
+    elif tuple(pixel_values.shape[2:]) != (config.image_size, config.image_size):
         raise ValueError(
             f"this Vim expects {config.image_size}x{config.image_size} images (its position embedding has a fixed "
-            f"length); got {pixel_values.shape[2]}x{pixel_values.shape[3]}. Resize with the model's image processor."
+            f"length); got {pixel_values.shape[2]}x{pixel_values.shape[3]}. Resize with the model's image processor, "
+            "or pass interpolate_pos_encoding=True to interpolate the position embedding to this size."
         )
 
 
@@ -461,28 +483,57 @@ class VimModel(VimPreTrainedModel):
         self.norm_f = VimRMSNorm(config.hidden_size, eps=config.norm_eps)
         self.post_init()
 
-    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(batch, C, H, W) -> (batch, L, D): patches, middle class token, position embedding."""
-        check_pixel_values(pixel_values, self.config)
+    def get_input_embeddings(self) -> nn.Module:
+        """The patch embedding (what ``enable_input_require_grads`` hooks for adapter training with checkpointing)."""
+        return self.patch_embed
+
+    def embed(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """(batch, C, H, W) -> (batch, L, D): patches, middle class token, position embedding. With
+        ``interpolate_pos_encoding`` any image size: the class token goes to the middle of the new sequence
+        (index ``num_patches // 2``) and the patch position embeddings are interpolated (:meth:`interpolate_pos_embed`)."""
+        check_pixel_values(pixel_values, self.config, any_size=interpolate_pos_encoding)
         pixel_values = pixel_values.to(self.patch_embed.proj.weight.dtype)
+        grid = self.grid_size(*pixel_values.shape[2:])
         x = self.patch_embed(pixel_values)
-        pos = self.config.token_position
+        pos = x.shape[1] // 2
         cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
         x = torch.cat([x[:, :pos], cls, x[:, pos:]], dim=1)
-        return self.pos_drop(x + self.pos_embed.to(x.dtype))
+        pos_embed = self.pos_embed if x.shape[1] == self.pos_embed.shape[1] else self.interpolate_pos_embed(*grid)
+        return self.pos_drop(x + pos_embed.to(x.dtype))
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Patches per column and per row of a ``height`` x ``width`` image."""
+        p, s = self.config.patch_size, self.config.stride
+        return (height - p) // s + 1, (width - p) // s + 1
+
+    def interpolate_pos_embed(self, rows: int, cols: int) -> torch.Tensor:
+        """The position embedding (1, rows * cols + 1, D) for a ``rows`` x ``cols`` patch grid: the trained
+        embedding's middle class-token entry is taken out, its patch grid resized bicubically (as ViT/DeiT fine-tuning
+        at another resolution does), and the class-token entry put back in the middle of the new sequence."""
+        cfg = self.config
+        t, g = cfg.token_position, cfg.grid_size
+        pe = self.pos_embed
+        cls_pe, patches = pe[:, t : t + 1], torch.cat([pe[:, :t], pe[:, t + 1 :]], dim=1)
+        patches = patches.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
+        patches = F.interpolate(patches, size=(rows, cols), mode="bicubic", align_corners=False)
+        patches = patches.permute(0, 2, 3, 1).reshape(1, rows * cols, -1).to(pe.dtype)
+        mid = rows * cols // 2
+        return torch.cat([patches[:, :mid], cls_pe, patches[:, mid:]], dim=1)
 
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        interpolate_pos_encoding: bool = False,
         **kwargs,
     ) -> BaseModelOutputWithPooling | tuple:
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        hidden_states = self.embed(pixel_values)
+        hidden_states = self.embed(pixel_values, interpolate_pos_encoding)
+        token_position = (hidden_states.shape[1] - 1) // 2  # the middle class token: num_patches // 2
         residual = None
         all_hidden = [] if output_hidden_states else None
         for layer in self.layers:
@@ -491,10 +542,10 @@ class VimModel(VimPreTrainedModel):
             hidden_states, residual = layer(hidden_states, residual)
         if self.training and self.layers and self.layers[-1].drop_path > 0:
             hidden_states = _drop_path(hidden_states, self.layers[-1].drop_path)
-        out, _ = add_rms_norm(hidden_states, residual, self.norm_f.weight, self.norm_f.eps, self.config.residual_in_fp32)
+        out, _ = self.norm_f(hidden_states, residual, prenorm=True, residual_in_fp32=self.config.residual_in_fp32)
         if all_hidden is not None:
             all_hidden.append(out)
-        pooled = out[:, self.config.token_position, :]
+        pooled = out[:, token_position, :]
         if not return_dict:
             return tuple(v for v in (out, pooled, tuple(all_hidden) if all_hidden is not None else None) if v is not None)
         return BaseModelOutputWithPooling(
@@ -520,10 +571,12 @@ class VimForImageClassification(VimPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        interpolate_pos_encoding: bool = False,
         **kwargs,
     ) -> ImageClassifierOutput | tuple:
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.vim(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        outputs = self.vim(pixel_values, output_hidden_states=output_hidden_states, return_dict=True,
+                           interpolate_pos_encoding=interpolate_pos_encoding)
         logits = self.head(outputs.pooler_output)
         loss = None
         if labels is not None:
@@ -534,4 +587,46 @@ class VimForImageClassification(VimPreTrainedModel):
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
-__all__ = ["VimForImageClassification", "VimModel", "VimPreTrainedModel"]
+class VimBackbone(BackboneMixin, VimPreTrainedModel):
+    """Vim as a transformers backbone (``AutoBackbone``) for dense tasks: ``feature_maps`` are the residual stream
+    after the blocks named by ``config.out_features`` / ``out_indices`` (``"stem"``: the embeddings), each through the
+    final RMSNorm (``apply_layernorm``) and, with ``reshape_hidden_states``, as (batch, D, H', W') maps without the
+    middle class token. Loads the weights of ``VimModel`` / ``VimForImageClassification`` checkpoints, quantized ones
+    included (``head`` is not used)."""
+
+    has_attentions = False
+
+    def __init__(self, config: VimConfig):
+        super().__init__(config)
+        self.vim = VimModel(config)
+        self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, interpolate_pos_encoding: bool = False, **kwargs):
+        from transformers.modeling_outputs import BackboneOutput
+
+        vim, cfg = self.vim, self.config
+        hidden = vim.embed(pixel_values, interpolate_pos_encoding)
+        rows, cols = vim.grid_size(*pixel_values.shape[2:])
+        stream, residual = [hidden], None
+        for layer in vim.layers:
+            hidden, residual = layer(hidden, residual)
+            stream.append(residual + hidden)  # the residual stream after this block
+        maps = []
+        for name, state in zip(self.stage_names, stream):
+            if name not in self.out_features:
+                continue
+            if cfg.apply_layernorm:
+                state = vim.norm_f(state.to(hidden.dtype))
+            if cfg.reshape_hidden_states:
+                mid = (state.shape[1] - 1) // 2  # the middle class token
+                state = torch.cat([state[:, :mid], state[:, mid + 1 :]], dim=1)
+                state = state.reshape(state.shape[0], rows, cols, -1).permute(0, 3, 1, 2).contiguous()
+            maps.append(state)
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else cfg.output_hidden_states
+        out = BackboneOutput(feature_maps=tuple(maps), hidden_states=tuple(stream) if output_hidden_states else None)
+        return out if return_dict is not False else out.to_tuple()
+
+
+__all__ = ["VimBackbone", "VimForImageClassification", "VimModel", "VimPreTrainedModel"]
