@@ -9,7 +9,7 @@ from transformers import AutoModelForImageClassification, Trainer, TrainingArgum
 
 from optimum_vim import ViMQuantizationConfig
 from optimum_vim.modules import QLinear
-from optimum_vim.training import enable_scale_training, prepare_linear_probe
+from optimum_vim.training import enable_scale_training, prepare_linear_probe, straight_through
 
 CALIB = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(3))
 
@@ -61,11 +61,31 @@ def test_gradients_reach_the_input_through_every_quantizer(tiny_vim_dir, setting
     with torch.no_grad():
         inference = q(x).logits
     xg = x.clone().requires_grad_(True)
+    q.train()
     trained = q(xg).logits
     torch.testing.assert_close(trained, inference, rtol=1e-4, atol=1e-5)  # same function, float summation order
     trained.square().sum().backward()
     assert xg.grad is not None and xg.grad.abs().sum() > 0
     assert q.vim.layers[0].mixer.A_log.grad.abs().sum() > 0  # reached through the quantized scan
+
+
+def test_eval_mode_keeps_the_integer_path_unless_asked(w4a8):
+    """A plain call of an eval-mode model with grad mode on (upstream float parameters require grad) computes what
+    no_grad computes, bit for bit; straight_through() makes the same eval-mode call differentiable."""
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    w4a8.eval()
+    with torch.no_grad():
+        inference = w4a8(x).logits
+    plain = w4a8(x).logits
+    assert torch.equal(plain, inference)
+    assert not w4a8.vim.layers[0].mixer.in_proj.training
+    xg = x.clone().requires_grad_(True)
+    with straight_through():
+        ste = w4a8(xg).logits
+    torch.testing.assert_close(ste, inference, rtol=1e-4, atol=1e-5)
+    ste.sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    assert not w4a8.vim.layers[0].mixer.in_proj.training  # the context switched no module's mode
 
 
 def test_ste_gradient_of_a_quantized_linear(w4a8):
@@ -77,7 +97,8 @@ def test_ste_gradient_of_a_quantized_linear(w4a8):
     x = torch.linspace(2 * lo, 2 * hi, 3 * 50 * layer.in_features).reshape(3, 50, layer.in_features)
     x.requires_grad_(True)
     g = torch.randn(3, 50, layer.out_features)
-    (layer(x) * g).sum().backward()
+    with straight_through():
+        (layer(x) * g).sum().backward()
     codes = torch.round(x.detach() / iq.scale) + iq.zero_point  # before the clamp
     inside = ((codes >= iq.qmin) & (codes <= iq.qmax)).float()
     expected = (g @ layer.dequantized_weight()) * inside
@@ -178,3 +199,12 @@ def test_lora_on_quantized_linears_trains_saves_and_reloads(tiny_vim_dir, tmp_pa
         assert torch.equal(reloaded(x).logits, expected)
     with pytest.raises(NotImplementedError, match="re-quantize"):
         reloaded.merge_and_unload()
+
+
+def test_quantize_on_load_returns_every_module_in_eval_mode(tiny_vim_dir):
+    """from_pretrained returns an eval-mode model; the quantized modules swapped in by the recipe used to stay in
+    train mode (a fresh module's default), so a plain call with grad mode on took the training path."""
+    q = _quantize(tiny_vim_dir, weight_bits=4, act_bits=8)
+    assert not any(m.training for m in q.modules())
+    q.train()
+    assert all(m.training for m in q.modules())

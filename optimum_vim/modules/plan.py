@@ -53,6 +53,7 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
             new = build_qmodule(layer.spec)
         load_qmodule_tensors(new, layer.tensors)
         new.requires_grad_(False)
+        new.train(old.training)  # a fresh module defaults to train mode; it takes the mode of the one it replaces
         model.set_submodule(name, new)
     return model
 

@@ -6,9 +6,10 @@ first quantized layer. Each quantized module's ``forward`` starts with one branc
 
     if needs_grad(self, x): return <the training forward below>
 
-which is taken only when a gradient is asked for (grad mode on and the input, or one of the module's own trainable
-scales, requires grad). Evaluation, ``torch.no_grad()`` and head-only probing (frozen inputs) keep the integer
-kernels.
+which is taken only when a gradient is asked for while training: grad mode on, the module in train mode (or inside
+:func:`straight_through` for an eval-mode model), and the input or one of the module's own trainable scales requiring
+grad. Evaluation (a model in eval mode, with or without ``torch.no_grad()``) and head-only probing (frozen inputs)
+keep the integer kernels.
 
 The training forward computes the same function in float: activations are fake-quantized with straight-through
 rounding (identity gradient inside the clamp range, zero outside; the gradient reaches a trainable scale as in LSQ),
@@ -19,6 +20,8 @@ layout, a reload gives buffers again).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +35,26 @@ _SCALE_BUFFERS = {"weight": ("weight_scale",), "activation": ("scale",), "codebo
                   "state": ("state_scale", "state_channel_scale")}
 
 
+_FORCED = [0]  # depth of straight_through() blocks (a plain global: torch.compile reads it without a graph break)
+
+
+@contextlib.contextmanager
+def straight_through():
+    """Inside this block, quantized modules in eval mode take the straight-through path too whenever a gradient is
+    asked for (e.g. input saliency of an evaluated model, without switching drop-path / dropout on)."""
+    _FORCED[0] += 1
+    try:
+        yield
+    finally:
+        _FORCED[0] -= 1
+
+
 def needs_grad(module: nn.Module, *tensors: torch.Tensor | None) -> bool:
-    """Whether ``module`` must take its differentiable (straight-through) path for these inputs."""
-    if not torch.is_grad_enabled():
+    """Whether ``module`` must take its differentiable (straight-through) path for these inputs: grad mode on, the
+    module training (``model.train()``, as ``Trainer`` sets it) or inside :func:`straight_through`, and an input or
+    one of the module's own parameters requiring grad. A model in eval mode therefore computes with its integer
+    kernels even when grad mode is on and upstream float parameters require grad (a plain ``model(x)`` call)."""
+    if not torch.is_grad_enabled() or not (module.training or _FORCED[0]):
         return False
     if any(t is not None and t.requires_grad for t in tensors):
         return True

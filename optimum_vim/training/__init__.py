@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..modules.training import enable_scale_training
+from ..modules.training import enable_scale_training, straight_through
 
 _LORA = ("LoraQLinear", "add_lora", "load_lora_adapter", "lora_config", "register_lora_qlinear")
 
@@ -38,4 +38,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["enable_scale_training", "prepare_linear_probe", *_LORA]
+__all__ = ["enable_scale_training", "prepare_linear_probe", "straight_through", *_LORA]
