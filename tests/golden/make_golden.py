@@ -1,0 +1,88 @@
+"""Writes the golden checkpoints: one tiny quantized Vim per recipe and weight format, saved as users save them.
+
+    python tests/golden/make_golden.py            # (re)writes tests/golden/<case>/ for every case below
+
+Each folder holds what ``save_pretrained`` wrote (config.json with the quantization config, packed
+model.safetensors) plus ``expected.safetensors``: a fixed input batch and the logits the saved model gave for it
+under ``OPTIMUM_VIM_KERNELS=reference``. ``tests/test_golden.py`` reloads every folder with a plain
+``from_pretrained`` and checks that nothing about the stored format drifted: the reloaded state dict equals the file
+bit for bit, a re-save writes the same tensors, and the logits match (to fp32 summation-order tolerance: the float
+parts of the model may sum in another order on another CPU). Re-run this script only for a deliberate format change,
+and say so in the commit.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import optimum_vim  # noqa: F401
+from optimum_vim import VimConfig, VimForImageClassification, VimImageProcessor, ViMQuantizationConfig
+from optimum_vim.ops.dispatch import use_kernels
+
+HERE = Path(__file__).resolve().parent
+
+# every recipe, and every stored weight format (int 8 / 4 / 3 bits, grouped, weight-only, codebooks), with the
+# quantizer kinds they bring (static per-tensor / per-token, dynamic outliers, k-scaled clusters, 8-bit state)
+CASES = {
+    "rtn-w8a8": dict(recipe="rtn", weight_bits=8, act_bits=8),
+    "rtn-w4a8-token-scan8": dict(recipe="rtn", weight_bits=4, act_bits=8,
+                                 recipe_args={"act_granularity": "token", "scan_act_bits": 8}),
+    "rtn-w4g16": dict(recipe="rtn", weight_bits=4, weight_group_size=16),
+    "rtn-w3": dict(recipe="rtn", weight_bits=3),
+    "ptq4vm-w4a4": dict(recipe="ptq4vm", weight_bits=4, act_bits=4, recipe_args={"steps": 2, "batch_size": 8}),
+    "kscale-w8a8": dict(recipe="kscale", weight_bits=8, act_bits=8,
+                        recipe_args={"search_candidates": 5, "search_rounds": 1}),
+    "ouromamba-w4a4o8": dict(recipe="ouromamba", weight_bits=4, act_bits=4, recipe_args={"epochs": 1}),
+    "vimvq-w2": dict(recipe="vimvq", weight_bits=2,
+                     recipe_args={"iterations": 4, "kmeans_iterations": 5, "replace_every": 2}),
+    "vimvq-w1-kmeans": dict(recipe="vimvq", weight_bits=1,
+                            recipe_args={"kmeans_iterations": 5, "convex": False, "incremental": False}),
+}
+
+
+def tiny_float() -> VimForImageClassification:
+    torch.manual_seed(1234)
+    config = VimConfig(hidden_size=32, num_hidden_layers=2, d_state=4, expand=2, patch_size=4, stride=4,
+                       image_size=28, num_channels=1, num_labels=10)
+    return VimForImageClassification(config).eval()
+
+
+def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration images, test batch), seeded."""
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(16, 1, 28, 28, generator=g), torch.randn(4, 1, 28, 28, generator=g)
+
+
+def main() -> None:
+    from transformers import AutoModelForImageClassification
+
+    calib, x = inputs()
+    float_dir = HERE / "_float_tmp"
+    tiny_float().save_pretrained(float_dir)
+    VimImageProcessor(size={"height": 28, "width": 28}, do_center_crop=False, image_mean=[0.286], image_std=[0.353],
+                      color_mode="L").save_pretrained(float_dir)
+    try:
+        for name, settings in CASES.items():
+            cfg = ViMQuantizationConfig(calibration_dataset=calib, num_calibration_samples=16, seed=0, **settings)
+            model = AutoModelForImageClassification.from_pretrained(float_dir, quantization_config=cfg)
+            out = HERE / name
+            shutil.rmtree(out, ignore_errors=True)
+            model.save_pretrained(out)
+            for extra in [*out.glob("README.md"), *out.glob("preprocessor_config.json")]:  # not the format
+                extra.unlink()
+            reloaded = AutoModelForImageClassification.from_pretrained(out)
+            with torch.no_grad(), use_kernels("reference"):
+                logits = reloaded(x).logits
+            save_file({"pixel_values": x.contiguous(), "logits": logits.contiguous()}, out / "expected.safetensors")
+            size = sum(f.stat().st_size for f in out.iterdir())
+            print(f"{name}: {size:,} bytes")
+    finally:
+        shutil.rmtree(float_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
