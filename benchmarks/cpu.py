@@ -317,10 +317,10 @@ def print_choices() -> None:
     if not choices:
         return
     print("\nauto's timed integer GEMM choices (first call of each shape bucket):\n")
-    print("| N | K | M bucket | int_mm (us) | sgemm (us) | chosen |")
-    print("|---|---|---|---|---|---|")
-    for (n, k, m), (path, t) in sorted(choices.items()):
-        print(f"| {n} | {k} | {m} | {t['int_mm'] * 1e6:.0f} | {t['sgemm'] * 1e6:.0f} | {path} |")
+    print("| N | K | M bucket | threads | int_mm (us) | sgemm (us) | chosen |")
+    print("|---|---|---|---|---|---|---|")
+    for (n, k, m, threads), (path, t) in sorted(choices.items()):
+        print(f"| {n} | {k} | {m} | {threads} | {t['int_mm'] * 1e6:.0f} | {t['sgemm'] * 1e6:.0f} | {path} |")
 
 
 def print_end_to_end(models, t, shape, batch, repeats) -> None:

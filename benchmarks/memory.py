@@ -15,7 +15,7 @@ Python process** (one per row, run one after another):
 
 Formats: W8A8 / W4A8 (RTN, per-tensor activations), W4 per channel and W4 g128 weight-only (RTN), 2-bit VQ (ViM-VQ's
 2-bit layout: 8-bit indices over 4-dim fp16 codewords, a random codebook), each with the default CPU path (weights
-decoded tile by tile from the packed codes) and, for the weight-only / VQ rows, with the opt-in fp32 decode cache
+decoded from the packed codes on every call) and, for the weight-only / VQ rows, with the opt-in fp32 decode cache
 (``OPTIMUM_VIM_CPU_DECODE_CACHE=1``).
 
     python benchmarks/memory.py                     # Vim-S, every format

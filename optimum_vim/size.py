@@ -36,7 +36,8 @@ def quantized_layer_bytes(model: nn.Module) -> dict[str, int | float]:
         if not weight_holding:
             continue
         fp16 += weight_holding
-        q_bytes += sum(b.numel() * b.element_size() for b in mod.buffers())
+        # buffers, and the scales / codebooks that enable_scale_training turned into parameters under the same names
+        q_bytes += sum(b.numel() * b.element_size() for b in (*mod.buffers(), *mod.parameters()))
     return {"quantized": q_bytes, "fp16": fp16, "ratio": (q_bytes / fp16) if fp16 else float("nan"),
             "layers": len(mods), "bits_per_weight": bits_per_weight(model)}
 
@@ -52,8 +53,8 @@ def bits_per_weight(model: nn.Module) -> float:
         if mod.spec.get("type") != "linear":
             continue
         weights += mod.spec["in_features"] * mod.spec["out_features"]
-        bits += 8 * sum(b.numel() * b.element_size() for name, b in mod.named_buffers(recurse=False)
-                        if name in _WEIGHT_BUFFERS)
+        stored = (*mod.named_buffers(recurse=False), *mod.named_parameters(recurse=False))  # trainable scales too
+        bits += 8 * sum(b.numel() * b.element_size() for name, b in stored if name in _WEIGHT_BUFFERS)
     return bits / weights if weights else float("nan")
 
 

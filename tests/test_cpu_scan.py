@@ -275,3 +275,19 @@ def test_fused_conv1d_matches_the_torch_conv(shape, k, reverse, count_calls):
         assert torch.equal(causal_conv1d(x, w, bias, reverse=reverse), ref)
     x.requires_grad_()
     assert causal_conv1d(x, w, None, reverse=reverse).requires_grad and calls["n"] == 1  # autograd: the torch conv
+
+
+@pytest.mark.parametrize("policy", ["auto", "cpu"])
+def test_conv_with_autograd_runs_the_pytorch_conv_under_every_cpu_policy(policy):
+    """The fused conv has no backward: with a gradient to compute, even the forced ``cpu`` policy takes the PyTorch
+    conv (fine-tuning under OPTIMUM_VIM_KERNELS=cpu raised KernelUnsupportedError before)."""
+    from optimum_vim.ops.conv import causal_conv1d, causal_conv1d_torch
+    from optimum_vim.ops.dispatch import use_kernels
+
+    x = torch.randn(2, 5, 4, requires_grad=True)
+    w = torch.randn(4, 3)
+    with use_kernels(policy):
+        y = causal_conv1d(x, w)
+    y.sum().backward()
+    assert y.grad_fn is not None and x.grad is not None
+    assert torch.equal(y, causal_conv1d_torch(x, w))

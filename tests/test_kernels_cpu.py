@@ -239,16 +239,23 @@ def test_auto_times_the_paths_once_per_shape_bucket_where_int8_dot_products_are_
     assert first in PATHS and timings["n"] == 1
     assert cpu.int_gemm_path(60, 24, 40) == first and timings["n"] == 1  # same bucket (M <= 64): no new timing
     cpu.int_gemm_path(5000, 24, 40)  # M bucket 1024
-    assert timings["n"] == 2 and set(cpu.gemm_path_choices()) == {(24, 40, 64), (24, 40, 1024)}
-    path, times = cpu.gemm_path_choices()[(24, 40, 64)]
+    threads = torch.get_num_threads()
+    assert timings["n"] == 2 and set(cpu.gemm_path_choices()) == {(24, 40, 64, threads), (24, 40, 1024, threads)}
+    path, times = cpu.gemm_path_choices()[(24, 40, 64, threads)]
     assert path == min(times, key=times.get) and set(times) == set(PATHS)
+    torch.set_num_threads(1 if threads != 1 else 2)  # the engine calibrates at one thread: its own choice
+    try:
+        cpu.int_gemm_path(50, 24, 40)
+        assert timings["n"] == 3
+    finally:
+        torch.set_num_threads(threads)
     monkeypatch.setattr(cpu, "int8_dot_product", lambda: True)
-    assert cpu.int_gemm_path(7, 8, 9) == "int_mm" and timings["n"] == 2
+    assert cpu.int_gemm_path(7, 8, 9) == "int_mm" and timings["n"] == 3
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium")
     try:
         monkeypatch.setattr(cpu, "int8_dot_product", lambda: False)
-        assert cpu.int_gemm_path(7, 8, 9) == "int_mm" and timings["n"] == 2
+        assert cpu.int_gemm_path(7, 8, 9) == "int_mm" and timings["n"] == 3
         with pytest.raises(RuntimeError, match="IEEE fp32"), cpu.use_gemm_path("sgemm"):
             cpu.int_gemm_path(7, 8, 9)
     finally:

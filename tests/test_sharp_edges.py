@@ -33,9 +33,15 @@ def test_disk_offload_of_a_prequantized_folder(w4a8_dir, tmp_path):
         assert torch.equal(offloaded(x).logits, whole(x).logits)
 
 
-def test_torch_compile_traces_a_quantized_model_in_one_graph(w4a8_dir):
+@pytest.mark.parametrize("gemm_path", ["int_mm", "sgemm"])
+def test_torch_compile_traces_a_quantized_model_in_one_graph(w4a8_dir, gemm_path, monkeypatch):
+    """Affine int8 activations on both CPU integer paths (sgemm: what auto takes on CPUs without VNNI): the sgemm
+    path's exact-chunk size must not depend on the zero points' values inside a graph."""
+    import torch._dynamo
     from torch._dynamo.testing import CompileCounter
 
+    torch._dynamo.reset()
+    monkeypatch.setenv("OPTIMUM_VIM_CPU_GEMM", gemm_path)
     model = AutoModelForImageClassification.from_pretrained(w4a8_dir).eval()
     counter = CompileCounter()
     compiled = torch.compile(model, backend=counter, fullgraph=True)  # a graph break or recompile raises / counts
@@ -89,3 +95,23 @@ def test_dict_of_a_config_with_a_generator_source():
     as_dict = dict(cfg)
     assert as_dict["calibration_dataset"] is gen and as_dict["weight_bits"] == 8
     assert ViMQuantizationConfig.from_dict({k: v for k, v in as_dict.items() if k != "image_processor"}).weight_bits == 8
+
+
+@pytest.mark.parametrize("settings", [dict(weight_bits=4), dict(recipe="vimvq", weight_bits=2, recipe_args={
+    "kmeans_iterations": 3, "convex": False, "incremental": False})], ids=["w4-weight-only", "vq2"])
+def test_torch_compile_of_weight_only_and_codebook_models(tiny_vim_dir, settings):
+    """Float-activation GEMMs decode the packed weight inside the graph (the decode cache's switch is a context
+    variable dynamo cannot read)."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    cfg = ViMQuantizationConfig(calibration_dataset=torch.randn(8, 1, 28, 28), **settings)
+    model = AutoModelForImageClassification.from_pretrained(tiny_vim_dir, quantization_config=cfg).eval()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        eager, out = model(x).logits, compiled(x).logits
+    assert counter.frame_count == 1
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)

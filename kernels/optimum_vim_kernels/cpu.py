@@ -27,7 +27,8 @@ Both end in the reference's epilogue, in its order: ``acc_g * w_scale[:, g]`` su
 AVX-VNNI or AMX, from :mod:`.cpu_features`; a ``ONEDNN_MAX_CPU_ISA`` cap below VNNI counts as none), where it measured
 2.9-8x faster than the fp32 GEMM at Vim's layer shapes. On every other CPU (AVX2-only x86: the int8 GEMM is reported
 ~25x slower than sgemm on an AMD EPYC, yet measured ~1.7x faster on an Intel core capped at AVX2; ARM) it times both
-paths once, on the first call of each (N, K, M bucket) (M rounded up to a power of two, at most 1024 rows timed), and
+paths once, on the first call of each (N, K, M bucket, thread count) (M rounded up to a power of two, at most 1024 rows
+timed), and
 keeps the faster; :func:`gemm_path_choices` lists the decisions.
 
 **Float activations** (weight-only int formats, codebook / VQ weights): the fp32 weight is decoded from the packed
@@ -183,7 +184,7 @@ def set_decode_cache(enabled: bool | None) -> None:
     _decode_cache = enabled
     if not decode_cache_enabled():
         with _lock:
-            for key in [k for k in _cache if k[1][0] == "float"]:
+            for key in [k for k in list(_cache) if k[1][0] == "float"]:  # finalizers may pop entries meanwhile
                 _cache.pop(key, None)
 
 
@@ -282,22 +283,23 @@ def _int_gemm_path(m: int, n: int, k: int) -> str:
         return forced
     if inexact:
         return "int_mm"
-    key = (n, k, _m_bucket(m))
+    # per intra-op thread count too: the block-wise engine runs at one thread, inference usually at all cores
+    key = (n, k, _m_bucket(m), torch.get_num_threads())
     choice = _choices.get(key)
     if choice is None:
         times = _time_paths(n, k, key[2])
         choice = _choices[key] = (min(times, key=times.get), times)
-        logger.info("CPU integer GEMM N=%d K=%d M<=%d: int_mm %.0f us, sgemm %.0f us -> %s", n, k, key[2],
-                    times["int_mm"] * 1e6, times["sgemm"] * 1e6, choice[0])
+        logger.info("CPU integer GEMM N=%d K=%d M<=%d, %d threads: int_mm %.0f us, sgemm %.0f us -> %s", n, k,
+                    key[2], key[3], times["int_mm"] * 1e6, times["sgemm"] * 1e6, choice[0])
     return choice[0]
 
 
 _int_gemm_path_constant = torch._dynamo.assume_constant_result(_int_gemm_path)
 
 
-def gemm_path_choices() -> dict[tuple[int, int, int], tuple[str, dict[str, float]]]:
-    """The timed choices of ``auto`` so far: ``{(N, K, M bucket): (path, {path: seconds})}`` (empty on CPUs where
-    ``auto`` needs no timing)."""
+def gemm_path_choices() -> dict[tuple[int, int, int, int], tuple[str, dict[str, float]]]:
+    """The timed choices of ``auto`` so far: ``{(N, K, M bucket, intra-op threads): (path, {path: seconds})}``
+    (empty on CPUs where ``auto`` needs no timing)."""
     return dict(_choices)
 
 
@@ -454,7 +456,10 @@ def _int_gemm(a, qweight, w_scale, bits, in_features, group_size, a_scale, a_zer
     path = int_gemm_path(a.shape[0], w8.shape[0], in_features)
     if path == "sgemm":
         # |code - a_zero| <= amax and |w| <= 2^(bits-1) (1 bit: 1): products within amax * wmax
-        amax = 128 + (int(a_zero.abs().max()) if a_zero is not None else 0)
+        if torch.compiler.is_compiling():  # no data-dependent bound in a graph: int8-shifted zero points are <= 255
+            amax = 128 + (255 if a_zero is not None else 0)
+        else:
+            amax = 128 + (int(a_zero.abs().max()) if a_zero is not None else 0)
         chunk = EXACT_FP32 // (amax << (bits - 1))
         if chunk < 1:  # absurd zero points: a single product could leave the exact fp32 range
             path = "int_mm"
@@ -470,7 +475,7 @@ def _int_gemm(a, qweight, w_scale, bits, in_features, group_size, a_scale, a_zer
 
 
 def _float_weight_for_call(qweight, w_scale, bits, in_features, group_size=None, codebook=None) -> torch.Tensor:
-    if decode_cache_enabled():
+    if not torch.compiler.is_compiling() and decode_cache_enabled():  # a graph traces the decode (no cache)
         return float_weight(qweight, w_scale, bits, in_features, group_size, codebook)
     return decode_weight(qweight, w_scale, bits, in_features, group_size, codebook)
 
@@ -519,7 +524,7 @@ def outlier_gemm(a_codes, a_scale, qweight, w_scale, outlier_idx, outlier_values
     y = _int_gemm(a_codes, qweight, w_scale, bits, in_features, None, a_scale, None)
     if outlier_idx.numel():
         cols = outlier_idx.long()
-        if decode_cache_enabled():
+        if not torch.compiler.is_compiling() and decode_cache_enabled():
             w = float_weight(qweight, w_scale, bits, in_features)[:, cols]
         else:
             w = int8_weight(qweight, bits, in_features)[:, cols].float().mul_(w_scale.float())

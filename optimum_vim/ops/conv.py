@@ -46,8 +46,9 @@ def _cpu_conv_kernel(x, weight, bias):
         return None
     if x.device.type != "cpu" or current_backend() in (KernelBackend.REFERENCE, KernelBackend.TRITON):
         return None
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    return pick_kernel("conv", "causal_conv1d", x, dtype=x.dtype, device=x.device, requires_grad=grad)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return None  # the fused conv has no backward: autograd runs the PyTorch conv, under every policy
+    return pick_kernel("conv", "causal_conv1d", x, dtype=x.dtype, device=x.device, requires_grad=False)
 
 
 def causal_conv1d_torch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,

@@ -3,8 +3,9 @@ when neither can serve the call.
 
 ``OPTIMUM_VIM_KERNELS`` (read at call time) or :func:`use_kernels` picks the policy:
 
-* ``auto`` (default): Triton on CUDA tensors, the CPU kernels (``optimum_vim_kernels.cpu``: ``torch._int_mm`` integer
-  GEMMs, cached weight decodings) on CPU tensors, each when it supports the call; else the reference;
+* ``auto`` (default): Triton on CUDA tensors, the CPU kernels (``optimum_vim_kernels.cpu``: integer GEMMs on
+  ``torch._int_mm`` or the exact sgemm path chosen per CPU, weights decoded from the packed codes, the fused numba
+  scan and conv) on CPU tensors, each when it supports the call; else the reference;
 * ``reference``: always the PyTorch reference;
 * ``triton``: always Triton (CPU tensors too, which needs ``TRITON_INTERPRET=1``); an unsupported call raises
   :class:`KernelUnsupportedError` with the reason instead of falling back;

@@ -345,6 +345,8 @@ def selective_scan(
         from .scan_loop import selective_scan_loop
 
         return selective_scan_loop(u, delta, A, B, C, D, z, reverse)
+    if backend == "auto" and u.is_cuda and torch.compiler.is_compiling():
+        backend = "torch"  # the choice reads the kernel policy (a context variable dynamo cannot trace)
     if backend == "auto" and u.is_cuda:
         from .dispatch import float_scan_backend
 
