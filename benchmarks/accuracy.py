@@ -272,8 +272,8 @@ def select_rows(suites: str | None, only: str | None) -> list[dict]:
     if unknown:
         raise SystemExit(f"unknown suite(s) {unknown}; suites: {sorted(SUITES)}")
     rows = [r for n in names for r in SUITES[n]]
-    if only:  # substrings of labels; "=label" selects that exact label
-        keys = [k.strip().lower() for k in only.split(",")]
+    if only:  # substrings of labels; "=label" selects that exact label; ";" separates when a label has a comma
+        keys = [k.strip().lower() for k in only.split(";" if ";" in only else ",") if k.strip()]
         rows = [r for r in rows if any(r["label"].lower() == k[1:] if k.startswith("=") else k in r["label"].lower()
                                        for k in keys)]
     return rows
@@ -291,7 +291,8 @@ def main(argv=None) -> int:
                         "reported as mean ± sample std); other rows use the first. Default: --seed alone")
     p.add_argument("--suite", default=None, help=f"comma-separated suites (default: all of {sorted(SUITES)})")
     p.add_argument("--only", default=None,
-                   help="comma-separated substrings selecting rows by label ('=LABEL': that exact label)")
+                   help="comma-separated substrings selecting rows by label ('=LABEL': that exact label; separate with "
+                        "';' instead when a label holds a comma)")
     p.add_argument("--json", default=None, help="also write the rows as JSON (for model-card plots)")
     p.add_argument("--gen-iterations", type=int, default=None,
                    help="OuroMamba-Gen iterations of the data-free rows (default: the recipe's 1000)")

@@ -119,6 +119,9 @@ def test_every_accuracy_row_is_a_valid_config_and_seeds_aggregate():
             get_recipe_class(r["recipe"])(cfg)
     assert sum("paper preset" in label for label in labels) >= 4  # OuroMamba (A4, A8, real data) and kscale
     assert [r["label"] for r in bench.select_rows("ptq4vm", "=PTQ4VM W4A4")] == ["PTQ4VM W4A4"]
+    # ';' separates when a label holds a comma: exactly the real-data paper row and the frozen-S6 row
+    picked = [r["label"] for r in bench.select_rows("ouromamba", "=OuroMamba W4A4O8 real data, paper preset;S6 steps")]
+    assert picked == ["OuroMamba W4A4O8 real data, S6 steps frozen", "OuroMamba W4A4O8 real data, paper preset"]
     runs = [{"label": "x", "seed": s, "top1": t, "ratio_to_fp": t, "sqnr_db": 10.0 + s, "agreement": 0.9,
              "calib_seconds": 1.0, "calib_peak_mb": float(s)} for s, t in ((0, 0.8), (1, 0.9), (2, 1.0))]
     row = bench.aggregate(runs)
