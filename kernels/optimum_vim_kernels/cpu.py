@@ -201,7 +201,10 @@ def use_decode_cache(enabled: bool = True):
 
 
 def decode_cache_enabled() -> bool:
-    """Whether weight-only / codebook layers keep their decoded fp32 weight (opt-in; default off)."""
+    """Whether weight-only / codebook layers keep their decoded fp32 weight (opt-in; default off). Never while
+    ``torch.compile`` traces (the graph decodes, and dynamo cannot read the context variable)."""
+    if torch.compiler.is_compiling():
+        return False
     forced = _forced_cache.get()
     if forced is not None:
         return forced
@@ -475,7 +478,7 @@ def _int_gemm(a, qweight, w_scale, bits, in_features, group_size, a_scale, a_zer
 
 
 def _float_weight_for_call(qweight, w_scale, bits, in_features, group_size=None, codebook=None) -> torch.Tensor:
-    if not torch.compiler.is_compiling() and decode_cache_enabled():  # a graph traces the decode (no cache)
+    if decode_cache_enabled():
         return float_weight(qweight, w_scale, bits, in_features, group_size, codebook)
     return decode_weight(qweight, w_scale, bits, in_features, group_size, codebook)
 
@@ -524,7 +527,7 @@ def outlier_gemm(a_codes, a_scale, qweight, w_scale, outlier_idx, outlier_values
     y = _int_gemm(a_codes, qweight, w_scale, bits, in_features, None, a_scale, None)
     if outlier_idx.numel():
         cols = outlier_idx.long()
-        if not torch.compiler.is_compiling() and decode_cache_enabled():
+        if decode_cache_enabled():
             w = float_weight(qweight, w_scale, bits, in_features)[:, cols]
         else:
             w = int8_weight(qweight, bits, in_features)[:, cols].float().mul_(w_scale.float())
