@@ -57,14 +57,28 @@ def inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 1, 28, 28, generator=g), torch.randn(4, 1, 28, 28, generator=g)
 
 
+def write_float(folder: Path) -> Path:
+    """Saves the tiny float Vim and its image processor to ``folder`` (the checkpoint every case quantizes)."""
+    tiny_float().save_pretrained(folder)
+    VimImageProcessor(size={"height": 28, "width": 28}, do_center_crop=False, image_mean=[0.286], image_std=[0.353],
+                      color_mode="L").save_pretrained(folder)
+    return folder
+
+
+def isa_tag() -> str:
+    """The CPU kind the goldens were written on (``tests/golden/ISA``): recalibration is bit-identical on it."""
+    from optimum_vim_kernels.cpu_features import cpu_features
+
+    f = cpu_features()
+    return f"{f.model} | {f.isa} | {f.torch_capability}"
+
+
 def main() -> None:
     from transformers import AutoModelForImageClassification
 
     calib, x = inputs()
-    float_dir = HERE / "_float_tmp"
-    tiny_float().save_pretrained(float_dir)
-    VimImageProcessor(size={"height": 28, "width": 28}, do_center_crop=False, image_mean=[0.286], image_std=[0.353],
-                      color_mode="L").save_pretrained(float_dir)
+    float_dir = write_float(HERE / "_float_tmp")
+    (HERE / "ISA").write_text(isa_tag() + "\n")
     try:
         for name, settings in CASES.items():
             cfg = ViMQuantizationConfig(calibration_dataset=calib, num_calibration_samples=16, seed=0, **settings)
