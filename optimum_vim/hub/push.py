@@ -1,8 +1,9 @@
 """Saving and publishing: one folder with weights, config, processor, model card (and plot), one Hub commit.
 
-transformers' own ``push_to_hub`` replaces README.md with a default card; Vim models override ``push_to_hub`` to
-upload the folder their ``save_pretrained`` writes (card included, through the hook this package registers) in a
-single commit instead.
+transformers' own ``push_to_hub`` replaces README.md with a default card; :func:`push_model_to_hub` uploads the folder
+the model's ``save_pretrained`` writes (card included) in a single commit instead. Models of every family get it as
+their ``push_to_hub`` (:class:`optimum_vim.pretrained.QuantizableModelMixin` delegates here), and their
+``save_pretrained`` writes the card and loading hints with :func:`write_model_card` / :func:`write_loading_hints`.
 """
 
 from __future__ import annotations
@@ -109,13 +110,39 @@ def save_for_hub(model, folder: str | os.PathLike, processor=None, repo_id: str 
     return atomic_save(_save, folder)
 
 
-def push_model_to_hub(model, repo_id: str, processor=None, **push_kwargs) -> str:
-    """Publishes model + processor + rendered card to ``repo_id`` in one commit (``model.push_to_hub``, whose
-    arguments are transformers': ``commit_message``, ``commit_description``, ``private``, ``token``, ``revision``,
-    ``create_pr``, ``max_shard_size``, ``tags``); returns the commit URL."""
-    url = model.push_to_hub(repo_id, processor=processor, **push_kwargs)
+def push_model_to_hub(model, repo_id: str, processor=None, *, commit_message: str | None = None,
+                      commit_description: str | None = None, private: bool | None = None,
+                      token: bool | str | None = None, revision: str | None = None, create_pr: bool = False,
+                      max_shard_size: int | str | None = "50GB", tags: list[str] | None = None) -> str:
+    """Publishes model + processor + rendered card to ``repo_id`` in one commit; what ``model.push_to_hub`` runs.
+    The arguments are transformers' ``push_to_hub`` ones (``commit_message``, ``commit_description``, ``private``,
+    ``token``, ``revision``, ``create_pr``, ``max_shard_size``, ``tags``). An existing card on the Hub is merged, not
+    replaced (:func:`merge_with_remote_card`). Returns the commit URL."""
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    from ..pretrained import family_name
+
+    if tags:
+        model.add_model_tags(tags)
+    api = HfApi(token=token if isinstance(token, str) else None)
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    repo_id = getattr(url, "repo_id", None) or repo_id
+    quantized = getattr(model.config, "quantization_config", None) is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, repo_id=repo_id, max_shard_size=max_shard_size or "50GB")
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        merge_with_remote_card(api, repo_id, tmp, revision)  # keep what the user edited in the card on the Hub
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=tmp, repo_type="model", revision=revision, create_pr=create_pr,
+            commit_message=commit_message
+            or f"Upload {'quantized ' if quantized else ''}{family_name(model.config)} with optimum-vim",
+            commit_description=commit_description,
+        )
     logger.info("pushed %s", repo_id)
-    return url
+    return str(getattr(info, "commit_url", info))
 
 
 def load_benchmark_table(path: str | os.PathLike) -> list[dict]:
