@@ -184,8 +184,10 @@ def _config_of_this_model(model):
 
 
 def family_name(config) -> str:
-    """The family's name for messages: its config class's name without ``Config`` (``VimConfig`` -> ``"Vim"``)."""
-    return type(config).__name__.removesuffix("Config") or str(getattr(config, "model_type", "model"))
+    """The family's name for messages: its config class's name without ``Config`` (``VimConfig`` -> ``"Vim"``);
+    ``config`` is a config or a config class."""
+    cls = config if isinstance(config, type) else type(config)
+    return cls.__name__.removesuffix("Config") or str(getattr(config, "model_type", "model"))
 
 
 def _quant_method() -> str:
