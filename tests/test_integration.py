@@ -1,5 +1,6 @@
 """The integration layer (optimum_vim.pretrained.QuantizableModelMixin) serves any model family, not only Vim: a toy
-family that only lists the mixin among its bases gets the loading hints, the refusals and the reload."""
+family that only lists the mixin among its bases and registers with register_model_family gets the loading hints, the
+refusals and the reload."""
 
 import json
 
@@ -7,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 
-import optimum_vim  # noqa: F401 - registers the quantizer
+from optimum_vim import register_model_family  # importing optimum_vim registers the quantizer
 from optimum_vim.hub import write_loading_hints
 from optimum_vim.pretrained import QuantizableModelMixin
 from optimum_vim.serialization import CheckpointFormatError
@@ -45,8 +46,8 @@ class ToyModel(ToyPreTrainedModel):
         return self.proj(pixel_values)
 
 
-AutoConfig.register(ToyConfig.model_type, ToyConfig, exist_ok=True)
-AutoModel.register(ToyConfig, ToyModel, exist_ok=True)
+register_model_family(ToyConfig, model=ToyModel)
+register_model_family(ToyConfig, model=ToyModel)  # idempotent, as import optimum_vim's registration of every family
 
 
 @pytest.fixture
