@@ -170,7 +170,7 @@ def _config_of_this_model(model):
     own = {}
     for name, mod in model.named_modules():
         if isinstance(mod, QModule) and not any(name.startswith(p + ".") for p in own):
-            own[name] = mod.spec
+            own[name] = mod.spec.to_dict()
     if set(own) == set(layers):
         yield
         return
