@@ -41,4 +41,7 @@ def register_vim_with_transformers() -> None:
         register_quantization_config(QUANT_METHOD)(ViMQuantizationConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(ViMHfQuantizer)
+    from .models.mambavision import register_mambavision_with_transformers
+
+    register_mambavision_with_transformers()
     _DONE = True
