@@ -170,6 +170,9 @@ def infer_mambavision_config(state: dict[str, torch.Tensor], preset: str | None 
     for key in ("mean", "std", "crop_pct", "crop_mode"):
         if key in hub_config:
             extra.setdefault(key, hub_config[key])
+    side = _eval_resolution(hub_config)
+    if side is not None:
+        extra.setdefault("image_size", side)
     if "crop_pct" not in extra and known is not None:
         extra["crop_pct"] = known["crop_pct"]
     if "head.weight" in state and "id2label" not in extra and "num_labels" not in extra:
@@ -177,6 +180,18 @@ def infer_mambavision_config(state: dict[str, torch.Tensor], preset: str | None 
     elif "head.weight" not in state and "id2label" not in extra:
         extra.setdefault("num_labels", 0)
     return MambaVisionConfig(**{**inferred, **extra})
+
+
+def _eval_resolution(hub_config: dict) -> int | None:
+    """The eval resolution a Hub config.json states (``resolution``, or the training args' ``img_size`` /
+    ``input_size``: the 512 px models), else None (224)."""
+    for key in ("resolution", "img_size", "input_size"):
+        value = hub_config.get(key)
+        if isinstance(value, (list, tuple)) and value:
+            value = value[-1]
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _identify_preset(depths: list[int], dim: int, preset: str | None) -> dict | None:

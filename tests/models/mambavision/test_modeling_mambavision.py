@@ -179,6 +179,15 @@ def test_convert_official_pth_tar(official, tmp_path):
     processor = AutoImageProcessor.from_pretrained(folder)
     assert isinstance(processor, MambaVisionImageProcessor)
     assert "auto_map" not in json.loads((folder / "config.json").read_text())
+    from PIL import Image
+    from transformers import pipeline
+
+    image = Image.new("RGB", (64, 48), (30, 120, 200))
+    with torch.no_grad():
+        expected = model(processor(image, return_tensors="pt")["pixel_values"]).logits.softmax(-1)[0]
+    top = pipeline("image-classification", model=str(folder))(image, top_k=2)
+    assert top[0]["label"] == model.config.id2label[int(expected.argmax())]
+    assert abs(top[0]["score"] - expected.max().item()) < 1e-5
 
 
 def test_convert_hub_folder_uses_its_transform(official, tmp_path):
@@ -293,3 +302,15 @@ def test_registration_is_idempotent():
     register_mambavision_with_transformers()
     register_mambavision_with_transformers()
     assert isinstance(AutoConfig.for_model("mambavision"), MambaVisionConfig)
+
+
+def test_hub_config_of_a_512px_model_wins_over_the_preset(official):
+    """MambaVision-L2-512-21K has L2's tensors but other windows, resolution and crop: its config.json decides."""
+    meta = {k: torch.empty(v, device="meta") for k, v in official["shape_tables"]["mamba_vision_L2"].items()}
+    hub = {"window_size": [8, 8, 32, 16], "input_size": [3, 512, 512], "crop_pct": 0.93, "crop_mode": "squash",
+           "layer_scale": 1e-5}
+    config = infer_mambavision_config(meta, hub_config=hub)
+    assert config.window_size == [8, 8, 32, 16] and config.num_heads == MAMBAVISION_PRESETS["L2"]["num_heads"]
+    assert config.image_size == 512
+    processor = MambaVisionImageProcessor.from_model_config(config)
+    assert processor.size == {"height": 550, "width": 550} and processor.crop_size == {"height": 512, "width": 512}
