@@ -4,7 +4,9 @@ stages, MambaVision-mixer + self-attention stages, downsamplers) on Fashion-MNIS
 Example (the command that produced ``checkpoints/mambavision-fashion-mnist``, see its training_record.json)::
 
     nice -n 19 python benchmarks/train_mambavision_fixture.py --output checkpoints/mambavision-fashion-mnist \
-        --epochs 6 --seed 0 --threads 2
+        --epochs 4 --batch-size 256 --lr 3e-3 --warmup-steps 100 --seed 0 --threads 2
+
+(30.7 min on 2 shared CPU threads, 89.56% top-1 on the test split.)
 
 Same data, augmentation (2 px translation + horizontal flip), optimiser (AdamW, warm-up + cosine), label smoothing and
 single final evaluation on the 10k test split as the Vim fixture (``scripts/train_fashion_mnist.py``, whose
@@ -41,12 +43,12 @@ from optimum_vim.models.mambavision import (  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", required=True, help="folder for the trained model (HF format)")
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--warmup-steps", type=int, default=300)
+    p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dim", type=int, default=24)
