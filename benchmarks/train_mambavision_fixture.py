@@ -57,8 +57,6 @@ def parse_args(argv=None):
     p.add_argument("--num-heads", type=int, nargs=4, default=[1, 1, 2, 4])
     p.add_argument("--window-size", type=int, nargs=4, default=[8, 8, 2, 1])
     p.add_argument("--mlp-ratio", type=float, default=2.0)
-    p.add_argument("--init-from", default=None,
-                   help="start from a model saved by this script (a further schedule on top of an earlier run)")
     p.add_argument("--limit", type=int, default=None, help="train on the first N images only (smoke runs)")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the Debian package path)")
     return p.parse_args(argv)
@@ -85,11 +83,7 @@ def main(argv=None) -> int:
         mlp_ratio=args.mlp_ratio, drop_path_rate=0.0, image_size=28, num_channels=1, num_labels=10,
         id2label=dict(enumerate(FASHION_MNIST_LABELS)), label2id={n: i for i, n in enumerate(FASHION_MNIST_LABELS)},
     )
-    if args.init_from:
-        model = MambaVisionForImageClassification.from_pretrained(args.init_from)
-        config = model.config
-    else:
-        model = MambaVisionForImageClassification(config)
+    model = MambaVisionForImageClassification(config)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters", flush=True)
 
@@ -143,9 +137,6 @@ def main(argv=None) -> int:
         "epoch_wall_seconds": epoch_seconds, "train_wall_seconds": round(train_seconds, 1),
         "test_accuracy": accuracy, "test_images": len(xte), "parameters": n_params, "torch": torch.__version__,
     }
-    if args.init_from:
-        earlier = Path(args.init_from) / "training_record.json"
-        record["init_from"] = json.loads(earlier.read_text()) if earlier.is_file() else args.init_from
     model.save_pretrained(out_dir)
     MambaVisionImageProcessor(
         size={"height": 28, "width": 28}, do_center_crop=False, image_mean=[MEAN], image_std=[STD], color_mode="L",
@@ -159,9 +150,7 @@ def main(argv=None) -> int:
         f"{args.depths}) trained from scratch on the 60,000 Fashion-MNIST training images (Zalando, MIT) by "
         f"`{command}` (seed {args.seed}, {train_seconds / 60:.1f} min on {args.threads} CPU threads, torch "
         f"{torch.__version__}). Top-1 on the 10,000 test images: {100 * accuracy:.2f}%. Load with `import "
-        "optimum_vim` then `AutoModelForImageClassification.from_pretrained(...)`.\n"
-        + ("\nThis run continues an earlier one from its weights; training_record.json holds both records "
-           "(`init_from`).\n" if args.init_from else ""))
+        "optimum_vim` then `AutoModelForImageClassification.from_pretrained(...)`.\n")
     return 0
 
 
