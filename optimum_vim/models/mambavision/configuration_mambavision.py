@@ -125,6 +125,17 @@ class MambaVisionConfig(BackboneConfigMixin, PreTrainedConfig):
                                                 out_features=kwargs.pop("out_features", None))
         super().__post_init__(**kwargs)
 
+    def model_card_facts(self) -> dict:
+        """What the model card says about this architecture (read by ``optimum_vim.hub.cards``)."""
+        return {
+            "family": "MambaVision", "short_name": "MambaVision", "tags": ["mambavision", "vision-mamba"],
+            "architecture": f"dim {self.dim}, depths {'/'.join(map(str, self.depths))}, heads "
+                            f"{'/'.join(map(str, self.num_heads))}, windows {'/'.join(map(str, self.window_size))}, "
+                            f"d_state {self.d_state}",
+            "tokens": "windows of " + " / ".join(f"{w}x{w}" for w in self.window_size[2:]) + " tokens in stages 3 / 4 "
+                      "(no class token)",
+        }
+
     def _default_hub_labels(self, kwargs: dict) -> None:
         """A Hub remote-code config.json has no ``id2label``; its head has ``num_classes`` (training args) or the
         1,000 ImageNet-1k classes (every released model): label them, instead of transformers' default 2 labels."""
@@ -132,7 +143,8 @@ class MambaVisionConfig(BackboneConfigMixin, PreTrainedConfig):
         if self.id2label is not None or kwargs.get("num_labels") is not None:
             return
         auto_map = kwargs.get("auto_map") or {}
-        remote = any("mambavision" in str(v).lower() for v in (auto_map.values() if isinstance(auto_map, dict) else ()))
+        remote = any("mambavision" in str(v).lower() and not str(v).startswith("optimum_vim_loader.")
+                     for v in (auto_map.values() if isinstance(auto_map, dict) else ()))
         if classes is None and remote:
             classes = 1000
         if classes == 1000:

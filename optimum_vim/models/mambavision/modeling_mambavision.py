@@ -27,6 +27,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 
 from ...ops import causal_conv1d, selective_scan
+from ...pretrained import QuantizableModelMixin
 from .configuration_mambavision import MambaVisionConfig
 
 
@@ -294,8 +295,9 @@ def check_pixel_values(pixel_values, config: MambaVisionConfig) -> None:
                          f"{tuple(pixel_values.shape)}")
 
 
-class MambaVisionPreTrainedModel(PreTrainedModel):
-    """Weight init, config class and loading metadata shared by the MambaVision models."""
+class MambaVisionPreTrainedModel(QuantizableModelMixin, PreTrainedModel):
+    """Weight init, config class and loading metadata shared by the MambaVision models. Loading, saving, the model
+    card and the Hub come from :class:`optimum_vim.pretrained.QuantizableModelMixin`, shared by every model family."""
 
     config_class = MambaVisionConfig
     config: MambaVisionConfig
