@@ -169,7 +169,7 @@ class ViMQuantizationConfig(QuantizationConfigMixin):
         (the model card and ``repr`` read them): every integer-weight linear without a per-module override has
         ``weight_bits``; with ``act_bits=None`` no such linear quantizes its input, otherwise some activation
         quantizer has ``act_bits``."""
-        from .recipes.base import layer_overrides
+        from .recipes.targets import layer_overrides
 
         if not isinstance(self.layers, dict) or not all(isinstance(v, dict) for v in self.layers.values()):
             raise ValueError("quantization_config.layers must map module names to module specs (dicts)")

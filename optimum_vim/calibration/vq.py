@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 # methods.md §5.2: VQ4DiT's 3-bit K=64 d=2 and 2-bit K=256 d=4; the 1-bit K=256 d=8 setting is inferred there
 DEFAULT_VQ_SETTINGS = {3: (2, 64), 2: (4, 256), 1: (8, 256)}
+CodebookDtype = Literal["float16", "float32"]
 CODEBOOK_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
