@@ -145,7 +145,7 @@ def linear_times(models: dict, batch: int, repeats: int, warmup: int = 2) -> dic
     ``{(leaf, label, variant): seconds}``; the float model's rows have label "float32"."""
     from optimum_vim.models.family import get_family
 
-    BLOCK_LINEARS = get_family("vim").mixer_linear_roles
+    BLOCK_LINEARS = get_family("vim").default_linear_roles
 
     fp = models["float32"]
     length = fp.config.sequence_length
@@ -178,7 +178,7 @@ class _Split:
         from optimum_vim.models.vim.modeling_vim import VimSelectiveScan
         from optimum_vim.modules import QActivation, QLinear, QSelectiveScan
 
-        BLOCK_LINEARS = get_family("vim").mixer_linear_roles
+        BLOCK_LINEARS = get_family("vim").default_linear_roles
 
         self.seconds = collections.Counter()
         self.handles, self.patched = [], []

@@ -118,7 +118,7 @@ def quantized(model_fp32, fmt: str, device, dtype, smoke: bool):
     from optimum_vim.modules import QLinear, build_qmodule, load_qmodule_tensors
     from optimum_vim.primitives import pack_codes
 
-    BLOCK_LINEARS = get_family("vim").mixer_linear_roles
+    BLOCK_LINEARS = get_family("vim").default_linear_roles
 
     model = copy.deepcopy(model_fp32).to(device)
     c = model.config

@@ -101,7 +101,7 @@ def _vq_plan(model, codebook_dtype="float16"):
     from optimum_vim.primitives import pack_codes
     from optimum_vim.recipes import LayerPlan, QuantPlan
 
-    BLOCK_LINEARS = get_family("vim").mixer_linear_roles
+    BLOCK_LINEARS = get_family("vim").default_linear_roles
 
     plan = QuantPlan(recipe="vimvq")
     g = torch.Generator().manual_seed(0)

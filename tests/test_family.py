@@ -60,7 +60,7 @@ def test_units_by_role_name_the_vim_mixer(tiny):
     assert [(s.name, s.reverse, s.block_index) for s in scans] == [
         ("vim.layers.0.mixer.ssm", False, 0), ("vim.layers.0.mixer.ssm_b", True, 0),
         ("vim.layers.1.mixer.ssm", False, 1), ("vim.layers.1.mixer.ssm_b", True, 1)]
-    assert family.mixer_linear_roles == VIM_LINEARS
+    assert family.default_linear_roles == VIM_LINEARS
 
 
 def test_a_model_without_an_adapter_is_refused():

@@ -15,6 +15,13 @@ A family adapter names
 * the **token layout** (:class:`TokenLayout`: class-token position or none, the patch grid) and the input geometry;
 * the float scan and conv classes (a float model is recognised by them).
 
+A hierarchical family (MambaVision: conv stages, then mixer and attention blocks per stage, downsamplers between)
+lists every unit that carries the stream as a block, in order; units with nothing a recipe targets (a conv stage, a
+downsampler) run float on both of the engine's streams, and the stream state can change shape between units (the
+state is whatever :meth:`ModelFamily.run_block` takes and returns). Its mixers declare ``combine="concat"`` with their
+z-branch conv and activation, ``class_token=None`` in the token layout; attention ``qkv`` / ``proj`` and MLP ``fc1`` /
+``fc2`` are linears with those roles (:meth:`ModelFamily.linears`), selectable by ``targets``.
+
 Families are registered by ``model_type`` with one line each in :data:`FAMILIES` (``"name": "module:Class"``,
 imported on first use, so this module imports no model code); :func:`family_of` finds the adapter of a model.
 """
@@ -132,8 +139,9 @@ class ModelFamily:
     ``NotImplementedError``; the rest derive from them."""
 
     model_type: ClassVar[str] = "abstract"
-    # the linears the PTQ recipes quantize by default (PTQ4VM's list for Vim): roles
-    mixer_linear_roles: ClassVar[tuple[str, ...]] = ()
+    # roles of the linears the PTQ recipes quantize by default (for Vim PTQ4VM's six block linears; a family may add
+    # attention / MLP linears, as PTQ4VM's VMamba port does)
+    default_linear_roles: ClassVar[tuple[str, ...]] = ()
     # positional arguments of the float scan module's forward that carry u, delta, B and C (observers hook them)
     scan_inputs: ClassVar[dict[str, int]] = {"u": 0, "delta": 1, "B": 3, "C": 4}
     float_scan_class: ClassVar[type[nn.Module] | None] = None
@@ -251,6 +259,6 @@ def get_family(model_type: str) -> ModelFamily:
     return _LOADED[model_type]
 
 
-def known_roles(attribute: str = "mixer_linear_roles") -> dict[str, tuple[str, ...]]:
+def known_roles(attribute: str = "default_linear_roles") -> dict[str, tuple[str, ...]]:
     """``{model_type: family.<attribute>}`` over every registered family (config-time checks of ``targets``)."""
     return {t: tuple(getattr(get_family(t), attribute)) for t in FAMILIES}

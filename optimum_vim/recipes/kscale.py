@@ -233,11 +233,6 @@ class KScaleRecipe(Recipe):
             logger.info("kscale: calibrating on %d images (the paper uses 256, the recipe's default)", images)
         family = family_of(model)
         mixers = self.targets.mixers(model)
-        for mixer in mixers:
-            if mixer.layout.combine != "gate":
-                raise NotImplementedError(
-                    f"recipe 'kscale' calibrates gated mixers (out_proj(y * act(z))); {mixer.name} combines its "
-                    f"branches by {mixer.layout.combine!r}: skip its mixers (modules_to_not_convert) or use another recipe")
         plan = QuantPlan(recipe=self.name)
         was_training = model.training
         model.eval()
@@ -273,6 +268,9 @@ class KScaleRecipe(Recipe):
         for d in layout.directions:
             for path in (d.conv, d.act, d.x_proj, d.dt_proj, d.softplus):
                 handles.append(module.get_submodule(path).register_forward_hook(out_hook(path)))
+        for path in (layout.z_conv, layout.z_act):  # the z branch of a mixer that concatenates it (no gate)
+            if path is not None:
+                handles.append(module.get_submodule(path).register_forward_hook(out_hook(path)))
         device = next(model.parameters()).device
         try:
             for batch in tqdm(batches, desc="capturing", unit="batch", leave=False):
@@ -303,7 +301,7 @@ class KScaleRecipe(Recipe):
         in_proj, out_proj = module.get_submodule(layout.in_proj), module.get_submodule(layout.out_proj)
         e, n, r = family.mixer_dims(module)
         x_in, xz = caps[layout.in_proj + ".in"], caps[layout.in_proj]
-        length, d_model = x_in.shape[1], x_in.shape[2]
+        length = x_in.shape[1]
 
         def add(mod: str, spec: dict, tensors: dict) -> None:
             full = mixer.path(mod)
@@ -339,18 +337,27 @@ class KScaleRecipe(Recipe):
             s_in = search_scale(self._view(x_in), self._view(x_in), s_in, factors, _QMIN, _QMAX)
         xs, ys = self._rows(x_in, xz)
         s_w, s_xz = search_linear_scales(xs, in_proj.weight, None, ys, factors, rounds=rounds, search=search)
-        add(layout.in_proj, {"type": "linear", "in_features": d_model, "out_features": 2 * e, "bias": False,
+        add(layout.in_proj, {"type": "linear", "in_features": in_proj.in_features,
+                             "out_features": in_proj.out_features, "bias": False,
                              "weight": {"format": "int", "bits": 8, "group_size": None}, "input": _tensor_spec()},
             {**_weight_tensors(in_proj.weight, s_w),
              "input_quantizer.scale": torch.tensor([s_in], dtype=torch.float32)})
         x_half, z = xz[..., :e], xz[..., e:]
         s_xz_t = torch.tensor([s_xz], dtype=torch.float32)
 
-        # ---- gate: z (in_proj output, per tensor) -> SiLU -> channel k-scaled
-        g = F.silu(z)
-        g_spec, g_t = cluster(g, "channel")
-        add(layout.gate, {"type": "output", "inner": "silu", "input": _tensor_spec(), "output": g_spec},
-            {"input_quantizer.scale": s_xz_t.clone(), **prefixed("output_quantizer", g_t)})
+        if layout.gate is not None:
+            # ---- gate: z (in_proj output, per tensor) -> SiLU -> channel k-scaled
+            g = F.silu(z)
+            g_spec, g_t = cluster(g, "channel")
+            add(layout.gate, {"type": "output", "inner": "silu", "input": _tensor_spec(), "output": g_spec},
+                {"input_quantizer.scale": s_xz_t.clone(), **prefixed("output_quantizer", g_t)})
+        if layout.z_conv is not None:  # a concatenated z branch: its conv as the directions' convs
+            self._calibrate_conv(family, module, layout.z_conv, z, caps[layout.z_conv], False, s_xz_t, add,
+                                 cluster, prefixed)
+        if layout.z_act is not None:  # ... and its activation's output channel k-scaled
+            za_spec, za_t = cluster(caps[layout.z_act], "channel")
+            add(layout.z_act, {"type": "output", "inner": "silu", "output": za_spec},
+                prefixed("output_quantizer", za_t))
 
         for direction in layout.directions:
             self._calibrate_direction(family, module, direction, caps, x_half, s_xz_t, add, cluster, prefixed,
@@ -364,9 +371,29 @@ class KScaleRecipe(Recipe):
         xs, ys, xh = self._rows(x_o, y_o, x_o_hat)
         s_w, _ = search_linear_scales(xs, out_proj.weight, None, ys, factors, out_range=None, rounds=rounds,
                                       search=search, x_hat=xh)
-        add(layout.out_proj, {"type": "linear", "in_features": e, "out_features": d_model, "bias": False,
+        add(layout.out_proj, {"type": "linear", "in_features": out_proj.in_features,
+                              "out_features": out_proj.out_features, "bias": False,
                               "weight": {"format": "int", "bits": 8, "group_size": None}, "input": o_spec},
             {**_weight_tensors(out_proj.weight, s_w), **prefixed("input_quantizer", o_t)})
+
+    @staticmethod
+    def _calibrate_conv(family: ModelFamily, mixer, path: str, x, y_float, reverse: bool, s_xz_t, add, cluster,
+                        prefixed) -> None:
+        """A mixer conv: weight max-abs per tensor; input = in_proj's output scale; output channel k-scaled (labels
+        and scales from the output of the conv with 8-bit weights, scored against the float output)."""
+        conv = mixer.get_submodule(path)
+        w_c = conv.weight.detach().float()
+        s_wc = initial_scale(w_c, _WMAX)
+        codes = torch.round(w_c / s_wc).clamp_(_WMIN, _WMAX)
+        y_conv_q = family.conv(conv, x, (codes * s_wc).to(x.dtype))
+        c_spec, c_t = cluster(y_conv_q, "channel", ref=y_float)
+        e, ksz = conv.weight.shape[0], conv.weight.shape[-1]
+        add(path, {"type": "conv1d", "channels": e, "kernel_size": ksz, "reverse": reverse,
+                   "weight": {"bits": 8, "granularity": "tensor"}, "input": _tensor_spec(), "output": c_spec},
+            {"qweight": codes.reshape(e, ksz).to(torch.int8).cpu(),
+             "weight_scale": torch.tensor([s_wc], dtype=torch.float32),
+             "bias": conv.bias.detach().float().cpu().clone(), "input_quantizer.scale": s_xz_t.clone(),
+             **prefixed("output_quantizer", c_t)})
 
     def _calibrate_direction(self, family: ModelFamily, mixer, d: ScanPath, caps, x_half, s_xz_t, add, cluster,
                              prefixed, factors, length, e, n, r) -> None:
@@ -374,7 +401,7 @@ class KScaleRecipe(Recipe):
         search = a.scale_search == "cosine"
         rounds = a.search_rounds
         reverse = d.reverse
-        conv, x_proj, dt_proj = (mixer.get_submodule(p) for p in (d.conv, d.x_proj, d.dt_proj))
+        x_proj, dt_proj = (mixer.get_submodule(p) for p in (d.x_proj, d.dt_proj))
         A = family.scan_A(mixer, d)
         u, delta, dbc = caps[d.act], caps[d.softplus], caps[d.x_proj]
         dt, Bm, Cm = torch.split(dbc, [r, n, n], dim=-1)
@@ -391,19 +418,7 @@ class KScaleRecipe(Recipe):
             dbc = torch.cat([dt, Bm, Cm], dim=-1)
             r_c, r_l = r_c.to(u.device), r_l.to(u.device)
 
-        # ---- conv1d: weight max-abs per tensor; input = in_proj's output scale; output channel k-scaled
-        w_c = conv.weight.detach().float()
-        s_wc = initial_scale(w_c, _WMAX)
-        codes = torch.round(w_c / s_wc).clamp_(_WMIN, _WMAX)
-        y_conv_q = family.conv(conv, x_half, (codes * s_wc).to(x_half.dtype))
-        c_spec, c_t = cluster(y_conv_q, "channel", ref=caps[d.conv])
-        ksz = conv.weight.shape[-1]
-        add(d.conv, {"type": "conv1d", "channels": e, "kernel_size": ksz, "reverse": reverse,
-                             "weight": {"bits": 8, "granularity": "tensor"}, "input": _tensor_spec(), "output": c_spec},
-            {"qweight": codes.reshape(e, ksz).to(torch.int8).cpu(),
-             "weight_scale": torch.tensor([s_wc], dtype=torch.float32),
-             "bias": conv.bias.detach().float().cpu().clone(), "input_quantizer.scale": s_xz_t.clone(),
-             **prefixed("output_quantizer", c_t)})
+        self._calibrate_conv(family, mixer, d.conv, x_half, caps[d.conv], reverse, s_xz_t, add, cluster, prefixed)
 
         # ---- SiLU output u: channel k-scaled (x_proj and the scan read it already quantized)
         u_spec, u_t = cluster(u, "channel")

@@ -30,7 +30,7 @@ OBSERVERS = typing.get_args(Observer)
 @dataclass
 class RTNArgs:
     """Options of the RTN recipe (``ViMQuantizationConfig(recipe_args=...)``). ``targets``: roles of the linears to
-    quantize (None: the model family's mixer linears, for Vim the six block linears of both scan directions)."""
+    quantize (None: the model family's default linears, for Vim the six block linears of both scan directions)."""
 
     observer: Observer = "minmax"
     percentile: float = 99.99

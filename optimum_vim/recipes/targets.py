@@ -89,14 +89,14 @@ class Targets:
 
     # ---------------------------------------------------------------------------------------------- selection
     def linears(self, model: nn.Module, roles: Iterable[str] | None = None) -> dict[str, LayerSettings]:
-        """The model's linears whose role is in ``roles`` (None: the family's mixer linears) and that are not skipped,
+        """The model's linears whose role is in ``roles`` (None: the family's default linears) and that are not skipped,
         in model order, with their settings."""
         return {ref.name: s for ref in self.linear_refs(model, roles) if (s := self.settings(ref.name)) is not None}
 
     def linear_refs(self, model: nn.Module, roles: Iterable[str] | None = None) -> list[LinearRef]:
         """Like :meth:`linears`, the :class:`~optimum_vim.models.family.LinearRef` of each (role, scan order)."""
         family = family_of(model)
-        roles = set(family.mixer_linear_roles if roles is None else roles)
+        roles = set(family.default_linear_roles if roles is None else roles)
         return [ref for ref in family.linears(model) if ref.role in roles and not self.skipped(ref.name)]
 
     def mixers(self, model: nn.Module) -> list[MixerRef]:

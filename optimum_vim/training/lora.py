@@ -89,7 +89,7 @@ def register_lora_qlinear(config: LoraConfig) -> LoraConfig:
 
 
 def lora_config(r: int = 8, lora_alpha: int = 16, target_modules=None, **kwargs) -> LoraConfig:
-    """A ``LoraConfig`` for a (quantized or float) model: adapters on the mixer linears of the model families by
+    """A ``LoraConfig`` for a (quantized or float) model: adapters on the default linears of the model families by
     default (their roles; for Vim ``in_proj``, ``x_proj(_b)``, ``dt_proj(_b)``, ``out_proj``), the QLinear mapping
     registered. ``modules_to_save=["head"]`` trains the classifier head in full alongside."""
     if target_modules is None:

@@ -32,7 +32,7 @@ VIM_MIXER = MixerLayout(
 class VimFamily(ModelFamily):
     model_type = "vim"
     # the six block linears every published Vim PTQ method quantizes (both scan directions)
-    mixer_linear_roles = ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj")
+    default_linear_roles = ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj")
     float_scan_class = VimSelectiveScan
     float_conv_class = VimConv1d
 
