@@ -27,18 +27,6 @@ def _field_types() -> dict[str, Any]:
     return types_
 
 
-def _activation_bits(spec: dict) -> set[int]:
-    """Bits of every activation quantizer spec nested in a module spec (dicts with a ``granularity``)."""
-    found = set()
-    for value in spec.values():
-        if isinstance(value, dict):
-            if "granularity" in value and isinstance(value.get("bits"), int):
-                found.add(value["bits"])
-            else:
-                found |= _activation_bits(value)
-    return found
-
-
 class ViMQuantizationConfig(QuantizationConfigMixin):
     """Quantization settings for ``from_pretrained(..., quantization_config=ViMQuantizationConfig(...))``.
 
@@ -169,22 +157,29 @@ class ViMQuantizationConfig(QuantizationConfigMixin):
         (the model card and ``repr`` read them): every integer-weight linear without a per-module override has
         ``weight_bits``; with ``act_bits=None`` no such linear quantizes its input, otherwise some activation
         quantizer has ``act_bits``."""
+        from .modules.spec import ActivationSpec, IntWeightSpec, LinearSpec, spec_from_dict
         from .recipes.targets import layer_overrides
 
         if not isinstance(self.layers, dict) or not all(isinstance(v, dict) for v in self.layers.values()):
             raise ValueError("quantization_config.layers must map module names to module specs (dicts)")
         wrong, act_seen = [], set()
-        for name, spec in self.layers.items():
-            act_seen.update(_activation_bits(spec))
-            if spec.get("type") != "linear":
+        for name, raw in self.layers.items():
+            try:
+                spec = spec_from_dict(raw)
+            except ValueError as err:
+                raise ValueError(f"quantization_config.layers[{name!r}] is not a valid module spec: {err}") from err
+            act_seen.update(act.bits for act in spec.activations().values())
+            if isinstance(spec, ActivationSpec):
+                act_seen.add(spec.bits)
+            if not isinstance(spec, LinearSpec):
                 continue
             over = layer_overrides(name, self.overrides) or {}
-            weight = spec.get("weight") or {}
+            weight = spec.weight
             want = over.get("weight_bits", self.weight_bits)
-            if weight.get("format") == "int" and weight.get("bits") != want:
-                wrong.append(f"{name} has {weight.get('bits')}-bit weights, the config says weight_bits={want}")
+            if isinstance(weight, IntWeightSpec) and weight.bits != want:
+                wrong.append(f"{name} has {weight.bits}-bit weights, the config says weight_bits={want}")
             want_act = over.get("act_bits", self.act_bits)
-            got_act = (spec.get("input") or {}).get("bits")
+            got_act = spec.input.bits if spec.input is not None else None
             if want_act is None and got_act is not None:
                 wrong.append(f"{name} quantizes its input to {got_act} bits, the config says act_bits=None")
         if self.act_bits is not None and self.act_bits not in act_seen:

@@ -16,6 +16,7 @@ from torch import nn
 from transformers.quantizers import HfQuantizer
 
 from .calibration import describe_source, prepare_calibration_batches
+from .modules.spec import spec_from_dict
 from .quantization_config import ViMQuantizationConfig
 from .recipes import apply_plan, build_quantized_skeleton, get_recipe_class, quantized_modules
 from .recipes.base import _has_submodule
@@ -96,9 +97,9 @@ class ViMHfQuantizer(HfQuantizer):
         build_quantized_skeleton(model, cfg.layers)
         if checkpoint_files:
             expected = {}
-            for name in cfg.layers:
-                for buf_name, buf in model.get_submodule(name).named_buffers():
-                    expected[f"{name}.{buf_name}"] = (tuple(buf.shape), str(buf.dtype).removeprefix("torch."))
+            for name, spec in cfg.layers.items():
+                for buf in spec_from_dict(spec).tensors():
+                    expected[f"{name}.{buf.name}"] = (buf.shape, str(buf.dtype).removeprefix("torch."))
             check_quantized_checkpoint(checkpoint_files, expected, cfg.format_version, recipe=cfg.recipe,
                                        prefix=getattr(model, "base_model_prefix", "vim"))
         return model
@@ -197,37 +198,14 @@ def quantize_model(model: nn.Module, quantization_config: ViMQuantizationConfig)
 
 
 def dequantize_model(model: nn.Module, dtype=None) -> nn.Module:
-    """Replaces every quantized module by its float counterpart holding the dequantized weights (activation
-    quantizers are dropped; folded reparameterisations stay folded, which is exact in float)."""
-    from .models.vim.modeling_vim import VimConv1d, VimSelectiveScan
-
+    """Replaces every quantized module by the float module it stands for (:meth:`QModule.dequantize
+    <optimum_vim.modules.QModule.dequantize>`: dequantized weights; activation quantizers are dropped; folded
+    reparameterisations stay folded, which is exact in float)."""
     use_mamba = getattr(getattr(model, "config", None), "use_mamba_kernels", True)
     if isinstance(dtype, str):  # config.dtype of a deep-copied model is a string ("float32")
         dtype = getattr(torch, dtype)
     for name, mod in quantized_modules(model).items():
-        spec = mod.spec
-        kind = spec["type"]
-        if kind == "linear":
-            new = nn.Linear(spec["in_features"], spec["out_features"], bias=spec.get("bias", False))
-            with torch.no_grad():
-                new.weight.copy_(mod.effective_weight())
-                if new.bias is not None:
-                    new.bias.copy_(mod.bias)
-        elif kind == "conv1d":
-            new = VimConv1d(spec["channels"], spec["kernel_size"], reverse=spec.get("reverse", False))
-            with torch.no_grad():
-                new.weight.copy_(mod.dequantized_weight())
-                new.bias.copy_(mod.bias)
-        elif kind == "output":
-            new = {"silu": nn.SiLU, "softplus": nn.Softplus, "identity": nn.Identity}[spec["inner"]]()
-        elif kind == "scan":
-            new = VimSelectiveScan(reverse=spec.get("reverse", False), use_mamba_kernels=use_mamba)
-        else:  # pragma: no cover - every registered kind is handled above
-            raise ValueError(f"cannot dequantize module type {kind!r}")
-        new = new.to(device=next(iter(mod.buffers())).device if any(True for _ in mod.buffers()) else "cpu")
-        if dtype is not None:
-            new = new.to(dtype)
-        model.set_submodule(name, new)
+        model.set_submodule(name, mod.dequantize(dtype, use_mamba_kernels=use_mamba))
     return model
 
 

@@ -9,6 +9,8 @@ import struct
 import tempfile
 from pathlib import Path
 
+from .modules.spec import quantized_buffer_names
+
 METADATA_FORMAT_KEY = "optimum_vim_format_version"
 METADATA_RECIPE_KEY = "optimum_vim_recipe"
 _DTYPE_NAMES = {
@@ -48,13 +50,10 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], d
     return header, metadata
 
 
-# buffer names that only optimum-vim's quantized modules own (a float Vim has none of them)
-_QUANTIZED_LEAVES = ("qweight", "weight_scale", "codebook", "smooth_scale", "state_scale", "state_channel_scale")
-
-
 def is_quantized_tensor_name(name: str) -> bool:
-    """Whether a state-dict key names a buffer of an optimum-vim quantized module."""
-    return name.rsplit(".", 1)[-1] in _QUANTIZED_LEAVES or "_quantizer." in name
+    """Whether a state-dict key names a buffer of an optimum-vim quantized module: one that only the quantized
+    module kinds declare (their typed specs, :mod:`optimum_vim.modules.spec`), or one of their nested quantizers'."""
+    return name.rsplit(".", 1)[-1] in quantized_buffer_names() or "_quantizer." in name
 
 
 def refuse_quantized_checkpoint_as_float(files, quant_method: str | None, declared_method: str | None = None) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .modules.spec import LinearSpec
 from .recipes import quantized_modules
 
 
@@ -17,22 +18,13 @@ def checkpoint_bytes(folder: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
 
-def _fp16_bytes(spec: dict) -> int:
-    kind = spec["type"]
-    if kind == "linear":
-        return 2 * (spec["in_features"] * spec["out_features"] + (spec["out_features"] if spec.get("bias") else 0))
-    if kind == "conv1d":
-        return 2 * (spec["channels"] * spec["kernel_size"] + spec["channels"])
-    return 0
-
-
 def quantized_layer_bytes(model: nn.Module) -> dict[str, int | float]:
     """Bytes held by the quantized modules (every buffer: codes, scales, codebooks, activation quantizers, bias)
     against fp16 storage of the weights they replace: ``{"quantized", "fp16", "ratio", "layers"}``."""
     q_bytes = fp16 = 0
     mods = quantized_modules(model)
     for mod in mods.values():
-        weight_holding = _fp16_bytes(mod.spec)
+        weight_holding = 2 * mod.spec.num_float_parameters()  # fp16 bytes of the weights it replaces
         if not weight_holding:
             continue
         fp16 += weight_holding
@@ -42,19 +34,18 @@ def quantized_layer_bytes(model: nn.Module) -> dict[str, int | float]:
             "layers": len(mods), "bits_per_weight": bits_per_weight(model)}
 
 
-_WEIGHT_BUFFERS = ("qweight", "weight_scale", "codebook")
-
-
 def bits_per_weight(model: nn.Module) -> float:
     """Stored bits per weight of the quantized linears: codes or codebook indices, scales and codebooks (bias,
     smoothing and activation quantizers excluded); nan when the model has none."""
     bits = weights = 0
     for mod in quantized_modules(model).values():
-        if mod.spec.get("type") != "linear":
+        spec = mod.spec
+        if not isinstance(spec, LinearSpec):
             continue
-        weights += mod.spec["in_features"] * mod.spec["out_features"]
+        weights += spec.in_features * spec.out_features
+        weight_buffers = spec.weight.BUFFER_NAMES  # codes, scales, codebook: what the weight format stores
         stored = (*mod.named_buffers(recurse=False), *mod.named_parameters(recurse=False))  # trainable scales too
-        bits += 8 * sum(b.numel() * b.element_size() for name, b in stored if name in _WEIGHT_BUFFERS)
+        bits += 8 * sum(b.numel() * b.element_size() for name, b in stored if name in weight_buffers)
     return bits / weights if weights else float("nan")
 
 

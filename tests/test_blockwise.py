@@ -167,7 +167,7 @@ def test_fake_quant_linear_exports_the_module_it_simulates():
     fq = FakeQuantLinear(linear, LearnedWeightQuantizer(lp_weight_scale(w, 4, candidates=10), 4),
                          LearnedActQuantizer(step, 4, zero), sigma)
     plan = fq.export()
-    assert plan.spec["smooth"] and plan.spec["input"]["granularity"] == "token" and not plan.spec["input"]["symmetric"]
+    assert plan.spec.smooth and plan.spec.input.granularity == "token" and not plan.spec.input.symmetric
     q = build_qmodule(plan.spec)
     load_qmodule_tensors(q, plan.tensors)
     assert isinstance(q, QLinear)

@@ -156,7 +156,7 @@ def test_what_is_quantized(kscale_model, fp_model):
         assert isinstance(scan, QSelectiveScan) and scan.state_scale.shape == (50,)
         assert scan.state_channel_scale.shape == (64,) and scan.state_qmin == -128
         yq = scan.y_quantizer
-        assert yq.granularity == "token_cluster" and yq.spec["channel_factor"]
+        assert yq.granularity == "token_cluster" and yq.spec.channel_factor
         assert torch.equal(yq.factor, scan.state_channel_scale)  # r_C on y and on the state
         assert torch.equal(torch.log2(yq.scale / yq.scale[0]), torch.log2(yq.scale / yq.scale[0]).round())
     # dt_proj bias corrected; x_proj carries r_D in its B / C rows (dt rows untouched up to rounding)
@@ -189,7 +189,7 @@ def test_minmax_baseline_and_float_state(tiny_vim_dir, fp_model):
     mixer = base.vim.layers[0].mixer
     assert mixer.out_proj.input_quantizer.granularity == "tensor"
     assert mixer.conv1d.output_quantizer.granularity == "tensor"
-    assert mixer.ssm.state_channel_scale is None and "channel_factor" not in mixer.ssm.y_quantizer.spec
+    assert mixer.ssm.state_channel_scale is None and "channel_factor" not in mixer.ssm.y_quantizer.spec.to_dict()
     # max-abs: the input scale is exactly max|x| / 127.5 of the observed tensor
     h = mixer.ssm.state_scale
     assert (h > 0).all()

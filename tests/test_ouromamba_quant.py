@@ -84,16 +84,16 @@ def test_every_block_linear_and_both_scans_get_the_extractor(w4a4):
     mixer = w4a4.vim.layers[1].mixer
     for name in ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj"):
         layer = getattr(mixer, name)
-        assert layer.spec["weight"] == {"format": "int", "bits": 4, "group_size": None}
-        iq = layer.spec["input"]
-        assert iq["granularity"] == "dynamic_outlier" and iq["bits"] == 4 and iq["outlier_bits"] == 8
-        assert iq["refresh"] == 10 and iq["outlier_sigma"] == 3.0 and iq["reverse"] == name.endswith("_b")
+        assert layer.spec.weight.to_dict() == {"format": "int", "bits": 4, "group_size": None}
+        iq = layer.spec.input
+        assert iq.granularity == "dynamic_outlier" and iq.bits == 4 and iq.outlier_bits == 8
+        assert iq.refresh == 10 and iq.outlier_sigma == 3.0 and iq.reverse == name.endswith("_b")
     fwd, bwd = mixer.ssm, mixer.ssm_b
     for scan, reverse in ((fwd, False), (bwd, True)):
         for name in ("u", "delta", "B", "C"):
             q = getattr(scan, f"{name}_quantizer")
-            assert isinstance(q, QActivation) and q.spec["reverse"] is reverse
-            assert q.symmetric is (name != "delta") and q.spec["outlier_sigma"] == (4.0 if name == "delta" else 3.0)
+            assert isinstance(q, QActivation) and q.spec.reverse is reverse
+            assert q.symmetric is (name != "delta") and q.spec.outlier_sigma == (4.0 if name == "delta" else 3.0)
     # each direction has its own quantizers (the official code shares one set per block)
     assert fwd.u_quantizer is not bwd.u_quantizer
     assert not torch.equal(fwd.u_quantizer.scale, bwd.u_quantizer.scale)
@@ -175,14 +175,14 @@ def test_real_data_ablation_uses_the_given_images(fixture_dir):
     model = AutoModelForImageClassification.from_pretrained(fixture_dir, quantization_config=cfg)
     qc = model.config.quantization_config
     assert not qc.calibration_source.startswith("calibrated on")  # the real data set is named instead
-    assert model.vim.layers[0].mixer.in_proj.spec["input"]["outlier_bits"] == 16  # W4A8O16
+    assert model.vim.layers[0].mixer.in_proj.spec.input.outlier_bits == 16  # W4A8O16
 
 
 def test_static_outlier_ablation_stores_its_list(fixture_dir):
     cfg = _config(num_synthetic=4, gen_iterations=2, epochs=0, dynamic_outliers=False)
     model = AutoModelForImageClassification.from_pretrained(fixture_dir, quantization_config=cfg)
     iq = model.vim.layers[0].mixer.in_proj.input_quantizer
-    assert iq.spec["static_outliers"] and iq.outlier_channels.shape == (128,)
+    assert iq.spec.static_outliers and iq.outlier_channels.shape == (128,)
 
 
 def test_save_reload_is_bit_identical_and_dequantizes(w4a4, tmp_path):
@@ -345,12 +345,12 @@ def test_official_quantization_points_for_delta_and_u(tiny_vim_dir, tmp_path):
     mixer = model.vim.layers[1].mixer
     for suffix, reverse in (("", False), ("_b", True)):
         scan, softplus = getattr(mixer, "ssm" + suffix), getattr(mixer, "softplus" + suffix)
-        assert scan.spec["delta"] is None and scan.spec["u"] is None and scan.spec["B"] and scan.spec["C"]
-        iq = softplus.spec["input"]
-        assert softplus.spec["output"] is None and softplus.spec["inner"] == "softplus"
-        assert iq["granularity"] == "dynamic_outlier" and not iq["symmetric"] and iq["reverse"] is reverse
-        assert iq["outlier_trigger"] == "range" and iq["outlier_affine"] and iq["outlier_sigma"] == 4.0
-        assert getattr(mixer, "x_proj" + suffix).spec["input"]["granularity"] == "dynamic_outlier"
+        assert scan.spec.delta is None and scan.spec.u is None and scan.spec.B and scan.spec.C
+        iq = softplus.spec.input
+        assert softplus.spec.output is None and softplus.spec.inner == "softplus"
+        assert iq.granularity == "dynamic_outlier" and not iq.symmetric and iq.reverse is reverse
+        assert iq.outlier_trigger == "range" and iq.outlier_affine and iq.outlier_sigma == 4.0
+        assert getattr(mixer, "x_proj" + suffix).spec.input.granularity == "dynamic_outlier"
     captured = {}
     handle = mixer.softplus.register_forward_pre_hook(lambda m, a: captured.update(x=a[0]))
     x = torch.randn(2, 1, 28, 28)
@@ -364,8 +364,8 @@ def test_official_quantization_points_for_delta_and_u(tiny_vim_dir, tmp_path):
         assert torch.equal(again(pixel_values=x).logits, logits)
     default = _tiny_plan(AutoModelForImageClassification.from_pretrained(tiny_vim_dir).eval(), epochs=0)
     assert "vim.layers.1.mixer.softplus" not in default.layers
-    assert default.layers["vim.layers.1.mixer.ssm"].spec["delta"]["symmetric"] is False
-    assert "outlier_trigger" not in default.layers["vim.layers.1.mixer.ssm"].spec["delta"]  # default spec unchanged
+    assert default.layers["vim.layers.1.mixer.ssm"].spec.delta.symmetric is False
+    assert "outlier_trigger" not in default.layers["vim.layers.1.mixer.ssm"].spec.delta.to_dict()  # default unchanged
 
 
 def test_official_step_training_trains_only_in_proj_and_out_proj(tiny_float):

@@ -52,7 +52,7 @@ def test_quantize_on_load_layout(ptq4vm_w4a4, tiny_vim_dir):
     for name, m in linears.items():
         iq = m.input_quantizer
         assert m.bits == 4 and m.group_size is None and m.weight_scale.shape == (m.out_features, 1), name
-        assert iq.granularity == "token" and not iq.symmetric and iq.spec["length"] == 50, name  # from the config
+        assert iq.granularity == "token" and not iq.symmetric and iq.spec.length == 50, name  # from the config
         assert iq.qmin == 0 and iq.qmax == 15 and m.smooth_scale is not None and (m.smooth_scale > 0).all(), name
     qc = q.config.quantization_config
     assert qc.recipe == "ptq4vm" and qc.num_calibration_samples == 16
@@ -134,7 +134,7 @@ def test_jlss_lowers_the_block_loss_and_ablations_differ(tiny_vim_dir):
         plan = recipe.calibrate(model, [data])
         losses[label] = sum(b["quantized_loss"] for b in plan.info["blocks"])
         in_proj = plan.layers["vim.layers.0.mixer.in_proj"]
-        assert in_proj.spec["smooth"] == (label != "pts") and ("smooth_scale" in in_proj.tensors) == (label != "pts")
+        assert in_proj.spec.smooth == (label != "pts") and ("smooth_scale" in in_proj.tensors) == (label != "pts")
         trained = [b.get("steps", 0) for b in plan.info["blocks"]]
         assert trained == ([25, 25] if label == "jlss" else [0, 0])
         if label == "jlss":

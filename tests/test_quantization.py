@@ -340,7 +340,7 @@ def test_rtn_quantizes_scan_inputs(tiny_vim_dir, tmp_path):
     scans = {n: m for n, m in q.named_modules() if isinstance(m, QSelectiveScan)}
     assert sorted(scans) == [f"vim.layers.{i}.mixer.{s}" for i in (0, 1) for s in ("ssm", "ssm_b")]
     assert scans["vim.layers.0.mixer.ssm_b"].reverse and not scans["vim.layers.0.mixer.ssm"].reverse
-    assert not scans["vim.layers.0.mixer.ssm"].spec["delta"]["symmetric"] and scans["vim.layers.0.mixer.ssm"].spec["u"]["symmetric"]
+    assert not scans["vim.layers.0.mixer.ssm"].spec.delta.symmetric and scans["vim.layers.0.mixer.ssm"].spec.u.symmetric
     x = torch.randn(4, 1, 28, 28)
     ref, out = _logits(fp, x), _logits(q, x)
     assert 10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean()) > 25
@@ -360,7 +360,7 @@ def test_fused_combine_equals_combine_then_out_proj(tiny_vim_dir, recipe_args):
     q = _load_q(tiny_vim_dir, weight_bits=8, act_bits=8, recipe_args=recipe_args)
     out_proj = q.vim.layers[0].mixer.out_proj
     g = torch.Generator().manual_seed(0)
-    length = out_proj.input_quantizer.spec.get("length") or 50
+    length = out_proj.input_quantizer.spec.length or 50
     yf, yb, z = (torch.randn(3, length, out_proj.in_features, generator=g) for _ in range(3))
     assert out_proj.can_fuse_combine()
     seen = []

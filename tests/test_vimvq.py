@@ -20,7 +20,7 @@ from optimum_vim.calibration.vq import (
     rtn_bytes,
     split_subvectors,
 )
-from optimum_vim.modules import QLinear, build_qmodule, load_qmodule_tensors
+from optimum_vim.modules import QLinear, VQWeightSpec, build_qmodule, load_qmodule_tensors
 from optimum_vim.ops.dispatch import use_kernels
 from optimum_vim.primitives import packed_row_bytes
 from optimum_vim.recipes import QuantPlan, apply_plan, get_recipe_class, quantized_modules
@@ -93,11 +93,11 @@ def test_kmeans_vq_is_seeded_and_beats_rtn(scaled):
 # ------------------------------------------------------------------------------------------------- the recipe
 def test_recipe_quantizes_every_block_linear(vq2_model, tiny_vim_dir):
     mods = quantized_modules(vq2_model)
-    assert len(mods) == 12 and all(m.format == "vq" and m.spec["weight"]["vector_dim"] == 4 for m in mods.values())
+    assert len(mods) == 12 and all(m.format == "vq" and m.spec.weight.vector_dim == 4 for m in mods.values())
     in_proj = vq2_model.vim.layers[0].mixer.in_proj
     # 128 x 32 / 4 = 1024 sub-vectors (clamp: 256); RTN W2 g32 takes 1536 bytes: 256 or 128 fp16 codewords of 4 do
     # not fit beside the indices (1024 + 2048, 896 + 1024 bytes), 64 do (768 + 512)
-    assert in_proj.spec["weight"]["codebook_size"] == 64 and in_proj.bits == 6
+    assert in_proj.spec.weight.codebook_size == 64 and in_proj.bits == 6
     float_model = AutoModelForImageClassification.from_pretrained(tiny_vim_dir)
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
@@ -186,7 +186,7 @@ def test_non_dividing_vector_dim_is_padded(tiny_vim_dir):
     model = AutoModelForImageClassification.from_pretrained(
         tiny_vim_dir, quantization_config=_vq(2, vector_dim=3, codebook_size=64))
     dt = model.vim.layers[0].mixer.dt_proj
-    assert dt.spec["weight"]["vector_dim"] == 3 and dt.qweight.shape[0] == 64
+    assert dt.spec.weight.vector_dim == 3 and dt.qweight.shape[0] == 64
     assert dt.dequantized_weight().shape == (64, 2)
     with torch.no_grad():
         assert torch.isfinite(model(torch.randn(1, 1, 28, 28)).logits).all()
@@ -202,7 +202,7 @@ def test_cli_quantizes_with_vimvq(tiny_vim_dir, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["quantized_modules"] == 12 and summary["recipe"] == "vimvq"
     model = AutoModelForImageClassification.from_pretrained(out)
-    assert model.vim.layers[0].mixer.in_proj.spec["weight"]["vector_dim"] == 8
+    assert model.vim.layers[0].mixer.in_proj.spec.weight.vector_dim == 8
     assert bits_per_weight(model) == quantized_layer_bytes(model)["bits_per_weight"]
     assert 0.5 < bits_per_weight(model) < 3.0
 
@@ -316,7 +316,7 @@ def test_blockwise_optimisation_beats_plain_kmeans(tiny_vim_dir, incremental):
     recipe = get_recipe_class("vimvq").from_config(_block_cfg(incremental=incremental, lr_ratios=0.1))
     plan = recipe.calibrate(model, [images[:8], images[8:]])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert len(plan.layers) == 12 and all(lp.spec["weight"]["format"] == "vq" for lp in plan.layers.values())
+    assert len(plan.layers) == 12 and all(isinstance(lp.spec.weight, VQWeightSpec) for lp in plan.layers.values())
     assert len(plan.info["blocks"]) == 2
     frozen = [s["frozen_before_export"] for s in plan.info["layers"].values()]
     assert all(f == 1.0 for f in frozen) if incremental else all(f == 0.0 for f in frozen)

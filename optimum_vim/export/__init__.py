@@ -58,7 +58,7 @@ def check_exportable(model: nn.Module) -> None:
 
     for name, module in model.named_modules():
         if isinstance(module, QActivation) and module.granularity == "dynamic_outlier" \
-                and not module.spec.get("static_outliers"):
+                and not module.spec.static_outliers:
             raise ExportError(
                 f"{name} is an OuroMamba dynamic_outlier quantizer: its outlier channels are chosen per input at run "
                 "time (a data-dependent number of columns), which an exported static graph cannot express. Export a "

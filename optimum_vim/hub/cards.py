@@ -122,9 +122,11 @@ def render_model_card(
             base_model=hub_base, base_model_relation="quantized" if hub_base else None,
             model_name=name if eval_results else None, eval_results=eval_results,
         )
-        layers = qc.layers or {}
-        kinds = sorted({spec["type"] for spec in layers.values()})
+        from ..modules.spec import spec_from_dict, spec_kind
         from ..size import bits_per_weight
+
+        layers = qc.layers or {}
+        kinds = sorted({spec_kind(spec_from_dict(spec)) for spec in layers.values()})
 
         bpw = bits_per_weight(model)
         card = ModelCard.from_template(

@@ -1,6 +1,7 @@
 """QActivation: static (or dynamic per-token) uniform quantizer of an activation tensor (batch, L, C).
 
-Spec keys: ``bits``, ``symmetric`` (else affine with an integer zero point), ``narrow`` (symmetric range
+Its spec is an :class:`~optimum_vim.modules.spec.ActivationSpec` (its ``to_dict()`` is the JSON form). Fields:
+``bits``, ``symmetric`` (else affine with an integer zero point), ``narrow`` (symmetric range
 +-(2^(b-1)-1) instead of [-2^(b-1), 2^(b-1)-1]), ``granularity`` and the sizes it needs:
 
 =================  ==========================================  ================================
@@ -22,7 +23,7 @@ dynamic_outlier    ``scale (L,)`` static inlier scale per      OuroMamba (W4A4O8
 static per-token grid; outlier channels detected **per sample at run time** (``|x| > mean + outlier_sigma·std``
 over channels, triggered when a token leaves its static range), accumulated over windows of ``refresh`` tokens in
 scan order (``reverse: true`` for the backward scan) and reset at each window; outliers in ``outlier_bits`` 8
-(symmetric, per (sample, token) absmax) or 16 (fp16). Extra spec keys, all stored so reloads are bit-identical:
+(symmetric, per (sample, token) absmax) or 16 (fp16). Extra spec fields, all stored so reloads are bit-identical:
 ``length``, ``outlier_bits`` (8 | 16, default 8), ``refresh`` (int >= 1, default 10), ``outlier_sigma`` (> 0,
 default 3.0), ``reverse`` (bool), ``static_outliers`` (bool: a fixed list ``outlier_channels`` instead of the
 detection; needs ``channels``), and, only where they differ from the defaults, ``outlier_trigger`` (``"interval"`` |
@@ -37,12 +38,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from ..primitives import dequantize, int_range, quantize, quantize_int8
 from .base import QModule, register_qmodule
+from .spec import ActivationSpec
 from .training import activation_ste, needs_grad
 
-GRANULARITIES = ("tensor", "token", "token_cluster", "channel", "channel_cluster", "dynamic_token", "dynamic_outlier")
 ROW_GRANULARITIES = ("tensor", "token", "token_cluster", "dynamic_token")  # one scale per (sample, token) row
 _STATIC_ROWS = ("tensor", "token", "token_cluster")  # static scales, one per (sample, token) row
 
@@ -66,91 +68,33 @@ def _version(t: torch.Tensor) -> int:
         return -1
 
 
-def validate_activation_spec(spec: dict) -> None:
-    """Raises ValueError for an impossible activation quantizer spec."""
-    gran = spec.get("granularity")
-    if gran not in GRANULARITIES:
-        raise ValueError(f"activation granularity must be one of {GRANULARITIES}; got {gran!r}")
-    bits = spec.get("bits")
-    if not isinstance(bits, int) or not 2 <= bits <= 16:
-        raise ValueError(f"activation bits must be an int in 2..16; got {bits!r}")
-    if gran in ("token", "token_cluster") and not spec.get("length"):
-        raise ValueError(f"granularity {gran!r} needs the sequence length")
-    if (gran in ("channel", "channel_cluster") or spec.get("channel_factor")) and not spec.get("channels"):
-        raise ValueError(f"granularity {gran!r} / channel_factor needs the channel count")
-    if gran.endswith("cluster") and not spec.get("num_clusters"):
-        raise ValueError(f"granularity {gran!r} needs num_clusters")
-    if gran == "dynamic_token" and not spec.get("symmetric", True):
-        raise ValueError("dynamic_token quantization is symmetric only")
-    if gran == "dynamic_outlier":
-        _validate_outlier_spec(spec)
-
-
-def _validate_outlier_spec(spec: dict) -> None:
-    if not isinstance(spec.get("length"), int) or spec["length"] < 1:
-        raise ValueError(f"granularity 'dynamic_outlier' needs the sequence length; got {spec.get('length')!r}")
-    if spec.get("outlier_bits", 8) not in (8, 16):
-        raise ValueError(f"outlier_bits must be 8 (int8 outliers) or 16 (fp16); got {spec.get('outlier_bits')!r}")
-    refresh = spec.get("refresh", 10)
-    if not isinstance(refresh, int) or isinstance(refresh, bool) or refresh < 1:
-        raise ValueError(f"refresh must be a positive int (tokens per outlier window); got {refresh!r}")
-    sigma = spec.get("outlier_sigma", 3.0)
-    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not sigma > 0:
-        raise ValueError(f"outlier_sigma must be a positive number; got {sigma!r}")
-    if spec.get("static_outliers") and not spec.get("channels"):
-        raise ValueError("static_outliers needs the channel count (channels)")
-    if spec.get("outlier_trigger", "interval") not in ("interval", "range"):
-        raise ValueError(f"outlier_trigger must be 'interval' or 'range'; got {spec.get('outlier_trigger')!r}")
-    if not isinstance(spec.get("outlier_affine", False), bool):
-        raise ValueError(f"outlier_affine must be true or false; got {spec.get('outlier_affine')!r}")
-
-
 @register_qmodule("activation")
 class QActivation(QModule):
     """Fake-quantizes activations in the reference path, and hands kernels integer codes with row scales."""
 
-    def __init__(self, spec: dict):
-        spec = {"symmetric": True, "narrow": True, **spec}
-        if spec.get("granularity") == "dynamic_outlier":
-            spec = {"outlier_bits": 8, "refresh": 10, "outlier_sigma": 3.0, "reverse": False,
-                    "static_outliers": False, **spec}
-        validate_activation_spec(spec)
+    SPEC = ActivationSpec
+
+    def __init__(self, spec: ActivationSpec | dict):
         super().__init__(spec)
-        self.bits = spec["bits"]
-        self.symmetric = spec["symmetric"]
-        self.granularity = spec["granularity"]
-        self.qmin, self.qmax = int_range(self.bits, self.symmetric, spec["narrow"])
-        n = {
-            "tensor": 1,
-            "token": spec.get("length"),
-            "channel": spec.get("channels"),
-            "token_cluster": spec.get("num_clusters"),
-            "channel_cluster": spec.get("num_clusters"),
-            "dynamic_token": 0,
-            "dynamic_outlier": spec.get("length"),
-        }[self.granularity]
-        if n:
-            self._buffer("scale", (n,), torch.float32)
-            if not self.symmetric:
-                self._buffer("zero_point", (n,), torch.int32)
-        if self.granularity == "token_cluster":
-            self._buffer("labels", (spec["length"],), torch.int32)
-        if self.granularity == "channel_cluster":
-            self._buffer("labels", (spec["channels"],), torch.int32)
-        if spec.get("channel_factor"):
-            self._buffer("factor", (spec["channels"],), torch.float32)
-        if self.granularity == "dynamic_outlier" and spec["static_outliers"]:
-            self._buffer("outlier_channels", (spec["channels"],), torch.uint8)
+        spec = self.spec
+        self.bits = spec.bits
+        self.symmetric = spec.symmetric
+        self.granularity = spec.granularity
+        self.qmin, self.qmax = int_range(self.bits, self.symmetric, spec.narrow)
+
+    def _float_module(self, use_mamba_kernels: bool) -> nn.Module:
+        return nn.Identity()  # a quantizer on its own stands for no float computation
 
     # ------------------------------------------------------------------ scales
     def _check_input(self, x: torch.Tensor) -> None:
-        if self.granularity in ("token", "token_cluster") and x.shape[-2] != self.spec["length"]:
+        if self.granularity in ("token", "token_cluster") and x.shape[-2] != self.spec.length:
             raise ValueError(
-                f"static per-token scales were calibrated for {self.spec['length']} tokens; got {x.shape[-2]}. "
+                f"static per-token scales were calibrated for {self.spec.length} tokens; got {x.shape[-2]}. "
                 "Per-position scales are tied to the calibration image size and patch layout."
             )
-        if ("channels" in self.spec and self.granularity.startswith("channel")) and x.shape[-1] != self.spec["channels"]:
-            raise ValueError(f"quantizer expects {self.spec['channels']} channels; got {x.shape[-1]}")
+        channels = self.spec.channels
+        if channels is not None and self.granularity.startswith("channel") and x.shape[-1] != channels:
+            raise ValueError(f"quantizer expects {channels} channels; got {x.shape[-1]}")
 
     def scale_and_zero(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scale and zero point broadcastable against ``x`` (batch, L, C) (fp32)."""
@@ -170,7 +114,7 @@ class QActivation(QModule):
                     "channel": (1, 1, -1), "channel_cluster": (1, 1, -1)}[g]
             scale = s.view(view)
             zero = z.view(view) if z is not None else None
-        if self.spec.get("channel_factor"):
+        if self.spec.channel_factor:
             scale = scale * self.factor.view(1, 1, -1)
         return scale, zero
 
@@ -206,7 +150,7 @@ class QActivation(QModule):
         """For the scan kernel: ``(codes int8 (batch, L, C), scale (L,) or (1,), zero int32 or None)`` when the scale
         is static per tensor or per token position and codes fit int8 (affine codes only with ``allow_zero``);
         else ``None``."""
-        if self.granularity not in ("tensor", "token") or self.spec.get("channel_factor"):
+        if self.granularity not in ("tensor", "token") or self.spec.channel_factor:
             return None
         if self.qmax - self.qmin > 255 or (not self.symmetric and not allow_zero):
             return None
@@ -226,7 +170,7 @@ class QActivation(QModule):
         Static per-tensor / per-token scales take their (cached) constants and four in-place passes over one
         temporary: ``x / scale``, round, ``+ zero``, clamp, then the int8 cast (the values of
         :func:`~optimum_vim.primitives.quantize_int8`)."""
-        if self.granularity not in _STATIC_ROWS or self.spec.get("channel_factor"):
+        if self.granularity not in _STATIC_ROWS or self.spec.channel_factor:
             scale, zero = self.scale_and_zero(x3)
             shift = self.code_shift
             if shift:
@@ -280,7 +224,7 @@ class QActivation(QModule):
 
         Affine 8-bit codes in [0, 255] are shifted by -128 into int8, the zero point with them, so
         ``x = scale * (codes - zero)`` holds for the returned values."""
-        if self.granularity not in ROW_GRANULARITIES or self.spec.get("channel_factor"):
+        if self.granularity not in ROW_GRANULARITIES or self.spec.channel_factor:
             return None
         if self.qmax - self.qmin > 255:
             return None
@@ -300,19 +244,19 @@ class QActivation(QModule):
         if self.granularity != "dynamic_outlier":
             raise ValueError(f"outlier_split needs granularity 'dynamic_outlier'; this quantizer is {self.granularity!r}")
         x3 = self._as3d(x)
-        if x3.shape[-2] != self.spec["length"]:
+        if x3.shape[-2] != self.spec.length:
             raise ValueError(
-                f"static per-token inlier scales were calibrated for {self.spec['length']} tokens; got {x3.shape[-2]}"
+                f"static per-token inlier scales were calibrated for {self.spec.length} tokens; got {x3.shape[-2]}"
             )
         from ..primitives.outliers import extract_outliers
 
         spec = self.spec
-        static = self.outlier_channels.bool() if spec["static_outliers"] else None
+        static = self.outlier_channels.bool() if spec.static_outliers else None
         return extract_outliers(
             x3, self.scale if scale is None else scale, None if self.symmetric else self.zero_point, self.qmin,
-            self.qmax, refresh=spec["refresh"], sigma=float(spec["outlier_sigma"]), reverse=bool(spec["reverse"]),
-            outlier_bits=spec["outlier_bits"], static_mask=static, ste=ste,
-            trigger=spec.get("outlier_trigger", "interval"), outlier_affine=spec.get("outlier_affine", False),
+            self.qmax, refresh=spec.refresh, sigma=float(spec.outlier_sigma), reverse=bool(spec.reverse),
+            outlier_bits=spec.outlier_bits, static_mask=static, ste=ste,
+            trigger=spec.outlier_trigger, outlier_affine=spec.outlier_affine,
         )
 
     def outlier_gemm_operands(self, x: torch.Tensor):

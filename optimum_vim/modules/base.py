@@ -1,7 +1,8 @@
-"""Shared machinery of the quantized modules: a JSON-able spec per module and a registry to rebuild from it.
+"""Shared machinery of the quantized modules: a typed spec per module and a registry to rebuild from it.
 
-Every quantized module owns only named persistent buffers (never parameters) whose names and shapes follow from
-its spec, so an empty module built from the spec on the meta device is filled by a plain state-dict load.
+Every quantized module owns only named persistent buffers (never parameters), registered from the buffers its spec
+declares (:mod:`optimum_vim.modules.spec`), so an empty module built from the spec on the meta device is filled by a
+plain state-dict load. Each module turns itself back into the float module it replaced (:meth:`QModule.dequantize`).
 
 NaN rule: NaN in -> NaN out. A quantized module's output is NaN wherever the float module's output would be NaN
 because of a NaN input. Fake-quantized (quantize-dequantize) tensors carry NaN through by themselves; integer codes
@@ -12,11 +13,12 @@ out-of-range value does.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 from torch import nn
+
+from .spec import AnySpec, spec_from_dict, spec_kind
 
 QMODULE_TYPES: dict[str, type] = {}
 
@@ -33,14 +35,35 @@ def register_qmodule(kind: str):
 
 
 class QModule(nn.Module):
-    """Base of the quantized modules. ``spec`` is the module's JSON-able description (stored in config.json)."""
+    """Base of the quantized modules. ``spec`` is the module's typed spec (:mod:`optimum_vim.modules.spec`; its
+    ``to_dict()`` is what config.json stores); a dict is converted (and validated) with the spec class's
+    ``from_dict``. The buffers the spec declares are registered zero-filled; those of ``OPTIONAL_BUFFERS`` that it
+    does not declare are ``None``."""
 
     KIND = "abstract"
+    SPEC: type = None  # the spec class of this kind
+    OPTIONAL_BUFFERS: tuple[str, ...] = ()  # buffer attributes that read None when the spec declares no such buffer
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: AnySpec | dict):
         super().__init__()
-        self.spec = copy.deepcopy(spec)
-        self.spec["type"] = self.KIND
+        self.spec = self.SPEC.from_dict(spec)
+        for buf in self.spec.buffers():
+            self.register_buffer(buf.name, torch.zeros(buf.shape, dtype=buf.dtype), persistent=True)
+        for name in self.OPTIONAL_BUFFERS:
+            if not hasattr(self, name):
+                setattr(self, name, None)
+
+    def dequantize(self, dtype: torch.dtype | None = None, *, use_mamba_kernels: bool = True) -> nn.Module:
+        """The float module this one stands for, with the dequantized weights (activation quantizers dropped; folded
+        reparameterisations stay folded, which is exact in float), on this module's device, in ``dtype`` (default
+        float32). ``use_mamba_kernels`` picks the float scan's backend, as the model config's option does."""
+        new = self._float_module(use_mamba_kernels=use_mamba_kernels)
+        first = next(iter(self.buffers()), None)
+        new = new.to(device=first.device if first is not None else "cpu")
+        return new.to(dtype) if dtype is not None else new
+
+    def _float_module(self, use_mamba_kernels: bool) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} has no float counterpart")
 
     def _apply(self, fn, recurse=True):
         """Device moves apply to the buffers; dtype casts (``.to(dtype)``, ``.half()``, ``.bfloat16()``) do not:
@@ -53,11 +76,8 @@ class QModule(nn.Module):
 
         return super()._apply(keep_dtype, recurse)
 
-    def _buffer(self, name: str, shape, dtype: torch.dtype) -> None:
-        self.register_buffer(name, torch.zeros(shape, dtype=dtype), persistent=True)
-
     def extra_repr(self) -> str:
-        keys = ", ".join(f"{k}={v}" for k, v in self.spec.items() if not isinstance(v, dict) and k != "type")
+        keys = ", ".join(f"{k}={v}" for k, v in self.spec.to_dict().items() if not isinstance(v, dict) and k != "type")
         return keys
 
 
@@ -92,12 +112,11 @@ def mark_nan(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return y.masked_fill(mask, float("nan"))
 
 
-def build_qmodule(spec: dict) -> QModule:
-    """An empty (zero-filled) quantized module of the spec's ``type``; buffers are on the current default device."""
-    kind = spec.get("type")
-    if kind not in QMODULE_TYPES:
-        raise ValueError(f"unknown quantized module type {kind!r}; known: {sorted(QMODULE_TYPES)}")
-    return QMODULE_TYPES[kind](spec)
+def build_qmodule(spec: AnySpec | dict) -> QModule:
+    """An empty (zero-filled) quantized module of a typed spec (or a config.json dict, converted with
+    :func:`~optimum_vim.modules.spec.spec_from_dict`); buffers are on the current default device."""
+    spec = spec_from_dict(spec)
+    return QMODULE_TYPES[spec_kind(spec)](spec)
 
 
 def load_qmodule_tensors(module: QModule, tensors: dict[str, torch.Tensor]) -> None:

@@ -1,17 +1,17 @@
 """QLinear: the quantized linear layer every recipe emits.
 
-Spec::
+Its spec is a :class:`~optimum_vim.modules.spec.LinearSpec`: ``in_features`` K, ``out_features`` N, ``bias``, the
+weight format (:class:`~optimum_vim.modules.spec.IntWeightSpec`: ``bits`` 1..8, symmetric +-(2^(b-1)-1), 1 bit: +-1,
+``group_size`` None or G; or :class:`~optimum_vim.modules.spec.VQWeightSpec`: ``index_bits``, ``vector_dim``,
+``codebook_size``, ``channel_scale``, ``codebook_dtype``, the codebook format below), ``input`` (None or the
+:class:`~optimum_vim.modules.spec.ActivationSpec` of a static / dynamic input quantizer) and ``smooth`` (PTQ4VM
+smoothing: inputs divided by ``smooth_scale``, folded into W). Its ``to_dict()`` is what config.json stores, e.g.
+``{"type": "linear", "in_features": K, "out_features": N, "bias": false, "weight": {"format": "int", "bits": 4,
+"group_size": null}, "input": null}``.
 
-    {"type": "linear", "in_features": K, "out_features": N, "bias": bool,
-     "weight": {"format": "int", "bits": 1..8, "group_size": null | G}  # symmetric, +-(2^(b-1)-1); 1 bit: +-1
-            or {"format": "vq", "index_bits": b, "vector_dim": d, "codebook_size": C, "channel_scale": bool,
-                "codebook_dtype": "float32" | "float16"},   # codebook format (below)
-     "input": null | <QActivation spec>,      # static / dynamic activation quantizer
-     "smooth": bool}                          # PTQ4VM smoothing: inputs divided by smooth_scale (folded into W)
-
-Buffers (state-dict names under the module): ``qweight`` (int8 (N, K) for 8 bit, packed uint8 otherwise, or packed
-codebook indices), ``weight_scale`` (fp32 (N, G) or (N, 1)), ``codebook`` (fp32 (C, d)), ``bias`` (fp32 (N,)),
-``smooth_scale`` (fp32 (K,)), and ``input_quantizer.*``.
+Buffers (declared by the spec; state-dict names under the module): ``qweight`` (int8 (N, K) for 8 bit, packed uint8
+otherwise, or packed codebook indices), ``weight_scale`` (fp32 (N, G) or (N, 1)), ``codebook`` (fp32 (C, d)),
+``bias`` (fp32 (N,)), ``smooth_scale`` (fp32 (K,)), and ``input_quantizer.*``.
 
 Codebook format ("vq"): each output row is cut into ``ceil(K / d)`` sub-vectors of ``d`` inputs (the last one
 zero-padded when ``d`` does not divide ``K``; the padding is dropped on decode), each stored as an ``index_bits``-bit
@@ -28,38 +28,13 @@ layer as ``ops.outlier_gemm``: the int8 inlier codes on the full matrix plus a g
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..ops.quantized import combine_directions, dequantize_weight_ref, outlier_gemm, quant_gemm
-from ..primitives import packed_row_bytes
 from .activation import QActivation
 from .base import QModule, mark_nan, nan_rows, register_qmodule
+from .spec import IntWeightSpec, LinearSpec
 from .training import linear_train_forward, needs_grad
-
-_CODEBOOK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
-
-def validate_weight_spec(spec: dict) -> None:
-    fmt = spec.get("format")
-    if fmt == "int":
-        if spec.get("bits") not in range(1, 9):
-            raise ValueError(f"integer weight bits must be 1..8 (1: binary +-scale); got {spec.get('bits')!r}")
-        gs = spec.get("group_size")
-        if gs is not None and (not isinstance(gs, int) or gs < 1):
-            raise ValueError(f"group_size must be a positive int or None; got {gs!r}")
-    elif fmt == "vq":
-        for key in ("index_bits", "vector_dim", "codebook_size"):
-            if not isinstance(spec.get(key), int) or spec[key] < 1:
-                raise ValueError(f"codebook weight spec needs a positive int {key}; got {spec.get(key)!r}")
-        if spec["index_bits"] > 8:
-            raise ValueError(f"codebook indices are packed with at most 8 bits; got index_bits={spec['index_bits']}")
-        if spec["codebook_size"] > 1 << spec["index_bits"]:
-            raise ValueError(f"{spec['codebook_size']} codewords need more than {spec['index_bits']} index bits")
-        if spec.get("codebook_dtype", "float32") not in _CODEBOOK_DTYPES:
-            raise ValueError(
-                f"codebook_dtype must be one of {sorted(_CODEBOOK_DTYPES)}; got {spec.get('codebook_dtype')!r}"
-            )
-    else:
-        raise ValueError(f"weight format must be 'int' or 'vq'; got {fmt!r}")
 
 
 @register_qmodule("linear")
@@ -68,46 +43,29 @@ class QLinear(QModule):
     integer codes and row scales when the input quantizer has one scale per token and the weight is integer
     (W8A8, W4A8, ...), float activations for weight-only formats, and quantize-dequantize otherwise."""
 
-    def __init__(self, spec: dict):
+    SPEC = LinearSpec
+    OPTIONAL_BUFFERS = ("weight_scale", "bias", "smooth_scale")
+
+    def __init__(self, spec: LinearSpec | dict):
         super().__init__(spec)
-        w = spec["weight"]
-        validate_weight_spec(w)
-        self.in_features, self.out_features = spec["in_features"], spec["out_features"]
-        k, n = self.in_features, self.out_features
-        self.format = w["format"]
-        if self.format == "int":
-            self.bits = w["bits"]
-            self.group_size = w.get("group_size")
-            groups = 1 if not self.group_size else -(-k // self.group_size)
-            if self.bits == 8:
-                self._buffer("qweight", (n, k), torch.int8)
-            else:
-                self._buffer("qweight", (n, packed_row_bytes(k, self.bits)), torch.uint8)
-            self._buffer("weight_scale", (n, groups), torch.float32)
-        else:
-            self.bits = w["index_bits"]
-            self.group_size = None
-            d = w["vector_dim"]
-            cb_dtype = _CODEBOOK_DTYPES[w.get("codebook_dtype", "float32")]
-            self._buffer("qweight", (n, packed_row_bytes(-(-k // d), self.bits)), torch.uint8)
-            self._buffer("codebook", (w["codebook_size"], d), cb_dtype)
-            if w.get("channel_scale"):
-                self._buffer("weight_scale", (n, 1), cb_dtype)
-            else:
-                self.weight_scale = None
-        if spec.get("bias"):
-            self._buffer("bias", (n,), torch.float32)
-        else:
-            self.bias = None
-        if spec.get("smooth"):
-            self._buffer("smooth_scale", (k,), torch.float32)
-        else:
-            self.smooth_scale = None
-        self.input_quantizer = QActivation(spec["input"]) if spec.get("input") else None
+        spec = self.spec
+        self.in_features, self.out_features = spec.in_features, spec.out_features
+        self.format = "int" if isinstance(spec.weight, IntWeightSpec) else "vq"
+        self.bits = spec.weight.code_bits
+        self.group_size = spec.weight.group_size if self.format == "int" else None
+        self.input_quantizer = QActivation(spec.input) if spec.input is not None else None
+
+    def _float_module(self, use_mamba_kernels: bool) -> nn.Module:
+        new = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            new.weight.copy_(self.effective_weight())
+            if new.bias is not None:
+                new.bias.copy_(self.bias)
+        return new
 
     def num_weight_parameters(self) -> int:
         """Float parameters this layer stands for (weight and bias), as ``num_parameters()`` counts them."""
-        return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
+        return self.spec.num_float_parameters()
 
     @property
     def codebook_or_none(self):
@@ -120,7 +78,8 @@ class QLinear(QModule):
         )
 
     def effective_weight(self) -> torch.Tensor:
-        """The float weight acting on the *unsmoothed* input: ``W_hat / smooth_scale`` (dequantize())."""
+        """The float weight acting on the *unsmoothed* input: ``W_hat / smooth_scale`` (what :meth:`dequantize`'s
+        ``nn.Linear`` holds)."""
         w = self.dequantized_weight()
         return w / self.smooth_scale if self.smooth_scale is not None else w
 
@@ -181,7 +140,7 @@ class QLinear(QModule):
         iq = self.input_quantizer
         return not (
             self.format != "int" or self.smooth_scale is not None or iq is None
-            or iq.granularity not in ("tensor", "token") or bool(iq.spec.get("channel_factor"))
+            or iq.granularity not in ("tensor", "token") or iq.spec.channel_factor
             or iq.qmax - iq.qmin > 255
         )
 

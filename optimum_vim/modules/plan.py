@@ -13,14 +13,20 @@ import torch
 from torch import nn
 
 from .base import build_qmodule, load_qmodule_tensors
+from .spec import AnySpec, spec_from_dict
 
 
 @dataclass
 class LayerPlan:
-    """What replaces one module: the quantized module's spec and its buffers (names relative to the module)."""
+    """What replaces one module: the quantized module's typed spec and its buffers (names relative to the module).
+    A config.json dict is accepted too and converted (validated) with
+    :func:`~optimum_vim.modules.spec.spec_from_dict`."""
 
-    spec: dict
+    spec: AnySpec
     tensors: dict[str, torch.Tensor]
+
+    def __post_init__(self):
+        self.spec = spec_from_dict(self.spec)
 
 
 @dataclass
@@ -33,7 +39,8 @@ class QuantPlan:
     info: dict[str, Any] = field(default_factory=dict)
 
     def specs(self) -> dict[str, dict]:
-        return {name: lp.spec for name, lp in self.layers.items()}
+        """The JSON dicts of the planned modules' specs (what ``quantization_config.layers`` stores)."""
+        return {name: lp.spec.to_dict() for name, lp in self.layers.items()}
 
 
 def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:

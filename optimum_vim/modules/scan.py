@@ -1,54 +1,55 @@
 """QSelectiveScan: the quantized SSM of one scan direction.
 
-Spec::
+Its spec is a :class:`~optimum_vim.modules.spec.ScanSpec` (dict form::
 
     {"type": "scan", "reverse": bool, "length": L, "channels": E, "d_state": N,
      "u": act | null, "delta": act | null, "B": act | null, "C": act | null,   # input quantizers (QActivation specs)
      "y": act | null,                                                       # SSM output before the D skip
      "state": null | {"bits": 8, "narrow": bool, "channel_scale": bool}}      # carried hidden state, per-step scales
 
-Buffers: ``u_quantizer.*`` ... ``y_quantizer.*``, ``state_scale`` (fp32 (L,), one scale per scan step, indexed by
+). Buffers: ``u_quantizer.*`` ... ``y_quantizer.*``, ``state_scale`` (fp32 (L,), one scale per scan step, indexed by
 token position) and ``state_channel_scale`` (fp32 (E,)): the carried state of channel e after step t is
 re-quantized with scale ``state_scale[t] * state_channel_scale[e]``. That is k-scaled PTQ's reparameterised 8-bit
 state ``h' = h / (r_C r_L)`` with one scale per step, expressed on the original state (r_L folded into
-``state_scale``, r_C into ``state_channel_scale``; r_D is folded into x_proj by the recipe).
+``state_scale``, r_C into ``state_channel_scale``; r_D is folded into x_proj by the recipe). It dequantizes to the
+float :class:`~optimum_vim.modules.float.SelectiveScan`.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..ops import selective_scan
 from ..ops.quantized import selective_scan_q
 from ..primitives import int_range
 from .activation import QActivation
 from .base import QModule, mark_nan, register_qmodule
+from .float import SelectiveScan
+from .spec import SCAN_INPUTS as _INPUTS
+from .spec import ScanSpec
 from .training import needs_grad, scan_train_forward
-
-_INPUTS = ("u", "delta", "B", "C")
 
 
 @register_qmodule("scan")
 class QSelectiveScan(QModule):
-    """Drop-in for ``VimSelectiveScan``: ``forward(u, delta, A, B, C, D=None, z=None)`` with (batch, L, .) inputs."""
+    """Drop-in for the float :class:`~optimum_vim.modules.float.SelectiveScan`: ``forward(u, delta, A, B, C, D=None, z=None)`` with (batch, L, .) inputs."""
 
-    def __init__(self, spec: dict):
+    SPEC = ScanSpec
+    OPTIONAL_BUFFERS = ("state_scale", "state_channel_scale")
+
+    def __init__(self, spec: ScanSpec | dict):
         super().__init__(spec)
-        self.reverse = bool(spec.get("reverse", False))
+        spec = self.spec
+        self.reverse = bool(spec.reverse)
         for name in (*_INPUTS, "y"):
-            setattr(self, f"{name}_quantizer", QActivation(spec[name]) if spec.get(name) else None)
-        state = spec.get("state")
-        if state:
-            if state.get("bits", 8) not in range(2, 9):
-                raise ValueError(f"state bits must be 2..8; got {state.get('bits')}")
-            self.state_qmin, self.state_qmax = int_range(state.get("bits", 8), True, state.get("narrow", False))
-            self._buffer("state_scale", (spec["length"],), torch.float32)
-            if state.get("channel_scale"):
-                self._buffer("state_channel_scale", (spec["channels"],), torch.float32)
-            else:
-                self.state_channel_scale = None
-        else:
-            self.state_scale = None
+            act = getattr(spec, name)
+            setattr(self, f"{name}_quantizer", QActivation(act) if act is not None else None)
+        if spec.state is not None:
+            self.state_qmin, self.state_qmax = int_range(spec.state.bits, True, spec.state.narrow)
+
+    def _float_module(self, use_mamba_kernels: bool) -> nn.Module:
+        return SelectiveScan(reverse=self.reverse, use_mamba_kernels=use_mamba_kernels)
 
     def _nan_positions(self, u, delta, B, C) -> torch.Tensor | None:
         """(batch, L, E) bool: where the float scan's output is NaN because of a NaN input. A NaN in u or delta at
@@ -68,8 +69,8 @@ class QSelectiveScan(QModule):
     def forward(self, u, delta, A, B, C, D=None, z=None):
         if needs_grad(self, u, delta, A, B, C, D, z):  # straight-through float path (optimum_vim.modules.training)
             return scan_train_forward(self, u, delta, A, B, C, D, z)
-        if self.state_scale is not None and u.shape[1] != self.spec["length"]:
-            raise ValueError(f"per-step state scales were calibrated for {self.spec['length']} tokens; got {u.shape[1]}")
+        if self.state_scale is not None and u.shape[1] != self.spec.length:
+            raise ValueError(f"per-step state scales were calibrated for {self.spec.length} tokens; got {u.shape[1]}")
         if all(getattr(self, f"{n}_quantizer") is None for n in _INPUTS) and self.state_scale is None \
                 and self.y_quantizer is None:
             return selective_scan(u, delta, A, B, C, D, z, reverse=self.reverse)

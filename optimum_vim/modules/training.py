@@ -123,8 +123,8 @@ def scan_train_forward(scan, u, delta, A, B, C, D=None, z=None) -> torch.Tensor:
     if scan.state_scale is None and quant["y"] is None:
         return selective_scan(uq, dq, A, bq, cq, D, z, reverse=scan.reverse, backend="torch").to(u.dtype)
     if scan.state_scale is not None:
-        if u.shape[1] != scan.spec["length"]:
-            raise ValueError(f"per-step state scales were calibrated for {scan.spec['length']} tokens; got {u.shape[1]}")
+        if u.shape[1] != scan.spec.length:
+            raise ValueError(f"per-step state scales were calibrated for {scan.spec.length} tokens; got {u.shape[1]}")
         y = _scan_with_state_ste(uq, dq, A, bq, cq, scan.state_scale, scan.state_channel_scale, scan.state_qmin,
                                  scan.state_qmax, scan.reverse)
     else:

@@ -237,7 +237,7 @@ def plan_bits_per_weight(plan: QuantPlan) -> float:
     """Stored bits per weight of the plan's linears: indices + codebooks + scales (bias excluded)."""
     bits = weights = 0
     for layer in plan.layers.values():
-        weights += layer.spec["in_features"] * layer.spec["out_features"]
+        weights += layer.spec.in_features * layer.spec.out_features
         bits += 8 * sum(t.numel() * t.element_size() for k, t in layer.tensors.items()
                         if k in ("qweight", "codebook", "weight_scale"))
     return bits / weights if weights else float("nan")

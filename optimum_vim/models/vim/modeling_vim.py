@@ -23,7 +23,8 @@ from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 
-from ...ops import add_rms_norm, causal_conv1d, rms_norm, selective_scan
+from ...modules.float import SelectiveScan, TokenConv1d
+from ...ops import add_rms_norm, rms_norm
 from .configuration_vim import VimConfig
 
 logger = logging.getLogger(__name__)
@@ -47,40 +48,9 @@ class VimRMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-class VimConv1d(nn.Conv1d):
-    """Depthwise convolution over tokens: causal for the forward scan, anti-causal (``reverse``) for the backward one.
-
-    Stores ``weight`` (E, 1, K) and ``bias`` (E,) exactly as the official ``conv1d`` / ``conv1d_b``.
-    Input and output are token-major: (batch, L, E).
-    """
-
-    def __init__(self, channels: int, kernel_size: int, reverse: bool = False):
-        super().__init__(channels, channels, kernel_size, groups=channels, bias=True)
-        self.reverse = reverse
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return causal_conv1d(x, self.weight, self.bias, reverse=self.reverse)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", reverse={self.reverse}"
-
-
-class VimSelectiveScan(nn.Module):
-    """The selective scan of one direction, a parameter-free module so that quantizers can wrap it.
-
-    ``forward(u, delta, A, B, C, D)``: u, delta (batch, L, E); A (E, N); B, C (batch, L, N); D (E,) -> (batch, L, E).
-    """
-
-    def __init__(self, reverse: bool = False, use_mamba_kernels: bool = True):
-        super().__init__()
-        self.reverse = reverse
-        self.backend = "auto" if use_mamba_kernels else "torch"
-
-    def forward(self, u, delta, A, B, C, D=None, z=None):
-        return selective_scan(u, delta, A, B, C, D, z, reverse=self.reverse, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return f"reverse={self.reverse}"
+# the float conv and scan live below the model families (the quantized modules dequantize to them)
+VimConv1d = TokenConv1d
+VimSelectiveScan = SelectiveScan
 
 
 class VimMixer(nn.Module):
@@ -390,7 +360,7 @@ def _config_of_this_model(model):
     own = {}
     for name, mod in model.named_modules():
         if isinstance(mod, QModule) and not any(name.startswith(p + ".") for p in own):
-            own[name] = mod.spec
+            own[name] = mod.spec.to_dict()
     if set(own) == set(layers):
         yield
         return
