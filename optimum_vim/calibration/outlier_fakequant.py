@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modules.plan import LayerPlan
+from ..modules.spec import ActivationSpec, OutputSpec, ScanSpec
 from ..primitives import int_range
 from ..primitives.outliers import detect_outlier_masks, extract_outliers
 
@@ -75,16 +76,14 @@ class LearnedOutlierActQuantizer(nn.Module):
         return split.dequantize().to(x.dtype)
 
     @torch.no_grad()
-    def export(self, channels: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
-        spec = {"granularity": "dynamic_outlier", "bits": self.bits, "symmetric": self.symmetric,
-                "length": self.step.numel(), "outlier_bits": self.outlier_bits, "refresh": self.refresh,
-                "outlier_sigma": self.sigma, "reverse": self.reverse, "static_outliers": self.static_mask is not None}
-        if self.trigger != "interval":
-            spec["outlier_trigger"] = self.trigger
-        if self.outlier_affine:
-            spec["outlier_affine"] = True
-        if channels is not None or self.static_mask is not None:
-            spec["channels"] = int(channels if channels is not None else self.static_mask.numel())
+    def export(self, channels: int | None = None) -> tuple[ActivationSpec, dict[str, torch.Tensor]]:
+        if channels is None and self.static_mask is not None:
+            channels = self.static_mask.numel()
+        spec = ActivationSpec(self.bits, "dynamic_outlier", symmetric=self.symmetric, length=self.step.numel(),
+                              channels=None if channels is None else int(channels), outlier_bits=self.outlier_bits,
+                              refresh=self.refresh, outlier_sigma=self.sigma, reverse=self.reverse,
+                              static_outliers=self.static_mask is not None, outlier_trigger=self.trigger,
+                              outlier_affine=self.outlier_affine)
         tensors = {"scale": self.step.clamp(min=_MIN_STEP).detach().float().contiguous()}
         if self.zero_point is not None:
             tensors["zero_point"] = self.zero_point.to(torch.int32).contiguous()
@@ -121,7 +120,7 @@ class FakeQuantSoftplus(nn.Module):
     @torch.no_grad()
     def export(self) -> LayerPlan:
         spec, tensors = self.quantizer.export(self.channels)
-        return LayerPlan(spec={"type": "output", "inner": "softplus", "input": spec, "output": None},
+        return LayerPlan(spec=OutputSpec("softplus", input=spec),
                          tensors={f"input_quantizer.{k}": v for k, v in tensors.items()})
 
 
@@ -149,13 +148,12 @@ class FakeQuantScan(nn.Module):
 
     @torch.no_grad()
     def export(self) -> LayerPlan:
-        spec = {"type": "scan", "reverse": self.reverse, "length": self.length, "channels": self.channels,
-                "d_state": self.d_state, "u": None, "delta": None, "B": None, "C": None, "y": None, "state": None}
-        tensors = {}
+        quantizers, tensors = {}, {}
         for name, q in self.quantizers.items():
             width = self.channels if name in ("u", "delta") else self.d_state
-            spec[name], t = q.export(width)
+            quantizers[name], t = q.export(width)
             tensors.update({f"{name}_quantizer.{k}": v for k, v in t.items()})
+        spec = ScanSpec(self.length, self.channels, self.d_state, reverse=self.reverse, **quantizers)
         return LayerPlan(spec=spec, tensors=tensors)
 
 

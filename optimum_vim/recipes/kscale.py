@@ -108,6 +108,16 @@ from ..calibration.search import (
 )
 from ..calibration.tensors import store_weight_codes
 from ..models.family import MixerRef, ModelFamily, ScanPath, family_of
+from ..modules.spec import (
+    ActivationSpec,
+    Conv1dSpec,
+    ConvWeightSpec,
+    IntWeightSpec,
+    LinearSpec,
+    OutputSpec,
+    ScanSpec,
+    StateSpec,
+)
 from ..ops import selective_scan_torch
 from ..ops.quantized import selective_scan_q
 from .base import LayerPlan, QuantPlan, Recipe
@@ -170,21 +180,28 @@ class KScaleArgs:
             raise ValueError(f"search_images must be a positive int or None (all images); got {self.search_images!r}")
 
 
-def _tensor_spec(channels: int | None = None, factor: bool = False) -> dict:
-    spec = {"bits": 8, "symmetric": True, "narrow": False, "granularity": "tensor"}
-    if factor:
-        spec.update(channel_factor=True, channels=channels)
-    return spec
+def _tensor_spec(channels: int | None = None, factor: bool = False) -> ActivationSpec:
+    """8-bit symmetric, full range [-128, 127], one scale (``factor``: times a per-channel factor)."""
+    return ActivationSpec(8, "tensor", narrow=False, channel_factor=factor, channels=channels if factor else None)
 
 
-def _cluster_spec(axis: str, k: int, length: int, channels: int, factor: bool = False) -> dict:
+def _cluster_spec(axis: str, k: int, length: int, channels: int, factor: bool = False) -> ActivationSpec:
+    """k-scaled along ``axis`` (``"token"`` or ``"channel"``): one of ``k`` cluster scales per token / channel."""
     if k == 1:
         return _tensor_spec(channels, factor)
-    spec = {"bits": 8, "symmetric": True, "narrow": False, "granularity": f"{axis}_cluster", "num_clusters": k}
-    spec.update(length=length) if axis == "token" else spec.update(channels=channels)
-    if factor:
-        spec.update(channel_factor=True, channels=channels)
-    return spec
+    return ActivationSpec(8, f"{axis}_cluster", narrow=False, num_clusters=k,
+                          length=length if axis == "token" else None,
+                          channels=channels if axis == "channel" or factor else None, channel_factor=factor)
+
+
+def _int8_linear(linear_or_shape, bias: bool = False, input: ActivationSpec | None = None) -> LinearSpec:
+    """The spec of a per-tensor 8-bit linear of ``(in_features, out_features)``."""
+    return LinearSpec(*linear_or_shape, IntWeightSpec(8), bias=bias, input=input)
+
+
+def _activation_output(inner: str, output: ActivationSpec) -> OutputSpec:
+    """A QOutput quantizing only the output of ``inner`` (the spec stores no input key: storage format v1 as saved)."""
+    return OutputSpec(inner, output=output, keys=frozenset({"inner", "output"}))
 
 
 def _weight_tensors(w: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
@@ -303,7 +320,7 @@ class KScaleRecipe(Recipe):
         x_in, xz = caps[layout.in_proj + ".in"], caps[layout.in_proj]
         length = x_in.shape[1]
 
-        def add(mod: str, spec: dict, tensors: dict) -> None:
+        def add(mod: str, spec, tensors: dict) -> None:
             full = mixer.path(mod)
             if not self.targets.skipped(full):
                 plan.layers[full] = LayerPlan(spec=spec, tensors=tensors)
@@ -337,9 +354,7 @@ class KScaleRecipe(Recipe):
             s_in = search_scale(self._view(x_in), self._view(x_in), s_in, factors, _QMIN, _QMAX)
         xs, ys = self._rows(x_in, xz)
         s_w, s_xz = search_linear_scales(xs, in_proj.weight, None, ys, factors, rounds=rounds, search=search)
-        add(layout.in_proj, {"type": "linear", "in_features": in_proj.in_features,
-                             "out_features": in_proj.out_features, "bias": False,
-                             "weight": {"format": "int", "bits": 8, "group_size": None}, "input": _tensor_spec()},
+        add(layout.in_proj, _int8_linear((in_proj.in_features, in_proj.out_features), input=_tensor_spec()),
             {**_weight_tensors(in_proj.weight, s_w),
              "input_quantizer.scale": torch.tensor([s_in], dtype=torch.float32)})
         x_half, z = xz[..., :e], xz[..., e:]
@@ -349,15 +364,14 @@ class KScaleRecipe(Recipe):
             # ---- gate: z (in_proj output, per tensor) -> SiLU -> channel k-scaled
             g = F.silu(z)
             g_spec, g_t = cluster(g, "channel")
-            add(layout.gate, {"type": "output", "inner": "silu", "input": _tensor_spec(), "output": g_spec},
+            add(layout.gate, OutputSpec("silu", input=_tensor_spec(), output=g_spec),
                 {"input_quantizer.scale": s_xz_t.clone(), **prefixed("output_quantizer", g_t)})
         if layout.z_conv is not None:  # a concatenated z branch: its conv as the directions' convs
             self._calibrate_conv(family, module, layout.z_conv, z, caps[layout.z_conv], False, s_xz_t, add,
                                  cluster, prefixed)
         if layout.z_act is not None:  # ... and its activation's output channel k-scaled
             za_spec, za_t = cluster(caps[layout.z_act], "channel")
-            add(layout.z_act, {"type": "output", "inner": "silu", "output": za_spec},
-                prefixed("output_quantizer", za_t))
+            add(layout.z_act, _activation_output("silu", za_spec), prefixed("output_quantizer", za_t))
 
         for direction in layout.directions:
             self._calibrate_direction(family, module, direction, caps, x_half, s_xz_t, add, cluster, prefixed,
@@ -371,9 +385,7 @@ class KScaleRecipe(Recipe):
         xs, ys, xh = self._rows(x_o, y_o, x_o_hat)
         s_w, _ = search_linear_scales(xs, out_proj.weight, None, ys, factors, out_range=None, rounds=rounds,
                                       search=search, x_hat=xh)
-        add(layout.out_proj, {"type": "linear", "in_features": out_proj.in_features,
-                              "out_features": out_proj.out_features, "bias": False,
-                              "weight": {"format": "int", "bits": 8, "group_size": None}, "input": o_spec},
+        add(layout.out_proj, _int8_linear((out_proj.in_features, out_proj.out_features), input=o_spec),
             {**_weight_tensors(out_proj.weight, s_w), **prefixed("input_quantizer", o_t)})
 
     @staticmethod
@@ -388,8 +400,7 @@ class KScaleRecipe(Recipe):
         y_conv_q = family.conv(conv, x, (codes * s_wc).to(x.dtype))
         c_spec, c_t = cluster(y_conv_q, "channel", ref=y_float)
         e, ksz = conv.weight.shape[0], conv.weight.shape[-1]
-        add(path, {"type": "conv1d", "channels": e, "kernel_size": ksz, "reverse": reverse,
-                   "weight": {"bits": 8, "granularity": "tensor"}, "input": _tensor_spec(), "output": c_spec},
+        add(path, Conv1dSpec(e, ksz, ConvWeightSpec(8, "tensor"), reverse=reverse, input=_tensor_spec(), output=c_spec),
             {"qweight": codes.reshape(e, ksz).to(torch.int8).cpu(),
              "weight_scale": torch.tensor([s_wc], dtype=torch.float32),
              "bias": conv.bias.detach().float().cpu().clone(), "input_quantizer.scale": s_xz_t.clone(),
@@ -422,13 +433,12 @@ class KScaleRecipe(Recipe):
 
         # ---- SiLU output u: channel k-scaled (x_proj and the scan read it already quantized)
         u_spec, u_t = cluster(u, "channel")
-        add(d.act, {"type": "output", "inner": "silu", "output": u_spec}, prefixed("output_quantizer", u_t))
+        add(d.act, _activation_output("silu", u_spec), prefixed("output_quantizer", u_t))
 
         # ---- x_proj: weight (r_D folded) and output per tensor, searched alternately
         xs, ys = self._rows(u, dbc)
         s_wx, s_dbc = search_linear_scales(xs, w_x, None, ys, factors, rounds=rounds, search=search)
-        add(d.x_proj, {"type": "linear", "in_features": e, "out_features": r + 2 * n, "bias": False,
-                             "weight": {"format": "int", "bits": 8, "group_size": None}, "input": None},
+        add(d.x_proj, _int8_linear((e, r + 2 * n)),
             _weight_tensors(w_x, s_wx))
         s_dbc_t = torch.tensor([s_dbc], dtype=torch.float32)
 
@@ -442,23 +452,21 @@ class KScaleRecipe(Recipe):
             x_hat = fake_quant(dt.reshape(-1, r), s_dbc, _QMIN, _QMAX)
             w_hat = torch.round(w_dt / s_wdt).clamp_(_WMIN, _WMAX) * s_wdt
             bias = bias - (x_hat @ (w_hat - w_dt).t()).mean(0)
-        add(d.dt_proj, {"type": "linear", "in_features": r, "out_features": e, "bias": True,
-                              "weight": {"format": "int", "bits": 8, "group_size": None}, "input": _tensor_spec()},
+        add(d.dt_proj, _int8_linear((r, e), bias=True, input=_tensor_spec()),
             {**_weight_tensors(w_dt, s_wdt), "bias": bias.cpu(), "input_quantizer.scale": s_dbc_t.clone()})
 
         # ---- softplus: input = dt_proj's output scale; output delta channel k-scaled
         d_spec, d_t = cluster(delta, "channel")
-        add(d.softplus, {"type": "output", "inner": "softplus", "input": _tensor_spec(), "output": d_spec},
+        add(d.softplus, OutputSpec("softplus", input=_tensor_spec(), output=d_spec),
             {"input_quantizer.scale": torch.tensor([s_dto], dtype=torch.float32), **prefixed("output_quantizer", d_t)})
 
         # ---- selective scan: B, C int8 (x_proj's output scale), y token k-scaled 2^n (y / r_C), 8-bit state
         y = selective_scan_torch(u, delta, A, Bm, Cm, None, None, reverse=reverse)
-        spec = {"type": "scan", "reverse": reverse, "length": length, "channels": e, "d_state": n,
-                "u": None, "delta": None, "B": _tensor_spec(), "C": _tensor_spec(), "y": None, "state": None}
+        state = None
         tensors = {"B_quantizer.scale": s_dbc_t.clone(), "C_quantizer.scale": s_dbc_t.clone()}
         y_seen = y  # what the y quantizer is searched on
         if a.state_bits is not None:
-            spec["state"] = {"bits": a.state_bits, "narrow": False, "channel_scale": a.reparameterize}
+            state = StateSpec(a.state_bits, narrow=False, channel_scale=a.reparameterize)
             v = self._view
             score = r_c if a.state_score == "y_over_rc" and r_c is not None else None
             tensors["state_scale"] = search_state_scales(
@@ -471,7 +479,8 @@ class KScaleRecipe(Recipe):
                     u, delta, A, Bm, Cm, None, None, reverse=reverse, h_scale=tensors["state_scale"].to(u.device),
                     h_channel_scale=None if r_c is None else r_c.float(), h_qmin=_QMIN, h_qmax=_QMAX)
         # labels and initial scales from the float output (as the official code); scored against the float output
-        spec["y"], y_t = cluster(y_seen, "token", power_of_two=True, factor=r_c, ref=y,
-                                 stats=None if y_seen is y else y)
+        y_spec, y_t = cluster(y_seen, "token", power_of_two=True, factor=r_c, ref=y,
+                              stats=None if y_seen is y else y)
         tensors.update(prefixed("y_quantizer", y_t))
-        add(d.scan, spec, tensors)
+        add(d.scan, ScanSpec(length, e, n, reverse=reverse, B=_tensor_spec(), C=_tensor_spec(), y=y_spec, state=state),
+            tensors)

@@ -21,10 +21,13 @@ import torch
 from ..calibration.observers import collect_activation_stats
 from ..calibration.tensors import affine_from_range, rtn_weight_tensors
 from ..models.family import family_of
+from ..modules.spec import ActivationSpec, IntWeightSpec, LinearSpec, ScanSpec
 from .base import LayerPlan, QuantPlan, Recipe
 
 Observer = Literal["minmax", "percentile"]
 OBSERVERS = typing.get_args(Observer)
+# RTN's scan specs store the four input quantizers only (no y / state keys: storage format v1 as saved)
+_RTN_SCAN_KEYS = frozenset({"reverse", "length", "channels", "d_state", "u", "delta", "B", "C"})
 
 
 @dataclass
@@ -67,10 +70,10 @@ class RTNRecipe(Recipe):
         symmetric = a.act_symmetric if symmetric is None else symmetric
         if a.act_granularity == "token":
             lo, hi = stats.token_min, stats.token_max
-            spec = {"bits": bits, "symmetric": symmetric, "granularity": "token", "length": int(lo.numel())}
+            spec = ActivationSpec(bits, "token", symmetric=symmetric, length=int(lo.numel()))
         else:
             lo, hi = (stats.min, stats.max) if a.observer == "minmax" else stats.percentile_range(a.percentile)
-            spec = {"bits": bits, "symmetric": symmetric, "granularity": "tensor"}
+            spec = ActivationSpec(bits, "tensor", symmetric=symmetric)
         return spec, affine_from_range(lo.reshape(-1), hi.reshape(-1), bits, symmetric)
 
     @torch.no_grad()
@@ -91,18 +94,14 @@ class RTNRecipe(Recipe):
         for name, s in settings.items():
             linear = model.get_submodule(name)
             tensors = rtn_weight_tensors(linear.weight, s.weight_bits, s.group_size)
-            spec = {
-                "type": "linear", "in_features": linear.in_features, "out_features": linear.out_features,
-                "bias": linear.bias is not None,
-                "weight": {"format": "int", "bits": s.weight_bits, "group_size": s.group_size},
-                "input": None,
-            }
             if linear.bias is not None:
                 tensors["bias"] = linear.bias.detach().float().clone()
+            act_spec = None
             if s.act_bits is not None:
                 act_spec, act_tensors = self._act_tensors(stats[name], s.act_bits)
-                spec["input"] = act_spec
                 tensors.update({f"input_quantizer.{k}": v for k, v in act_tensors.items()})
+            spec = LinearSpec(linear.in_features, linear.out_features, IntWeightSpec(s.weight_bits, s.group_size),
+                              bias=linear.bias is not None, input=act_spec)
             plan.layers[name] = LayerPlan(spec=spec, tensors=tensors)
         for scan, ref in scans.items():
             plan.layers[scan] = self._scan_plan(scan, ref.reverse, stats, scan_inputs)
@@ -110,13 +109,13 @@ class RTNRecipe(Recipe):
 
     def _scan_plan(self, name: str, reverse: bool, stats, scan_inputs) -> LayerPlan:
         first = stats[f"{name}:u"]
-        spec = {"type": "scan", "reverse": reverse, "length": int(first.token_min.numel()),
-                "channels": int(first.channel_absmax.numel()), "d_state": int(stats[f"{name}:B"].channel_absmax.numel())}
-        tensors = {}
+        quantizers, tensors = {}, {}
         for arg in scan_inputs:
             # delta > 0 (after softplus): an affine grid does not waste half of the codes on negative values
-            act_spec, act_tensors = self._act_tensors(stats[f"{name}:{arg}"], self.args.scan_act_bits,
-                                                      symmetric=arg != "delta")
-            spec[arg] = act_spec
+            quantizers[arg], act_tensors = self._act_tensors(stats[f"{name}:{arg}"], self.args.scan_act_bits,
+                                                             symmetric=arg != "delta")
             tensors.update({f"{arg}_quantizer.{k}": v for k, v in act_tensors.items()})
+        spec = ScanSpec(int(first.token_min.numel()), int(first.channel_absmax.numel()),
+                        int(stats[f"{name}:B"].channel_absmax.numel()), reverse=reverse, **quantizers,
+                        keys=_RTN_SCAN_KEYS)
         return LayerPlan(spec=spec, tensors=tensors)

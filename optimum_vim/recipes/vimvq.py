@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 
 from ..calibration.blockwise import calibrate_blockwise, cosine_block_loss, fixed_threads
 from ..calibration.convex_vq import ConvexVQLinear, ConvexVQWeight
-from ..calibration.vq import DEFAULT_VQ_SETTINGS, CodebookDtype, VQLayout, choose_codebook_size, kmeans_vq
+from ..calibration.vq import DEFAULT_VQ_SETTINGS, VQLayout, choose_codebook_size, kmeans_vq
+from ..modules.spec import CodebookDtype
 from .base import LayerPlan, QuantPlan, Recipe
 
 logger = logging.getLogger(__name__)
