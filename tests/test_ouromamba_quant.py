@@ -268,7 +268,7 @@ def test_stand_in_computes_what_the_exported_quantizer_computes(symmetric):
     stand_in = LearnedOutlierActQuantizer(step, 4, zero_point=zero, refresh=4, sigma=3.0, reverse=not symmetric,
                                           outlier_bits=8)
     spec, tensors = stand_in.export(24)
-    q = build_qmodule({"type": "activation", **spec})
+    q = build_qmodule(spec)
     load_qmodule_tensors(q, tensors)
     with torch.no_grad():
         assert torch.equal(stand_in(x), q(x))
