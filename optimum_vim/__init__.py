@@ -3,7 +3,7 @@
 ``import optimum_vim`` registers the ``vim`` model type with transformers' Auto classes (no ``trust_remote_code``).
 """
 
-from ._registration import register_vim_with_transformers
+from ._registration import register_model_family, register_vim_with_transformers
 from .models.vim import (
     VimBackbone,
     VimConfig,
@@ -38,5 +38,6 @@ __all__ = [
     "generate_calibration_images",
     "hub",
     "quantize_model",
+    "register_model_family",
     "register_vim_with_transformers",
 ]

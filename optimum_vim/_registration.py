@@ -1,35 +1,41 @@
-"""Idempotent registration of the Vim model type with transformers' Auto classes."""
+"""Idempotent registration of optimum-vim's model families and quantizer with transformers.
+
+A model family registers its classes in one function of its own package that calls :func:`register_model_family`;
+adding a family adds one ``"module:function"`` line to :data:`MODEL_FAMILIES`.
+"""
 
 from __future__ import annotations
+
+import importlib
+
+# one line per model family: the function that registers it (with register_model_family)
+MODEL_FAMILIES = (
+    "optimum_vim.models.vim.registration:register",
+)
 
 _DONE = False
 
 
-def register_vim_with_transformers() -> None:
-    """Registers ``vim`` with AutoConfig, AutoModel, AutoModelForImageClassification and AutoImageProcessor, and
-    the ``vim`` quantization method (config + quantizer) with transformers' quantizer registry.
-
-    Safe to call repeatedly (transformers raises on a second AutoConfig registration of the same name).
-    """
-    global _DONE
-    if _DONE:
-        return
+def register_model_family(config_class, *, model=None, image_classification=None, backbone=None,
+                          image_processors: dict | None = None) -> None:
+    """Registers one model family with transformers' Auto classes: ``AutoConfig`` (``config_class.model_type``),
+    ``AutoModel`` (``model``), ``AutoModelForImageClassification``, ``AutoBackbone`` and ``AutoImageProcessor``
+    (``image_processors``: ``{"pil": cls, "torchvision": fast_cls}``); None leaves an Auto class out. Idempotent."""
     from transformers import AutoBackbone, AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from .models.vim import VimBackbone, VimConfig, VimForImageClassification, VimImageProcessor, VimModel
-    from .models.vim.image_processing_vim import fast_image_processor_class
+    if config_class.model_type not in CONFIG_MAPPING:  # AutoConfig raises on a second registration of the name
+        AutoConfig.register(config_class.model_type, config_class)
+    for auto, cls in ((AutoModel, model), (AutoModelForImageClassification, image_classification),
+                      (AutoBackbone, backbone)):
+        if cls is not None:
+            auto.register(config_class, cls, exist_ok=True)
+    if image_processors:
+        AutoImageProcessor.register(config_class, image_processor_classes=image_processors, exist_ok=True)
 
-    if VimConfig.model_type not in CONFIG_MAPPING:
-        AutoConfig.register(VimConfig.model_type, VimConfig)
-    AutoModel.register(VimConfig, VimModel, exist_ok=True)
-    AutoModelForImageClassification.register(VimConfig, VimForImageClassification, exist_ok=True)
-    AutoBackbone.register(VimConfig, VimBackbone, exist_ok=True)
-    processors = {"pil": VimImageProcessor}
-    fast = fast_image_processor_class()  # None unless torchvision imports
-    if fast is not None:
-        processors["torchvision"] = fast
-    AutoImageProcessor.register(VimConfig, image_processor_classes=processors, exist_ok=True)
+
+def register_quantizer() -> None:
+    """Registers the ``vim`` quantization method (config + quantizer) with transformers' quantizer registry."""
     from transformers.quantizers import register_quantization_config, register_quantizer
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
@@ -41,4 +47,17 @@ def register_vim_with_transformers() -> None:
         register_quantization_config(QUANT_METHOD)(ViMQuantizationConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(ViMHfQuantizer)
+
+
+def register_vim_with_transformers() -> None:
+    """Registers every model family of :data:`MODEL_FAMILIES` (``vim``: AutoConfig, AutoModel,
+    AutoModelForImageClassification, AutoBackbone, AutoImageProcessor) and the ``vim`` quantization method with
+    transformers. Safe to call repeatedly."""
+    global _DONE
+    if _DONE:
+        return
+    for entry in MODEL_FAMILIES:
+        module, function = entry.split(":")
+        getattr(importlib.import_module(module), function)()
+    register_quantizer()
     _DONE = True

@@ -83,10 +83,13 @@ class ViMHfQuantizer(HfQuantizer):
 
     # ------------------------------------------------------------------------------------------ loading
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        if not _is_vim(model):
+        from .pretrained import QuantizableModelMixin
+
+        if not isinstance(model, QuantizableModelMixin):  # any family wired into optimum-vim, not one model type
             raise TypeError(
-                f"ViMQuantizationConfig quantizes Vision Mamba (model_type 'vim') models; got "
-                f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', None)!r})"
+                f"ViMQuantizationConfig quantizes the model families of optimum-vim (e.g. Vision Mamba, model_type "
+                f"'vim'); got {type(model).__name__} (model_type {getattr(model.config, 'model_type', None)!r}), "
+                "whose PreTrainedModel does not inherit optimum_vim.pretrained.QuantizableModelMixin"
             )
         if not self.pre_quantized:
             return model

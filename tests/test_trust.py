@@ -430,6 +430,10 @@ def test_model_file_does_not_import_the_hub_package():
     tree = ast.parse(inspect.getsource(modeling_vim))
     imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert not [m for m in imported if m.split(".")[-1] == "hub" or m.startswith("hub")], imported
+    # loading / saving / pushing live in the integration layer every family shares (optimum_vim.pretrained)
+    defined = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    assert not defined & {"from_pretrained", "save_pretrained", "push_to_hub", "_load_pretrained_model"}, defined
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Global)]  # no mutable module state (card writers)
 
 
 # ------------------------------------------------------------------------------------ 6. reproducible files

@@ -1,4 +1,4 @@
-"""Model cards, atomic saving and Hub publishing."""
+"""Model cards, atomic saving and Hub publishing (``push_model_to_hub`` is what every model's ``push_to_hub`` runs)."""
 
 from .cards import merge_card, plot_accuracy_vs_bits, render_model_card
 from .push import (
@@ -11,28 +11,6 @@ from .push import (
     write_loading_hints,
     write_model_card,
 )
-
-
-def _write_card_hook(model, folder, repo_id):
-    from . import push  # looked up at call time (tests replace push.write_model_card)
-
-    push.write_loading_hints(folder)
-    return push.write_model_card(model, folder, repo_id=repo_id)
-
-
-def _merge_card_hook(api, repo_id, folder, revision):
-    from . import push
-
-    return push.merge_with_remote_card(api, repo_id, folder, revision)
-
-
-def _register() -> None:
-    from ..models.vim import modeling_vim
-
-    modeling_vim.register_model_card_writer(_write_card_hook, merge=_merge_card_hook)
-
-
-_register()
 
 __all__ = [
     "atomic_save",

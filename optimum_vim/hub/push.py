@@ -1,8 +1,9 @@
 """Saving and publishing: one folder with weights, config, processor, model card (and plot), one Hub commit.
 
-transformers' own ``push_to_hub`` replaces README.md with a default card; Vim models override ``push_to_hub`` to
-upload the folder their ``save_pretrained`` writes (card included, through the hook this package registers) in a
-single commit instead.
+transformers' own ``push_to_hub`` replaces README.md with a default card; :func:`push_model_to_hub` uploads the folder
+the model's ``save_pretrained`` writes (card included) in a single commit instead. Models of every family get it as
+their ``push_to_hub`` (:class:`optimum_vim.pretrained.QuantizableModelMixin` delegates here), and their
+``save_pretrained`` writes the card and loading hints with :func:`write_model_card` / :func:`write_loading_hints`.
 """
 
 from __future__ import annotations
@@ -55,28 +56,69 @@ def write_model_card(model, folder: str | os.PathLike, repo_id: str | None = Non
 REMOTE_CODE_FILE = "optimum_vim_loader.py"
 _REMOTE_CODE = '''"""Loader of this optimum-vim checkpoint for `trust_remote_code=True` (config.json's auto_map points here).
 
-The model type "vim" and its quantizer come from the optimum-vim package: `pip install optimum-vim`. With it installed,
+The model type "{model_type}" and its quantizer come from the optimum-vim package: `pip install optimum-vim`. With it installed,
 the usual way needs no remote code: `import optimum_vim`, then `from_pretrained` this folder or repo.
 """
 
-import optimum_vim  # noqa: F401 - registers the Vim model type, image processor and quantizer with transformers
-from optimum_vim import VimConfig, VimForImageClassification, VimImageProcessor, VimModel  # noqa: F401
+import optimum_vim  # noqa: F401 - registers the {family} model type, image processor and quantizer with transformers
+from {module} import {names}  # noqa: F401
 '''
-_AUTO_MAP = {"AutoConfig": "VimConfig", "AutoModel": "VimModel", "AutoModelForImageClassification":
-             "VimForImageClassification", "AutoImageProcessor": "VimImageProcessor"}
+# the Auto classes a saved folder maps to the loader (when the model type is registered with them)
+_AUTO_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForImageClassification", "AutoImageProcessor")
+
+
+def _auto_classes(model_type: str) -> dict[str, type]:
+    """{Auto class name: this model type's class} from transformers' registries (filled by optimum-vim's
+    registration); a model type that an Auto class does not know is left out of it."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"model type {model_type!r} is not registered with transformers' AutoConfig: "
+                         "register the model family (optimum_vim/_registration.py) before saving")
+    config_class = CONFIG_MAPPING[model_type]
+    found = {"AutoConfig": config_class}
+    for auto in _AUTO_CLASSES[1:-1]:
+        mapping = getattr(transformers, auto)._model_mapping
+        if config_class in mapping:
+            found[auto] = mapping[config_class]
+    processors = IMAGE_PROCESSOR_MAPPING[config_class] if config_class in IMAGE_PROCESSOR_MAPPING else None
+    processor = processors.get("pil") if isinstance(processors, dict) else processors
+    if isinstance(processor, type):
+        found["AutoImageProcessor"] = processor
+    return found
+
+
+def _common_module(modules: set[str]) -> str:
+    """The one module that defines every class, else the package the modules share (which exports them)."""
+    parts = [m.split(".") for m in modules]
+    common = os.path.commonprefix(parts) if len(parts) > 1 else parts[0]
+    return ".".join(common)
 
 
 def write_loading_hints(folder: str | os.PathLike) -> None:
     """Makes a saved folder loadable, or at least explain itself, in a process that did not ``import optimum_vim``:
     config.json gets an ``auto_map`` to a five-line loader that imports optimum-vim. Without ``trust_remote_code``
     transformers then asks for it instead of suggesting a transformers upgrade; with it, a missing optimum-vim is
-    reported as "requires ... optimum_vim, run pip install"; with optimum-vim installed the folder loads."""
+    reported as "requires ... optimum_vim, run pip install"; with optimum-vim installed the folder loads.
+    The classes are those registered with transformers for config.json's ``model_type`` (any model family)."""
+    import optimum_vim
+
+    from ..pretrained import family_name
+
     folder = Path(folder)
-    (folder / REMOTE_CODE_FILE).write_text(_REMOTE_CODE)
-    module = REMOTE_CODE_FILE.removesuffix(".py")
     path = folder / "config.json"
     config = json.loads(path.read_text())
-    config["auto_map"] = {auto: f"{module}.{cls}" for auto, cls in _AUTO_MAP.items()}
+    classes = _auto_classes(config["model_type"])
+    names = sorted(cls.__name__ for cls in classes.values())
+    exported = all(getattr(optimum_vim, cls.__name__, None) is cls for cls in classes.values())
+    module = "optimum_vim" if exported else _common_module({cls.__module__ for cls in classes.values()})
+    (folder / REMOTE_CODE_FILE).write_text(_REMOTE_CODE.format(
+        model_type=config["model_type"], family=family_name(classes["AutoConfig"]), module=module,
+        names=", ".join(names)))
+    loader = REMOTE_CODE_FILE.removesuffix(".py")
+    config["auto_map"] = {auto: f"{loader}.{classes[auto].__name__}" for auto in _AUTO_CLASSES if auto in classes}
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -109,13 +151,39 @@ def save_for_hub(model, folder: str | os.PathLike, processor=None, repo_id: str 
     return atomic_save(_save, folder)
 
 
-def push_model_to_hub(model, repo_id: str, processor=None, **push_kwargs) -> str:
-    """Publishes model + processor + rendered card to ``repo_id`` in one commit (``model.push_to_hub``, whose
-    arguments are transformers': ``commit_message``, ``commit_description``, ``private``, ``token``, ``revision``,
-    ``create_pr``, ``max_shard_size``, ``tags``); returns the commit URL."""
-    url = model.push_to_hub(repo_id, processor=processor, **push_kwargs)
+def push_model_to_hub(model, repo_id: str, processor=None, *, commit_message: str | None = None,
+                      commit_description: str | None = None, private: bool | None = None,
+                      token: bool | str | None = None, revision: str | None = None, create_pr: bool = False,
+                      max_shard_size: int | str | None = "50GB", tags: list[str] | None = None) -> str:
+    """Publishes model + processor + rendered card to ``repo_id`` in one commit; what ``model.push_to_hub`` runs.
+    The arguments are transformers' ``push_to_hub`` ones (``commit_message``, ``commit_description``, ``private``,
+    ``token``, ``revision``, ``create_pr``, ``max_shard_size``, ``tags``). An existing card on the Hub is merged, not
+    replaced (:func:`merge_with_remote_card`). Returns the commit URL."""
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    from ..pretrained import family_name
+
+    if tags:
+        model.add_model_tags(tags)
+    api = HfApi(token=token if isinstance(token, str) else None)
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    repo_id = getattr(url, "repo_id", None) or repo_id
+    quantized = getattr(model.config, "quantization_config", None) is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, repo_id=repo_id, max_shard_size=max_shard_size or "50GB")
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        merge_with_remote_card(api, repo_id, tmp, revision)  # keep what the user edited in the card on the Hub
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=tmp, repo_type="model", revision=revision, create_pr=create_pr,
+            commit_message=commit_message
+            or f"Upload {'quantized ' if quantized else ''}{family_name(model.config)} with optimum-vim",
+            commit_description=commit_description,
+        )
     logger.info("pushed %s", repo_id)
-    return url
+    return str(getattr(info, "commit_url", info))
 
 
 def load_benchmark_table(path: str | os.PathLike) -> list[dict]:

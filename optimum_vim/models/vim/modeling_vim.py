@@ -9,15 +9,12 @@ Every tensor that a quantization recipe touches is produced by its own submodule
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import logging
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -25,9 +22,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClass
 
 from ...modules.float import SelectiveScan, TokenConv1d
 from ...ops import add_rms_norm, rms_norm
+from ...pretrained import QuantizableModelMixin
 from .configuration_vim import VimConfig
-
-logger = logging.getLogger(__name__)
 
 
 class VimRMSNorm(nn.Module):
@@ -146,133 +142,9 @@ class VimPatchEmbed(nn.Module):
         return self.proj(pixel_values).flatten(2).transpose(1, 2)
 
 
-class VimPreTrainedModel(PreTrainedModel):
-    """Weight init, config class and loading metadata shared by the Vim models."""
-
-    def __init__(self, config: VimConfig, *args, **kwargs):
-        _refuse_unregistered_quantized_config(config)
-        super().__init__(config, *args, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """``PreTrainedModel.from_pretrained``; a ``ViMQuantizationConfig`` passed for an already quantized checkpoint
-        contributes its loading options (``dequantize``) to the checkpoint's own config instead of being ignored."""
-        qc = kwargs.get("quantization_config")
-        if _is_vim_config(qc) and not qc.is_quantized_layout and pretrained_model_name_or_path is not None:
-            config = kwargs.get("config")
-            if not isinstance(config, PreTrainedConfig):
-                hub = {k: kwargs[k] for k in _DOWNLOAD_KWARGS if k in kwargs}
-                config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path, **hub)
-            saved = getattr(config, "quantization_config", None)
-            saved = saved.to_dict() if _is_vim_config(saved) else saved
-            if isinstance(saved, dict) and saved.get("quant_method") == "vim" and saved.get("layers"):
-                loading, default = qc.get_loading_attributes(), type(qc)().to_dict()
-                ignored = sorted(k for k, v in qc.to_dict().items() if k not in loading and v != default.get(k, v))
-                if ignored:
-                    logger.warning("%s is already quantized: only the loading options %s of the passed "
-                                   "ViMQuantizationConfig apply; %s are the checkpoint's", pretrained_model_name_or_path,
-                                   sorted(loading), ignored)
-                config = copy.deepcopy(config)
-                config.quantization_config = {**saved, **loading}  # transformers reads the saved config as a dict
-                kwargs = {**kwargs, "config": config}
-                kwargs.pop("quantization_config")
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-
-    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, model_card: bool = True, **kwargs):
-        """``PreTrainedModel.save_pretrained``, written atomically (a temporary folder moved into place), with
-        byte-reproducible safetensors headers, plus a README.md model card (rendered by the hook that
-        ``optimum_vim.hub`` registers; ``model_card=False`` skips it). A quantized model's config records the specs
-        of the quantized modules under this model's own names.
-
-        ``push_to_hub=True`` then publishes the folder with :meth:`push_to_hub` (``repo_id`` or the folder name),
-        forwarding transformers' push arguments (``commit_message``, ``commit_description``, ``private``, ``token``,
-        ``revision``, ``create_pr``, ``tags``).
-        """
-        import os
-
-        from ...serialization import atomic_save, canonicalize_safetensors_headers
-
-        repo_id = kwargs.pop("repo_id", None)
-        push_args = {k: kwargs.pop(k) for k in _PUSH_KWARGS if k in kwargs}
-        is_main = kwargs.get("is_main_process", True)
-        card_name = repo_id or os.path.basename(os.path.abspath(save_directory))
-
-        def _save(tmp):
-            with _config_of_this_model(self):
-                super(VimPreTrainedModel, self).save_pretrained(tmp, *args, **kwargs)
-            canonicalize_safetensors_headers(tmp)
-            if model_card and is_main and _MODEL_CARD_WRITER is not None:
-                _MODEL_CARD_WRITER(self, tmp, card_name)
-
-        atomic_save(_save, save_directory)
-        if push_to_hub and is_main:
-            self.push_to_hub(card_name, token=kwargs.get("token"), max_shard_size=kwargs.get("max_shard_size", "50GB"),
-                             **push_args)
-
-    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
-                    private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
-                    create_pr: bool = False, max_shard_size: int | str | None = "50GB", tags: list[str] | None = None,
-                    processor=None) -> str:
-        """transformers' ``push_to_hub`` (same arguments), publishing weights, config, the image processor
-        (``processor=``) and the rendered model card in one commit. An existing card on the Hub is merged, not
-        replaced: its metadata and user-written or user-edited sections stay (``optimum_vim.hub.merge_card``).
-        Returns the commit URL."""
-        import tempfile
-
-        from huggingface_hub import HfApi
-
-        if tags:
-            self.add_model_tags(tags)
-        api = HfApi(token=token if isinstance(token, str) else None)
-        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        repo_id = getattr(url, "repo_id", None) or repo_id
-        quantized = getattr(self.config, "quantization_config", None) is not None
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, repo_id=repo_id, max_shard_size=max_shard_size or "50GB")
-            if processor is not None:
-                processor.save_pretrained(tmp)
-            if _REMOTE_CARD_MERGER is not None:  # keep what the user edited in the card on the Hub
-                _REMOTE_CARD_MERGER(api, repo_id, tmp, revision)
-            info = api.upload_folder(
-                repo_id=repo_id, folder_path=tmp, repo_type="model", revision=revision, create_pr=create_pr,
-                commit_message=commit_message or f"Upload {'quantized ' if quantized else ''}Vim with optimum-vim",
-                commit_description=commit_description,
-            )
-        return str(getattr(info, "commit_url", info))
-
-    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
-        """Parameters as transformers counts them for its own quantizers: a quantized layer counts the weights it
-        stands for (``out_features x in_features`` codes, bias), not the bytes of its packed buffers; so a quantized
-        model reports the float model's count. Quantized weights are frozen (``only_trainable`` leaves them out)."""
-        total = super().num_parameters(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
-        if only_trainable:
-            return total
-        for module in self.modules():
-            count = getattr(module, "num_weight_parameters", None)
-            if count is not None:
-                total += count()
-        return total
-
-    def get_memory_footprint(self, return_buffers: bool = True) -> int:
-        """transformers' footprint (parameters and buffers, i.e. a quantized layer's packed codes, scales and
-        codebooks) plus what the CPU kernels keep cached for this model's quantized weights
-        (:func:`optimum_vim.size.memory_footprint`)."""
-        from ...size import memory_footprint
-
-        return memory_footprint(self, return_buffers)
-
-    @staticmethod
-    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
-        """transformers' weight loading, after refusing a quantized optimum-vim checkpoint that is about to load as a
-        float model (its ``quantization_config`` was removed from config.json or names another method)."""
-        from ...serialization import refuse_quantized_checkpoint_as_float
-
-        quantizer = getattr(load_config, "hf_quantizer", None)
-        active = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
-        declared = getattr(model.config, "quantization_config", None)
-        declared = declared.get("quant_method") if isinstance(declared, dict) else getattr(declared, "quant_method", None)
-        refuse_quantized_checkpoint_as_float(checkpoint_files, _method_name(active), _method_name(declared))
-        return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
+class VimPreTrainedModel(QuantizableModelMixin, PreTrainedModel):
+    """Weight init, config class and loading metadata shared by the Vim models. Loading, saving, the model card and
+    the Hub come from :class:`optimum_vim.pretrained.QuantizableModelMixin`, shared by every model family."""
 
     config_class = VimConfig
     config: VimConfig
@@ -327,74 +199,6 @@ class VimPreTrainedModel(PreTrainedModel):
         bound = 1.0 / math.sqrt(mixer.d_inner) / math.sqrt(cfg.num_hidden_layers)
         if isinstance(mixer.out_proj, nn.Linear):
             init.uniform_(mixer.out_proj.weight, -bound, bound)
-
-
-# save_pretrained(push_to_hub=True) arguments that belong to push_to_hub
-_PUSH_KWARGS = ("commit_message", "commit_description", "private", "revision", "create_pr", "tags")
-
-# Renders README.md (and its plot) into a folder being saved: ``fn(model, folder, repo_id)``; and, before a push,
-# merges that card into the repo's current one: ``merge(api, repo_id, folder, revision)``. optimum_vim.hub registers
-# both at import, so that the model does not import the hub package.
-_MODEL_CARD_WRITER = None
-_REMOTE_CARD_MERGER = None
-
-
-def register_model_card_writer(fn, merge=None) -> None:
-    """Installs the model card hooks that :meth:`VimPreTrainedModel.save_pretrained` / ``push_to_hub`` call."""
-    global _MODEL_CARD_WRITER, _REMOTE_CARD_MERGER
-    _MODEL_CARD_WRITER, _REMOTE_CARD_MERGER = fn, merge
-
-
-@contextlib.contextmanager
-def _config_of_this_model(model):
-    """While saving: the quantization config's ``layers`` are the specs of ``model``'s quantized modules under its
-    own names (a backbone taken from a quantized classifier shares the classifier's config, whose names carry the
-    ``vim.`` prefix)."""
-    qc = getattr(model.config, "quantization_config", None)
-    layers = getattr(qc, "layers", None)
-    if not layers:
-        yield
-        return
-    from ...modules import QModule
-
-    own = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, QModule) and not any(name.startswith(p + ".") for p in own):
-            own[name] = mod.spec.to_dict()
-    if set(own) == set(layers):
-        yield
-        return
-    fixed = copy.deepcopy(qc)
-    fixed.layers = own
-    model.config.quantization_config = fixed
-    try:
-        yield
-    finally:
-        model.config.quantization_config = qc
-
-
-# from_pretrained arguments that locate config.json (forwarded when the config is read ahead of the weights)
-_DOWNLOAD_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
-
-
-def _is_vim_config(qc) -> bool:
-    return getattr(qc, "quant_method", None) == "vim" and hasattr(qc, "is_quantized_layout")
-
-
-def _method_name(method) -> str | None:
-    return None if method is None else str(getattr(method, "value", method))
-
-
-def _refuse_unregistered_quantized_config(config) -> None:
-    """A quantized checkpoint reaches the model with its quantization config still a dict only when the optimum-vim
-    quantizer is not registered; transformers would then load packed integers as float weights (garbage logits)."""
-    qc = getattr(config, "quantization_config", None)
-    if isinstance(qc, dict) and qc.get("quant_method") == "vim":
-        raise RuntimeError(
-            "this Vim checkpoint is quantized with optimum-vim, but the 'vim' quantizer is not registered with "
-            "transformers, so it would load as a broken float model. Run `import optimum_vim` (which registers it) "
-            "before from_pretrained, or pass quantization_config=ViMQuantizationConfig.from_dict(...)"
-        )
 
 
 def check_pixel_values(pixel_values, config: VimConfig, any_size: bool = False) -> None:
