@@ -112,3 +112,47 @@ def test_recipes_and_calibration_name_no_model_class():
         code = "\n".join(line.split("#", 1)[0] for line in code.splitlines())
         offenders += [f"{path.relative_to(root)}: {m.group(0)}" for m in vim_names.finditer(code)]
     assert not offenders, offenders
+
+
+# ------------------------------------------------------------------------------------------ a second family
+@pytest.fixture
+def toy(monkeypatch):
+    """A MambaVision-shaped toy model whose family is registered with its one line (tests/toy_family.py)."""
+    from optimum_vim.models import family
+
+    from .toy_family import ToyModel
+
+    monkeypatch.setitem(family.FAMILIES, "toymamba", "tests.toy_family:ToyFamily")
+    torch.manual_seed(0)
+    return ToyModel().eval()
+
+
+FAST_KSCALE = {"num_clusters": 2, "search_candidates": 11, "search_rounds": 1, "search_images": None}
+MIXER = ("in_proj", "x_proj", "dt_proj", "out_proj")
+
+
+@pytest.mark.parametrize("recipe,bits,args,modules,min_sqnr", [
+    ("rtn", (8, 8), {"scan_act_bits": 8}, (*MIXER, "ssm"), 25.0),
+    ("kscale", (8, 8), FAST_KSCALE, (*MIXER, "conv1d", "act", "softplus", "ssm", "conv1d_z", "act_z"), 15.0),
+    ("ptq4vm", (8, 8), {"steps": 2}, MIXER, 25.0),
+    ("ouromamba", (4, 8), {"epochs": 1}, (*MIXER, "ssm"), 10.0),
+], ids=["rtn", "kscale", "ptq4vm", "ouromamba"])
+def test_every_recipe_calibrates_a_second_family_through_its_adapter(toy, recipe, bits, args, modules, min_sqnr):
+    """No recipe names the toy's modules: what they quantize comes from its adapter (roles, mixer layout with a
+    concatenated z branch and no gate, single-tensor block stream, no class token)."""
+    import copy
+    import math
+
+    from optimum_vim.recipes import apply_plan
+
+    pixels = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    cfg = ViMQuantizationConfig(recipe=recipe, weight_bits=bits[0], act_bits=bits[1], recipe_args=args)
+    plan = get_recipe_class(recipe).from_config(cfg).calibrate(toy, [pixels])
+    mlp = () if recipe == "kscale" else ("fc1", "fc2")  # kscale quantizes the mixers only
+    expected = {f"blocks.{i}.{'' if m in mlp else 'mixer.'}{m}" for i in range(2) for m in (*modules, *mlp)}
+    assert set(plan.layers) == expected
+    quantized = apply_plan(copy.deepcopy(toy), plan)
+    with torch.no_grad():
+        ref, out = toy(pixels), quantized(pixels)
+    sqnr = 10 * math.log10(ref.pow(2).sum() / (ref - out).pow(2).sum())
+    assert sqnr > min_sqnr, f"{recipe}: logit SQNR {sqnr:.1f} dB"
