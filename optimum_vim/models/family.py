@@ -38,6 +38,7 @@ from torch import nn
 # model_type -> "module:Class" of its adapter; adding a family is one line here
 FAMILIES: dict[str, str] = {
     "vim": "optimum_vim.models.vim.family:VimFamily",
+    "mambavision": "optimum_vim.models.mambavision.family:MambaVisionFamily",
 }
 
 _LOADED: dict[str, ModelFamily] = {}

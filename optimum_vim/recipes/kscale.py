@@ -330,16 +330,18 @@ class KScaleRecipe(Recipe):
             """k-scaled quantizer of ``x`` (b, L, C): spec and buffers. ``stats``: the tensor whose magnitudes give
             the cluster labels and initial scales (default ``x``)."""
             channels = x.shape[-1]
-            labels = cluster_labels(x if stats is None else stats, axis, k, seed=seed, channel_factor=factor)
+            # no more clusters than token positions / channels (a window of one token has one token scale)
+            kk = min(k, x.shape[1] if axis == "token" else channels)
+            labels = cluster_labels(x if stats is None else stats, axis, kk, seed=seed, channel_factor=factor)
             ref = x if ref is None else ref
             scales = search_cluster_scales(self._view(ref), self._view(x), labels, axis, factors, _QMIN, _QMAX,
                                            rounds=rounds, power_of_two=power_of_two, channel_factor=factor,
-                                           search=search, num_clusters=k,
+                                           search=search, num_clusters=kk,
                                            snap_after=self.args.power_of_two == "snap_after",
                                            init_from=None if stats is None else self._view(stats))
-            spec = _cluster_spec(axis, k, length, channels, factor is not None)
+            spec = _cluster_spec(axis, kk, length, channels, factor is not None)
             tensors = {"scale": scales.reshape(-1).float()}
-            if k > 1:
+            if kk > 1:
                 tensors["labels"] = labels.to(torch.int32)
             if factor is not None:
                 tensors["factor"] = factor.float().cpu()
@@ -380,7 +382,7 @@ class KScaleRecipe(Recipe):
         # ---- out_proj: input (gated average of the directions) token k-scaled 2^n; weight searched on its output
         x_o, y_o = caps[layout.out_proj + ".in"], caps[layout.out_proj]
         o_spec, o_t = cluster(x_o, "token", power_of_two=True)
-        scale_rows = o_t["scale"][o_t["labels"].long()] if k > 1 else o_t["scale"]
+        scale_rows = o_t["scale"][o_t["labels"].long()] if "labels" in o_t else o_t["scale"]
         x_o_hat = fake_quant(x_o, scale_rows.to(x_o.device).view(1, -1, 1), _QMIN, _QMAX)
         xs, ys, xh = self._rows(x_o, y_o, x_o_hat)
         s_w, _ = search_linear_scales(xs, out_proj.weight, None, ys, factors, out_range=None, rounds=rounds,
@@ -400,10 +402,12 @@ class KScaleRecipe(Recipe):
         y_conv_q = family.conv(conv, x, (codes * s_wc).to(x.dtype))
         c_spec, c_t = cluster(y_conv_q, "channel", ref=y_float)
         e, ksz = conv.weight.shape[0], conv.weight.shape[-1]
-        add(path, Conv1dSpec(e, ksz, ConvWeightSpec(8, "tensor"), reverse=reverse, input=_tensor_spec(), output=c_spec),
+        # the conv's own direction, padding and bias (a "same" conv without bias in MambaVision-style mixers)
+        bias = {} if conv.bias is None else {"bias": conv.bias.detach().float().cpu().clone()}
+        add(path, Conv1dSpec.like(conv, ConvWeightSpec(8, "tensor"), input=_tensor_spec(), output=c_spec),
             {"qweight": codes.reshape(e, ksz).to(torch.int8).cpu(),
              "weight_scale": torch.tensor([s_wc], dtype=torch.float32),
-             "bias": conv.bias.detach().float().cpu().clone(), "input_quantizer.scale": s_xz_t.clone(),
+             **bias, "input_quantizer.scale": s_xz_t.clone(),
              **prefixed("output_quantizer", c_t)})
 
     def _calibrate_direction(self, family: ModelFamily, mixer, d: ScanPath, caps, x_half, s_xz_t, add, cluster,

@@ -126,6 +126,7 @@ class MambaVisionTokenBlock(GradientCheckpointingLayer):
         super().__init__()
         width = config.stage_dims[stage]
         self.is_mixer = index in config.mixer_blocks(stage)
+        self.window_size = config.window_size[stage]  # the stage's windows (the block itself runs on their tokens)
         self.norm1 = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.mixer = (MambaVisionMixer(config, width) if self.is_mixer
                       else MambaVisionAttention(config, width, config.num_heads[stage]))
@@ -201,6 +202,19 @@ def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 3, 5, 1).reshape(-1, window * window, c)
 
 
+def pad_to_windows(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(batch, C, H, W) zero-padded on the right / bottom to multiples of ``window`` (unchanged when they are)."""
+    height, width = x.shape[2:]
+    pad_r, pad_b = (window - width % window) % window, (window - height % window) % window
+    return F.pad(x, (0, pad_r, 0, pad_b)) if pad_r or pad_b else x
+
+
+def run_on_windows(block: nn.Module, x: torch.Tensor, window: int) -> torch.Tensor:
+    """``block`` applied to the tokens of every ``window`` x ``window`` window of a (batch, C, H, W) map whose sides
+    are multiples of ``window``; returns the map."""
+    return window_reverse(block(window_partition(x, window)), window, *x.shape[2:])
+
+
 def window_reverse(windows: torch.Tensor, window: int, height: int, width: int) -> torch.Tensor:
     """Inverse of :func:`window_partition`: (batch * windows, window**2, C) -> (batch, C, height, width)."""
     c = windows.shape[-1]
@@ -231,15 +245,12 @@ class MambaVisionStage(nn.Module):
         else:
             height, width = x.shape[2:]
             ws = self.window_size
-            pad_r, pad_b = (ws - width % ws) % ws, (ws - height % ws) % ws
-            if pad_r or pad_b:
-                x = F.pad(x, (0, pad_r, 0, pad_b))
-            padded_h, padded_w = x.shape[2:]
-            tokens = window_partition(x, ws)
+            padded = pad_to_windows(x, ws)
+            tokens = window_partition(padded, ws)
             for block in self.blocks:
                 tokens = block(tokens)
-            x = window_reverse(tokens, ws, padded_h, padded_w)
-            if pad_r or pad_b:
+            x = window_reverse(tokens, ws, *padded.shape[2:])
+            if padded.shape[2:] != (height, width):
                 x = x[:, :, :height, :width].contiguous()
         return x, (self.downsample(x) if self.downsample is not None else x)
 
