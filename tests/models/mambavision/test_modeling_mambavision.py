@@ -26,8 +26,8 @@ from optimum_vim.models.mambavision.convert_mambavision_checkpoint import (
     infer_mambavision_config,
     official_to_hf_state_dict,
 )
-from optimum_vim.modules.float import SelectiveScan, TokenConv1d
 from optimum_vim.models.vim.convert_vim_checkpoint import CheckpointConversionError
+from optimum_vim.modules.float import SelectiveScan, TokenConv1d
 from optimum_vim.ops.dispatch import KernelBackend, use_kernels
 
 register_mambavision_with_transformers()
