@@ -11,6 +11,7 @@ import importlib
 # one line per model family: the function that registers it (with register_model_family)
 MODEL_FAMILIES = (
     "optimum_vim.models.vim.registration:register",
+    "optimum_vim.models.mambavision.registration:register",
 )
 
 _DONE = False
@@ -50,7 +51,7 @@ def register_quantizer() -> None:
 
 
 def register_vim_with_transformers() -> None:
-    """Registers every model family of :data:`MODEL_FAMILIES` (``vim``: AutoConfig, AutoModel,
+    """Registers every model family of :data:`MODEL_FAMILIES` (``vim``, ``mambavision``: AutoConfig, AutoModel,
     AutoModelForImageClassification, AutoBackbone, AutoImageProcessor) and the ``vim`` quantization method with
     transformers. Safe to call repeatedly."""
     global _DONE

@@ -24,11 +24,15 @@ def template_text(name: str) -> str:
         ) from None
 
 
-def _architecture(config) -> str:
-    return (
-        f"width {config.hidden_size}, depth {config.num_hidden_layers}, d_state {config.d_state}, "
-        f"expand {config.expand}, patch {config.patch_size}/stride {config.stride}"
-    )
+def _facts(config) -> dict:
+    """The family's own words for the card (its config's ``model_card_facts()``: ``family``, ``short_name``,
+    ``tags``, ``architecture``, ``tokens``); a family without them gets its model type."""
+    facts = getattr(config, "model_card_facts", None)
+    if facts is not None:
+        return facts()
+    kind = str(getattr(config, "model_type", "model"))
+    return {"family": kind, "short_name": kind, "tags": [kind], "architecture": type(config).__name__,
+            "tokens": "-"}
 
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -88,7 +92,7 @@ def render_model_card(
     training: dict | None = None,
     license: str | None = None,
 ):
-    """Renders the card of a float or quantized Vim as a ``huggingface_hub.ModelCard``.
+    """Renders the card of a float or quantized model of any registered family as a ``huggingface_hub.ModelCard``.
 
     Args:
         repo_id: the Hub id the card will live under (used in the usage snippet).
@@ -104,7 +108,8 @@ def render_model_card(
     config = model.config
     qc = getattr(config, "quantization_config", None)
     repo_id = repo_id or "path/to/this/model"
-    tags = ["vision-mamba", "vim", "optimum-vim", "transformers", "image-classification"]
+    facts = _facts(config)
+    tags = [*facts["tags"], "optimum-vim", "transformers", "image-classification"]
     name = repo_id.split("/")[-1]
     eval_results = _eval_results(accuracy)
     tags += [t for t in (getattr(model, "model_tags", None) or []) if t not in tags]
@@ -134,9 +139,11 @@ def render_model_card(
             template_str=template_text("quantized"),
             title=f"{repo_id.split('/')[-1]} ({scheme}, {qc.recipe})",
             scheme=scheme,
-            base_model_name=base or "a float Vim",
+            base_model_name=base or f"a float {facts['short_name']}",
+            family=facts["family"],
+            short_name=facts["short_name"],
             base_model_link=f"https://huggingface.co/{hub_base}" if hub_base else None,
-            architecture=_architecture(config),
+            architecture=facts["architecture"],
             repo_id=repo_id,
             recipe=qc.recipe,
             format_version=qc.format_version,
@@ -166,12 +173,14 @@ def render_model_card(
         data,
         template_str=template_text("float"),
         title=repo_id.split("/")[-1],
-        architecture=_architecture(config),
+        family=facts["family"],
+        short_name=facts["short_name"],
+        architecture=facts["architecture"],
         repo_id=repo_id,
         num_parameters=f"{model.num_parameters():,}",
         image_size=config.image_size,
         num_channels=config.num_channels,
-        num_tokens=config.sequence_length,
+        tokens=facts["tokens"],
         num_labels=config.num_labels,
         training=training,
     ))

@@ -121,5 +121,14 @@ class VimConfig(BackboneConfigMixin, PreTrainedConfig):
         """Tokens per image including the class token (197 / 730 for the official models)."""
         return self.num_patches + 1
 
+    def model_card_facts(self) -> dict:
+        """What the model card says about this architecture (read by ``optimum_vim.hub.cards``)."""
+        return {
+            "family": "Vision Mamba", "short_name": "Vim", "tags": ["vision-mamba", "vim"],
+            "architecture": f"width {self.hidden_size}, depth {self.num_hidden_layers}, d_state {self.d_state}, "
+                            f"expand {self.expand}, patch {self.patch_size}/stride {self.stride}",
+            "tokens": f"{self.sequence_length} (class token in the middle)",
+        }
+
 
 __all__ = ["VimConfig"]
