@@ -50,7 +50,9 @@ class ScanPath:
     x_proj -> (dt | B | C); dt -> dt_proj -> softplus (delta) -> scan(u, delta, A, B, C, D)``.
 
     ``reverse``: the scan (and its conv) walk the tokens in reverse order; its tensors stay in token order.
-    ``A_log`` / ``D``: parameter names (relative to the mixer) of the direction's S4D parameters."""
+    ``A_log`` / ``D``: parameter names (relative to the mixer) of the direction's S4D parameters.
+    ``dt_bias_repeats``: how often dt_proj's bias enters softplus's input (MambaVision's official forward adds it a
+    second time: ``softplus(dt_proj(dt) + dt_proj.bias)``; the model reads it from whatever module is at dt_proj)."""
 
     reverse: bool
     conv: str
@@ -61,6 +63,7 @@ class ScanPath:
     scan: str
     A_log: str
     D: str | None
+    dt_bias_repeats: int = 1
 
 
 @dataclass(frozen=True)

@@ -449,13 +449,20 @@ class KScaleRecipe(Recipe):
         # ---- dt_proj: input = x_proj's output scale; weight and output searched; bias corrected
         dt_out = caps[d.dt_proj]
         w_dt, b_dt = dt_proj.weight.detach().float(), dt_proj.bias.detach().float()
+        # a mixer that adds dt_proj's bias again before softplus (``dt_bias_repeats``): the output scale (softplus's
+        # input) and the bias correction are those of the effective linear x W^T + repeats * b
+        reps = d.dt_bias_repeats
+        b_eff = b_dt if reps == 1 else reps * b_dt
+        if reps != 1:
+            dt_out = dt_out + (reps - 1) * b_dt.to(dt_out.device)
         xs, ys = self._rows(dt, dt_out)
-        s_wdt, s_dto = search_linear_scales(xs, w_dt, b_dt, ys, factors, rounds=rounds, search=search)
+        s_wdt, s_dto = search_linear_scales(xs, w_dt, b_eff, ys, factors, rounds=rounds, search=search)
         bias = b_dt.clone()
-        if search:  # b <- b - mean_rows(x_hat (W_hat - W)^T)
+        if search:  # b <- b - mean_rows(x_hat (W_hat - W)^T) (spread over the bias's repeats)
             x_hat = fake_quant(dt.reshape(-1, r), s_dbc, _QMIN, _QMAX)
             w_hat = torch.round(w_dt / s_wdt).clamp_(_WMIN, _WMAX) * s_wdt
-            bias = bias - (x_hat @ (w_hat - w_dt).t()).mean(0)
+            correction = (x_hat @ (w_hat - w_dt).t()).mean(0)
+            bias = bias - (correction if reps == 1 else correction / reps)
         add(d.dt_proj, _int8_linear((r, e), bias=True, input=_tensor_spec()),
             {**_weight_tensors(w_dt, s_wdt), "bias": bias.cpu(), "input_quantizer.scale": s_dbc_t.clone()})
 

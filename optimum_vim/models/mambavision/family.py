@@ -12,9 +12,10 @@ crops the padding first. The block losses compare maps as (batch, H*W, C) tokens
 Mixer (:data:`MAMBAVISION_MIXER`): one scan direction, not reversed: ``conv1d_x -> act_x -> x_proj -> dt_proj ->
 softplus -> ssm``; the z half through its own ``conv1d_z -> act_z``, concatenated with the scan output before
 ``out_proj`` (no gate). Both convs are non-causal ("same" padding, no bias). The official forward adds ``dt_proj``'s bias
-a second time before softplus; the model reads that bias from whatever module sits at ``dt_proj`` (the float linear, a
-calibration stand-in, a :class:`~optimum_vim.modules.QLinear`), so quantized, dequantized and calibrating models keep
-the double add with the bias the recipe chose. Linears by role: ``in_proj, x_proj, dt_proj, out_proj`` (mixers),
+a second time before softplus (``dt_bias_repeats=2``); the model reads that bias from whatever module sits at
+``dt_proj`` (the float linear, a calibration stand-in, a :class:`~optimum_vim.modules.QLinear`), so quantized,
+dequantized and calibrating models keep the double add with the bias the recipe chose (k-scale searches softplus's
+input grid on, and spreads its bias correction over, both additions). Linears by role: ``in_proj, x_proj, dt_proj, out_proj`` (mixers),
 ``qkv, proj`` (attention), ``fc1, fc2`` (MLPs), ``head``. Tokens: no class token.
 """
 
@@ -41,7 +42,7 @@ MAMBAVISION_MIXER = MixerLayout(
     in_proj="in_proj",
     out_proj="out_proj",
     directions=(ScanPath(reverse=False, conv="conv1d_x", act="act_x", x_proj="x_proj", dt_proj="dt_proj",
-                         softplus="softplus", scan="ssm", A_log="A_log", D="D"),),
+                         softplus="softplus", scan="ssm", A_log="A_log", D="D", dt_bias_repeats=2),),
     combine="concat",
     z_conv="conv1d_z",
     z_act="act_z",

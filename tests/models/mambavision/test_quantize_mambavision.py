@@ -139,7 +139,7 @@ def test_every_recipe_quantizes_saves_reloads_and_dequantizes(recipe, images, fl
         assert (back.argmax(-1) == float_logits.argmax(-1)).float().mean() >= 0.8
 
 
-@pytest.mark.parametrize("recipe", ["rtn", "vimvq"])
+@pytest.mark.parametrize("recipe", ["rtn", "kscale", "vimvq"])
 def test_the_double_delta_bias_survives_quantization(recipe, images):
     """The official forward adds dt_proj's bias again before softplus; quantized (and ViM-VQ's trained) dt_proj
     biases enter twice too."""
