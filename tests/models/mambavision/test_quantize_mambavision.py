@@ -203,3 +203,18 @@ def test_cli_quantize_and_push_with_card(tmp_path, capsys):
         assert json.loads(repo.files["config.json"])["model_type"] == "mambavision"
     assert json.loads(load.stdout.strip().splitlines()[-1])["type"] == "QLinear"
     assert torch.equal(torch.load(tmp_path / "hub.pt"), expected)
+
+
+def test_targets_are_checked_against_the_model_family():
+    """``targets`` may name the roles of any registered family in the config; the run refuses roles the model's own
+    family does not have, before anything is applied."""
+    vim = Path(__file__).resolve().parents[3] / "checkpoints" / "vim-fashion-mnist"
+    with pytest.raises(ValueError, match=r"targets \['qkv'\] name no linear of this vim model; its linear roles: in_proj"):
+        AutoModelForImageClassification.from_pretrained(
+            vim, quantization_config=ViMQuantizationConfig(weight_bits=4, recipe_args={"targets": ["qkv", "in_proj"]}))
+    with pytest.raises(ValueError, match=r"targets \['x_proj_b'\] name no linear of this mambavision model"):
+        AutoModelForImageClassification.from_pretrained(
+            FIXTURE, quantization_config=ViMQuantizationConfig(weight_bits=4, recipe_args={"targets": ["x_proj_b"]}))
+    model = AutoModelForImageClassification.from_pretrained(
+        FIXTURE, quantization_config=ViMQuantizationConfig(weight_bits=4, recipe_args={"targets": ["fc1", "fc2"]}))
+    assert {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, QLinear)} == {"fc1", "fc2"}
