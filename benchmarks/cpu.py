@@ -143,7 +143,9 @@ def time_models(models: dict, batch: int, repeats: int, warmup: int = 2) -> dict
 def linear_times(models: dict, batch: int, repeats: int, warmup: int = 2) -> dict:
     """Median seconds of one call of each block linear of layer 0 on (batch, L, K) inputs:
     ``{(leaf, label, variant): seconds}``; the float model's rows have label "float32"."""
-    from optimum_vim.recipes import BLOCK_LINEARS
+    from optimum_vim.models.family import get_family
+
+    BLOCK_LINEARS = get_family("vim").default_linear_roles
 
     fp = models["float32"]
     length = fp.config.sequence_length
@@ -172,9 +174,11 @@ class _Split:
     """Forward-hook timers: block linears (and, inside them, their input quantizers), scans, total."""
 
     def __init__(self, model):
+        from optimum_vim.models.family import get_family
         from optimum_vim.models.vim.modeling_vim import VimSelectiveScan
         from optimum_vim.modules import QActivation, QLinear, QSelectiveScan
-        from optimum_vim.recipes import BLOCK_LINEARS
+
+        BLOCK_LINEARS = get_family("vim").default_linear_roles
 
         self.seconds = collections.Counter()
         self.handles, self.patched = [], []

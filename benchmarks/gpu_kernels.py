@@ -114,9 +114,11 @@ def build(size: str, smoke: bool, stride: int = 16):
 def quantized(model_fp32, fmt: str, device, dtype, smoke: bool):
     """A copy of the float model in ``fmt`` (w8a8, w4a8, w4a16, vq2), calibrated on ``device``, cast to ``dtype``."""
     from optimum_vim import ViMQuantizationConfig, quantize_model
+    from optimum_vim.models.family import get_family
     from optimum_vim.modules import QLinear, build_qmodule, load_qmodule_tensors
     from optimum_vim.primitives import pack_codes
-    from optimum_vim.recipes import BLOCK_LINEARS
+
+    BLOCK_LINEARS = get_family("vim").default_linear_roles
 
     model = copy.deepcopy(model_fp32).to(device)
     c = model.config

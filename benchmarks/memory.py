@@ -97,8 +97,11 @@ def child(folder: str, batch: int, warmup: str | None) -> dict:
 
 def _vq_plan(model, codebook_dtype="float16"):
     """ViM-VQ's 2-bit layout on every block linear: 8-bit indices over 4-dim codewords (random values)."""
+    from optimum_vim.models.family import get_family
     from optimum_vim.primitives import pack_codes
-    from optimum_vim.recipes import BLOCK_LINEARS, LayerPlan, QuantPlan
+    from optimum_vim.recipes import LayerPlan, QuantPlan
+
+    BLOCK_LINEARS = get_family("vim").default_linear_roles
 
     plan = QuantPlan(recipe="vimvq")
     g = torch.Generator().manual_seed(0)

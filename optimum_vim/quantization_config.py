@@ -158,7 +158,7 @@ class ViMQuantizationConfig(QuantizationConfigMixin):
         ``weight_bits``; with ``act_bits=None`` no such linear quantizes its input, otherwise some activation
         quantizer has ``act_bits``."""
         from .modules.spec import ActivationSpec, IntWeightSpec, LinearSpec, spec_from_dict
-        from .recipes.base import layer_overrides
+        from .recipes.targets import layer_overrides
 
         if not isinstance(self.layers, dict) or not all(isinstance(v, dict) for v in self.layers.values()):
             raise ValueError("quantization_config.layers must map module names to module specs (dicts)")

@@ -149,25 +149,25 @@ class ViMHfQuantizer(HfQuantizer):
 
 
 def run_recipe(model: nn.Module, cfg: ViMQuantizationConfig) -> nn.Module:
-    """Calibrates ``cfg.recipe`` on a loaded float Vim, swaps its modules (in place) and records the per-layer specs
-    in ``cfg`` (which becomes ``model.config.quantization_config``)."""
-    if not _is_vim(model):
-        raise TypeError(f"optimum-vim quantizes Vision Mamba models; got {type(model).__name__}")
+    """Calibrates ``cfg.recipe`` on a loaded float model of a supported family, swaps its modules (in place) and
+    records the per-layer specs in ``cfg`` (which becomes ``model.config.quantization_config``)."""
+    from .models.family import family_of
+
+    family = family_of(model)  # a clear error for a model no family adapter describes
     if cfg.is_quantized_layout:
         raise ValueError("this ViMQuantizationConfig was already used to quantize a model; create a new one")
-    recipe = get_recipe_class(cfg.recipe)(cfg)
+    recipe_cls = get_recipe_class(cfg.recipe)
     # the config's processor, else the checkpoint's, for every recipe that reads one, data-free ones included
     # (OuroMamba bounds its synthetic pixels with it): the same one the CLI and the benchmarks pass
     processor = cfg.image_processor
-    if processor is None and recipe.uses_image_processor(cfg):
+    if processor is None and recipe_cls.uses_image_processor(cfg):
         processor = _checkpoint_processor(model)
-    recipe.image_processor = processor
+    recipe = recipe_cls.from_config(cfg, image_processor=processor)
     batches = None
     if recipe.requires_data(cfg):
-        c = model.config
         batches = prepare_calibration_batches(
             cfg.calibration_dataset, processor, cfg.num_calibration_samples, cfg.calibration_batch_size,
-            cfg.seed, (c.num_channels, c.image_size, c.image_size),
+            cfg.seed, family.input_shape(model),
         )
         param = next(model.parameters())
         batches = [b.to(param.dtype) for b in batches]

@@ -116,7 +116,7 @@ def test_every_accuracy_row_is_a_valid_config_and_seeds_aggregate():
             kwargs = {"calibration_dataset": torch.zeros(1, 1, 28, 28), **r["config"]}
             cfg = ViMQuantizationConfig(recipe=r["recipe"], weight_bits=r["weight_bits"], act_bits=r["act_bits"],
                                         **kwargs)
-            get_recipe_class(r["recipe"])(cfg)
+            get_recipe_class(r["recipe"]).from_config(cfg)
     assert sum("paper preset" in label for label in labels) >= 4  # OuroMamba (A4, A8, real data) and kscale
     assert [r["label"] for r in bench.select_rows("ptq4vm", "=PTQ4VM W4A4")] == ["PTQ4VM W4A4"]
     # ';' separates when a label holds a comma: exactly the real-data paper row and the frozen-S6 row

@@ -174,7 +174,7 @@ def test_fidelity_and_calibrate_leaves_model_unchanged(kscale_model, fp_model):
     ref = _logits(fp_model, x)
     assert _sqnr(ref, _logits(kscale_model, x)) > 25
     before = {k: v.clone() for k, v in fp_model.state_dict().items()}
-    recipe = get_recipe_class("kscale")(_cfg())
+    recipe = get_recipe_class("kscale").from_config(_cfg())
     plan = recipe.calibrate(fp_model, [_calib()])
     assert all(torch.equal(before[k], v) for k, v in fp_model.state_dict().items())
     assert plan.layers and all(hasattr(m, "weight") for m in [fp_model.vim.layers[0].mixer.in_proj])
@@ -383,7 +383,7 @@ def test_official_switches_change_only_what_they_name(fp_model):
     x = [_calib(8)]
 
     def plan(**args):
-        return cls(_cfg(**args)).calibrate(copy.deepcopy(fp_model), x)
+        return cls.from_config(_cfg(**args)).calibrate(copy.deepcopy(fp_model), x)
 
     base, after = plan(), plan(y_search="quantized_state")
     scan = "vim.layers.1.mixer.ssm"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import optimum_vim
-from optimum_vim import VimConfig, VimForImageClassification
+from optimum_vim import VimBackbone, VimConfig, VimForImageClassification
 from optimum_vim.ops.scan import selective_scan_torch
 from optimum_vim.recipes.ouromamba.generation import (
     GenerationDivergedError,
@@ -179,8 +179,10 @@ def test_bad_input_is_refused_with_what_to_do():
         optimum_vim.generate_calibration_images(model, 2, patch_size=4, progress=False)
     with pytest.raises(ValueError, match="block indices"):
         optimum_vim.generate_calibration_images(model, 2, layers=[7], progress=False)
-    with pytest.raises(TypeError, match="VimForImageClassification"):
+    with pytest.raises(TypeError, match="no model-family adapter for Linear"):
         optimum_vim.generate_calibration_images(torch.nn.Linear(2, 2), 2, progress=False)
+    with pytest.raises(TypeError, match="needs a float VimForImageClassification"):
+        optimum_vim.generate_calibration_images(VimBackbone(model.config), 2, progress=False)
     with pytest.raises(ValueError, match="class indices"):
         optimum_vim.generate_calibration_images(model, 2, targets=[0, 9], progress=False)
     for bad, match in (({"jitter": -1}, "jitter"), ({"jitter": 1.5}, "jitter"), ({"flip": 1}, "flip"),
@@ -273,5 +275,5 @@ def test_state_patching_generates_seeded_images_other_than_the_attention_ones():
     state = optimum_vim.generate_calibration_images(model, 3, patching="state", **kw)
     assert torch.equal(state, optimum_vim.generate_calibration_images(model, 3, patching="state", **kw))
     assert not torch.equal(state, optimum_vim.generate_calibration_images(model, 3, **kw))
-    with pytest.raises(ValueError, match="patching must be one of"):
+    with pytest.raises(ValueError, match="'patching' must be one of"):
         optimum_vim.generate_calibration_images(model, 3, patching="tokens", **kw)

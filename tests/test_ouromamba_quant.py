@@ -110,8 +110,8 @@ def test_calibrate_leaves_the_model_alone_and_is_seeded(float_model):
     before = {k: v.clone() for k, v in float_model.state_dict().items()}
     cls = optimum_vim.recipes.get_recipe_class("ouromamba")
     cfg = _config(num_synthetic=4, gen_iterations=2, epochs=1)
-    a = cls(cfg).calibrate(float_model, None)
-    b = cls(cfg).calibrate(float_model, None)
+    a = cls.from_config(cfg).calibrate(float_model, None)
+    b = cls.from_config(cfg).calibrate(float_model, None)
     assert all(torch.equal(before[k], v) for k, v in float_model.state_dict().items())
     assert a.layers.keys() == b.layers.keys() and len(a.layers) == 6 * 8  # 6 linears + 2 scans per block
     for name in a.layers:
@@ -122,9 +122,9 @@ def test_calibrate_leaves_the_model_alone_and_is_seeded(float_model):
 def test_scan_steps_learn_unless_turned_off(float_model):
     cls = optimum_vim.recipes.get_recipe_class("ouromamba")
     fast = dict(num_synthetic=4, gen_iterations=2)
-    init = cls(_config(**fast, epochs=0)).calibrate(float_model, None)
-    frozen = cls(_config(**fast, epochs=2, train_scan_steps=False)).calibrate(float_model, None)
-    learned = cls(_config(**fast, epochs=2)).calibrate(float_model, None)
+    init = cls.from_config(_config(**fast, epochs=0)).calibrate(float_model, None)
+    frozen = cls.from_config(_config(**fast, epochs=2, train_scan_steps=False)).calibrate(float_model, None)
+    learned = cls.from_config(_config(**fast, epochs=2)).calibrate(float_model, None)
     scans = [n for n in init.layers if n.endswith(("ssm", "ssm_b"))]
     assert len(scans) == 2 * len(float_model.vim.layers)
     for name in scans:
@@ -141,9 +141,9 @@ def test_scan_steps_learn_unless_turned_off(float_model):
     assert not torch.equal(frozen.layers[lin].tensors["input_quantizer.scale"],
                            init.layers[lin].tensors["input_quantizer.scale"])  # the linears learn either way
     # at 8-bit activations the default leaves them at their init (AdamW's steps are coarse against 8-bit scales)
-    init8 = cls(_config(8, **fast, epochs=0)).calibrate(float_model, None)
-    default8 = cls(_config(8, **fast, epochs=2)).calibrate(float_model, None)
-    forced8 = cls(_config(8, **fast, epochs=2, train_scan_steps=True)).calibrate(float_model, None)
+    init8 = cls.from_config(_config(8, **fast, epochs=0)).calibrate(float_model, None)
+    default8 = cls.from_config(_config(8, **fast, epochs=2)).calibrate(float_model, None)
+    forced8 = cls.from_config(_config(8, **fast, epochs=2, train_scan_steps=True)).calibrate(float_model, None)
     key = "u_quantizer.scale"
     assert all(torch.equal(default8.layers[n].tensors[key], init8.layers[n].tensors[key]) for n in scans)
     assert not any(torch.equal(forced8.layers[n].tensors[key], init8.layers[n].tensors[key]) for n in scans)
@@ -161,9 +161,10 @@ def test_generation_priors_reach_the_generator(float_model, monkeypatch):
 
     monkeypatch.setattr(generation, "generate_calibration_images", recording)
     cls = optimum_vim.recipes.get_recipe_class("ouromamba")
-    cls(_config(num_synthetic=2, gen_iterations=2, epochs=0, gen_jitter=1, gen_flip=True,
-                gen_tv_weight=0.5)).calibrate(float_model, None)
-    assert {k: seen[0][k] for k in ("jitter", "flip", "tv_weight")} == {"jitter": 1, "flip": True, "tv_weight": 0.5}
+    cls.from_config(_config(num_synthetic=2, gen_iterations=2, epochs=0, gen_jitter=1, gen_flip=True,
+                            gen_tv_weight=0.5)).calibrate(float_model, None)
+    options = seen[0]["options"]
+    assert (options.jitter, options.flip, options.tv_weight, options.iterations) == (1, True, 0.5, 2)
 
 
 def test_real_data_ablation_uses_the_given_images(fixture_dir):
@@ -213,7 +214,7 @@ def test_save_reload_is_bit_identical_and_dequantizes(w4a4, tmp_path):
         (dict(weight_bits=4, act_bits=4, recipe_args={"gen_jitter": -1}), "gen_jitter"),
         (dict(weight_bits=4, act_bits=4, recipe_args={"gen_tv_weight": -0.5}), "gen_tv_weight"),
         (dict(weight_bits=4, act_bits=4, recipe_args={"num_synthetic": 0}), "num_synthetic"),
-        (dict(weight_bits=4, act_bits=4, recipe_args={"loss": "l1"}), "loss must be one of"),
+        (dict(weight_bits=4, act_bits=4, recipe_args={"loss": "l1"}), "'loss' must be one of"),
     ],
     ids=["w8", "a6", "outlier-bits", "patch", "refresh", "dynamic", "epochs", "train-scan", "jitter", "tv",
          "num-synthetic", "loss"],
@@ -252,8 +253,8 @@ def test_cli_needs_no_data_flag(fixture_dir, tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "delta-affine"])
 def test_stand_in_computes_what_the_exported_quantizer_computes(symmetric):
     from optimum_vim.calibration.lp_init import lp_token_affine, lp_token_symmetric
+    from optimum_vim.calibration.outlier_fakequant import LearnedOutlierActQuantizer
     from optimum_vim.modules import build_qmodule, load_qmodule_tensors
-    from optimum_vim.recipes.ouromamba.quantize import LearnedOutlierActQuantizer
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 13, 24, generator=g)
@@ -267,7 +268,7 @@ def test_stand_in_computes_what_the_exported_quantizer_computes(symmetric):
     stand_in = LearnedOutlierActQuantizer(step, 4, zero_point=zero, refresh=4, sigma=3.0, reverse=not symmetric,
                                           outlier_bits=8)
     spec, tensors = stand_in.export(24)
-    q = build_qmodule({"type": "activation", **spec})
+    q = build_qmodule(spec)
     load_qmodule_tensors(q, tensors)
     with torch.no_grad():
         assert torch.equal(stand_in(x), q(x))
@@ -292,13 +293,15 @@ def test_lp_symmetric_init_beats_min_max():
 
 def test_step_learning_loss_is_selectable():
     from optimum_vim.calibration.blockwise import cosine_block_loss, nmse_block_loss
-    from optimum_vim.recipes.ouromamba.quantize import OuroMambaRecipe
+    from optimum_vim.recipes.ouromamba.quantize import OuroMambaBlocks, OuroMambaRecipe
 
     target = torch.randn(2, 10, 8, generator=torch.Generator().manual_seed(0))
     out = 0.7 * target + 0.1 * torch.randn(2, 10, 8, generator=torch.Generator().manual_seed(1))
-    default = OuroMambaRecipe(ViMQuantizationConfig(recipe="ouromamba", weight_bits=4, act_bits=4))
-    nmse = OuroMambaRecipe(ViMQuantizationConfig(recipe="ouromamba", weight_bits=4, act_bits=4,
-                                                 recipe_args={"loss": "nmse"}))
+    def run(**args):  # the engine object of a run (no linears or scans needed to read its loss)
+        cfg = ViMQuantizationConfig(recipe="ouromamba", weight_bits=4, act_bits=4, recipe_args=args)
+        return OuroMambaBlocks(OuroMambaRecipe.from_config(cfg).args, {}, {}, {})
+
+    default, nmse = run(), run(loss="nmse")
     assert default.args.loss == "cosine"
     assert torch.equal(default.block_loss(None, out, target), cosine_block_loss(out, target))
     assert torch.equal(nmse.block_loss(None, out, target), nmse_block_loss(out, target))
@@ -330,7 +333,7 @@ def _tiny_plan(model, act_bits=4, **recipe_args):
     cls = optimum_vim.recipes.get_recipe_class("ouromamba")
     cfg = ViMQuantizationConfig(recipe="ouromamba", weight_bits=4, act_bits=act_bits,
                                 recipe_args={"num_synthetic": 6, "gen_iterations": 2, "epochs": 2, **recipe_args})
-    return cls(cfg).calibrate(model, None)
+    return cls.from_config(cfg).calibrate(model, None)
 
 
 def test_official_quantization_points_for_delta_and_u(tiny_vim_dir, tmp_path):
@@ -390,8 +393,8 @@ def test_official_step_training_trains_only_in_proj_and_out_proj(tiny_float):
 
 
 def test_without_ste_the_input_gets_no_gradient_but_the_step_does():
+    from optimum_vim.calibration.outlier_fakequant import LearnedOutlierActQuantizer
     from optimum_vim.primitives.outliers import extract_outliers
-    from optimum_vim.recipes.ouromamba.quantize import LearnedOutlierActQuantizer
 
     x = (torch.randn(2, 5, 32) * 0.5).requires_grad_(True)
     step = torch.full((5,), 0.1)
@@ -408,7 +411,7 @@ def test_without_ste_the_input_gets_no_gradient_but_the_step_does():
 
 
 def test_raw_calibration_threshold_is_the_official_initialisation():
-    from optimum_vim.recipes.ouromamba.quantize import calibration_outlier_masks
+    from optimum_vim.calibration.outlier_fakequant import calibration_outlier_masks
 
     x = torch.ones(1, 2, 10)
     x[0, :, 0] = 100.0  # an outlier at both tokens of the window

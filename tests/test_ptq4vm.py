@@ -13,7 +13,7 @@ from optimum_vim.calibration import CalibrationDataError
 from optimum_vim.calibration.blockwise import BlockContext, calibrate_blockwise, cosine_block_loss, nmse_block_loss
 from optimum_vim.modules import QLinear
 from optimum_vim.ops.dispatch import use_kernels
-from optimum_vim.recipes.ptq4vm import PTQ4VMRecipe
+from optimum_vim.recipes.ptq4vm import PTQ4VMBlocks, PTQ4VMRecipe
 
 LINEARS = ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj")
 
@@ -63,7 +63,7 @@ def test_quantize_on_load_layout(ptq4vm_w4a4, tiny_vim_dir):
 
 def test_defaults_follow_the_paper():
     cfg = ViMQuantizationConfig(recipe="ptq4vm", weight_bits=4, act_bits=4)
-    a = PTQ4VMRecipe(cfg).args
+    a = PTQ4VMRecipe.from_config(cfg).args
     assert cfg.num_calibration_samples == 256 and ViMQuantizationConfig().num_calibration_samples == 128
     assert (a.alpha, a.steps, a.lr_step, a.lr_smooth, a.p_norm, a.candidates, a.grad_clip, a.weight_decay) == (
         0.5, 100, 5e-4, 1e-2, 2.4, 100, 2.0, 1e-5)
@@ -79,7 +79,7 @@ def test_nmse_loss_sees_the_norm_the_cosine_cannot():
     rescaled = other * (target.norm(dim=-1, keepdim=True) / other.norm(dim=-1, keepdim=True))
     # equal norms: the normalised squared error is 1 - cos
     torch.testing.assert_close(nmse_block_loss(rescaled, target), cosine_block_loss(rescaled, target))
-    with pytest.raises(ValueError, match="loss must be one of"):
+    with pytest.raises(ValueError, match="'loss' must be one of"):
         _cfg(recipe_args={"loss": "mse"})
 
 
@@ -90,7 +90,7 @@ def test_jlss_trains_on_the_selected_loss(tiny_vim_dir):
     for loss in ("cosine", "nmse"):
         # 30 steps: with 10, block 1's nmse loss ended 0.4 % above its start on the random tiny model (seen with
         # transformers 5.25.0; it passed with the earlier stack), after 30 every block ends below its start
-        plan = PTQ4VMRecipe(_cfg(recipe_args={"steps": 30, "loss": loss})).calibrate(model, [data])
+        plan = PTQ4VMRecipe.from_config(_cfg(recipe_args={"steps": 30, "loss": loss})).calibrate(model, [data])
         logs[loss] = plan.info["blocks"]
         assert all(b["last_loss"] < b["first_loss"] for b in logs[loss]), loss
     # block 0 sees the same input and initialisation in both runs: the first losses are the two functions' values
@@ -103,7 +103,7 @@ def test_every_step_size_and_smoothing_vector_moves_in_the_first_step(tiny_vim_d
     model = AutoModelForImageClassification.from_pretrained(tiny_vim_dir)
     moved = {}
 
-    class Watching(PTQ4VMRecipe):
+    class Watching(PTQ4VMBlocks):
         def block_optimizer(self, ctx, student):
             opt = super().block_optimizer(ctx, student)
             self.before = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
@@ -115,9 +115,8 @@ def test_every_step_size_and_smoothing_vector_moves_in_the_first_step(tiny_vim_d
                     if n in self.before:
                         moved[f"{ctx.name}.{n}"] = (p.detach() - self.before[n]).abs()
 
-    recipe = Watching(_cfg(recipe_args={"steps": 1}))
-    recipe._settings = {f"vim.layers.{i}.mixer.{n}": recipe.layer_settings("") for i in range(2) for n in LINEARS}
-    calibrate_blockwise(model, _data(), recipe)
+    recipe = PTQ4VMRecipe.from_config(_cfg(recipe_args={"steps": 1}))
+    calibrate_blockwise(model, _data(), Watching(recipe.args, recipe.targets.linears(model)))
     kinds = ("weight_quantizer.step", "act_quantizer.step", "smooth")
     expected = {f"vim.layers.{i}.mixer.{n}.{k}" for i in range(2) for n in LINEARS for k in kinds}
     assert set(moved) == expected
@@ -131,7 +130,7 @@ def test_jlss_lowers_the_block_loss_and_ablations_differ(tiny_vim_dir):
     losses = {}
     for label, args in {"pts": {"smoothing": False, "jlss": False}, "smooth": {"jlss": False},
                         "jlss": {"steps": 25}}.items():
-        recipe = PTQ4VMRecipe(_cfg(recipe_args=args))
+        recipe = PTQ4VMRecipe.from_config(_cfg(recipe_args=args))
         plan = recipe.calibrate(model, [data])
         losses[label] = sum(b["quantized_loss"] for b in plan.info["blocks"])
         in_proj = plan.layers["vim.layers.0.mixer.in_proj"]
@@ -228,15 +227,19 @@ def test_overrides_and_skips_are_honoured(tiny_vim_dir):
 def test_block_context_is_what_the_engine_documents(tiny_vim_dir):
     seen: list[BlockContext] = []
 
-    class Peeking(PTQ4VMRecipe):
+    class Peeking(PTQ4VMBlocks):
         def prepare_block(self, ctx):
             seen.append(ctx)
             return super().prepare_block(ctx)
 
+    class PeekingRecipe(PTQ4VMRecipe):
+        Blocks = Peeking
+
     model = AutoModelForImageClassification.from_pretrained(tiny_vim_dir)
-    Peeking(_cfg(recipe_args={"steps": 0})).calibrate(model, [_data()])
+    PeekingRecipe.from_config(_cfg(recipe_args={"steps": 0})).calibrate(model, [_data()])
     assert [c.name for c in seen] == ["vim.layers.0", "vim.layers.1"]
-    assert all(c.num_samples == 16 and c.num_blocks == 2 and c.model_config.sequence_length == 50 for c in seen)
+    assert all(c.num_samples == 16 and c.num_blocks == 2 and c.family.token_layout(model).length == 50
+               and c.inputs("float")[0].shape == (16, 50, 32) for c in seen)
 
 
 def test_cli_quantize_with_recipe_args(tiny_vim_dir, tmp_path, capsys):

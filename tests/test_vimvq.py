@@ -23,8 +23,7 @@ from optimum_vim.calibration.vq import (
 from optimum_vim.modules import QLinear, VQWeightSpec, build_qmodule, load_qmodule_tensors
 from optimum_vim.ops.dispatch import use_kernels
 from optimum_vim.primitives import packed_row_bytes
-from optimum_vim.recipes import quantized_modules
-from optimum_vim.recipes.base import QuantPlan, apply_plan, get_recipe_class
+from optimum_vim.recipes import QuantPlan, apply_plan, get_recipe_class, quantized_modules
 from optimum_vim.size import bits_per_weight, quantized_layer_bytes
 
 
@@ -111,7 +110,7 @@ def test_recipe_quantizes_every_block_linear(vq2_model, tiny_vim_dir):
 @pytest.mark.parametrize("bits", [3, 2, 1])
 def test_size_never_exceeds_rtn_g32_on_the_fixture(fixture_dir, bits):
     model = AutoModelForImageClassification.from_pretrained(fixture_dir)
-    recipe = get_recipe_class("vimvq")(_vq(bits))
+    recipe = get_recipe_class("vimvq").from_config(_vq(bits))
     layouts = recipe.layouts(model)
     assert len(layouts) == 36
     for name, (layout, b) in layouts.items():
@@ -121,14 +120,14 @@ def test_size_never_exceeds_rtn_g32_on_the_fixture(fixture_dir, bits):
     assert vq_total <= rtn_total
     # without the budget, 1-bit codebooks (256 x 8 fp16 = 4 KiB per layer) would exceed it
     if bits == 1:
-        free = get_recipe_class("vimvq")(_vq(1, size_budget=None)).layouts(model)
+        free = get_recipe_class("vimvq").from_config(_vq(1, size_budget=None)).layouts(model)
         assert sum(lay.weight_bytes() for lay, _ in free.values()) > rtn_total
 
 
 def test_calibrate_leaves_the_model_untouched(tiny_vim_dir):
     model = AutoModelForImageClassification.from_pretrained(tiny_vim_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    plan = get_recipe_class("vimvq")(_vq(3)).calibrate(model, None)
+    plan = get_recipe_class("vimvq").from_config(_vq(3)).calibrate(model, None)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert 2.5 < plan.info["bits_per_weight"] < 4.5
 
@@ -231,14 +230,14 @@ def test_cli_quantizes_with_vimvq(tiny_vim_dir, tmp_path, capsys):
 def test_config_refusals(kwargs, match):
     kwargs = {"weight_bits": 3, **kwargs}
     with pytest.raises(ValueError, match=match):  # the config or, for bit-dependent choices, the recipe refuses
-        get_recipe_class("vimvq")(ViMQuantizationConfig(recipe="vimvq", **kwargs))
+        get_recipe_class("vimvq").from_config(ViMQuantizationConfig(recipe="vimvq", **kwargs))
 
 
 def test_codebook_larger_than_a_layer_is_refused_before_any_work(tiny_vim_dir):
     cfg = _vq(2, codebook_size=256, vector_dim=4)
     model = AutoModelForImageClassification.from_pretrained(tiny_vim_dir)
     with pytest.raises(ValueError, match="x_proj: a 10x64 weight has 160 sub-vectors.*more codewords than vectors"):
-        get_recipe_class("vimvq")(cfg).calibrate(model, None)
+        get_recipe_class("vimvq").from_config(cfg).calibrate(model, None)
 
 
 # --------------------------------------------------------------------------------- convex combination (§5.3-5.4)
@@ -314,7 +313,7 @@ def test_blockwise_optimisation_beats_plain_kmeans(tiny_vim_dir, incremental):
     model = AutoModelForImageClassification.from_pretrained(tiny_vim_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images = _calib_images()
-    recipe = get_recipe_class("vimvq")(_block_cfg(incremental=incremental, lr_ratios=0.1))
+    recipe = get_recipe_class("vimvq").from_config(_block_cfg(incremental=incremental, lr_ratios=0.1))
     plan = recipe.calibrate(model, [images[:8], images[8:]])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert len(plan.layers) == 12 and all(isinstance(lp.spec.weight, VQWeightSpec) for lp in plan.layers.values())
@@ -323,7 +322,7 @@ def test_blockwise_optimisation_beats_plain_kmeans(tiny_vim_dir, incremental):
     assert all(f == 1.0 for f in frozen) if incremental else all(f == 0.0 for f in frozen)
     # the block-0 loss the engine measured on the frozen quantized block, against plain k-means VQ's on the same
     # (embedding) input: the optimisation starts from that k-means codebook and must improve on it
-    plain = get_recipe_class("vimvq")(_block_cfg(convex=False, incremental=False)).calibrate(model, None)
+    plain = get_recipe_class("vimvq").from_config(_block_cfg(convex=False, incremental=False)).calibrate(model, None)
     with torch.no_grad():
         h = model.vim.embed(images)
         target, _ = model.vim.layers[0](h, None)
@@ -337,8 +336,8 @@ def test_blockwise_optimisation_beats_plain_kmeans(tiny_vim_dir, incremental):
 def test_blockwise_runs_are_seeded(tiny_vim_dir):
     model = AutoModelForImageClassification.from_pretrained(tiny_vim_dir)
     images = [_calib_images()]
-    a = get_recipe_class("vimvq")(_block_cfg(iterations=6)).calibrate(model, images)
-    b = get_recipe_class("vimvq")(_block_cfg(iterations=6)).calibrate(model, images)
+    a = get_recipe_class("vimvq").from_config(_block_cfg(iterations=6)).calibrate(model, images)
+    b = get_recipe_class("vimvq").from_config(_block_cfg(iterations=6)).calibrate(model, images)
     for name, lp in a.layers.items():
         assert all(torch.equal(t, b.layers[name].tensors[k]) for k, t in lp.tensors.items()), name
 
@@ -348,22 +347,23 @@ def test_convex_needs_calibration_data(tiny_vim_dir):
     assert get_recipe_class("vimvq").requires_data(cfg)
     model = AutoModelForImageClassification.from_pretrained(tiny_vim_dir)
     with pytest.raises(ValueError, match="calibration_dataset"):
-        get_recipe_class("vimvq")(cfg).calibrate(model, None)
+        get_recipe_class("vimvq").from_config(cfg).calibrate(model, None)
 
 
 def test_onehot_regulariser_follows_vq4dits_rule(tiny_vim_dir):
     """onehot_regularizer: n * mean(pi (1 - pi)) of the soft sub-vectors joins the block loss only on steps where it
     did not fall below its lowest value so far; off by default."""
     from optimum_vim.calibration.blockwise import BlockContext
+    from optimum_vim.models.family import family_of
     from optimum_vim.recipes.vimvq import ViMVQBlockRecipe
 
     model = AutoModelForImageClassification.from_pretrained(tiny_vim_dir)
     out = torch.randn(2, 50, 32)
     for flag in (False, True):
-        recipe = get_recipe_class("vimvq")(_block_cfg(onehot_regularizer=flag))
+        recipe = get_recipe_class("vimvq").from_config(_block_cfg(onehot_regularizer=flag))
         block = ViMVQBlockRecipe(recipe, recipe.layouts(model))
         ctx = BlockContext(index=0, name="vim.layers.0", block=copy.deepcopy(model.vim.layers[0]).eval(),
-                           model_config=model.config, generator=torch.Generator(), num_samples=8, num_blocks=2)
+                           family=family_of(model), generator=torch.Generator(), num_samples=8, num_blocks=2)
         block.prepare_block(ctx)
         vqs = [s.vq for s in block._stand_ins.values()]
         losses = []
@@ -382,7 +382,7 @@ def test_onehot_regulariser_follows_vq4dits_rule(tiny_vim_dir):
             assert losses[1] == pytest.approx(2 * 0.25, abs=1e-5)
     images = [_calib_images()]
     fast = dict(iterations=12, incremental=False, lr_ratios=0.5)  # ratios that move enough for the penalty to rise
-    plain = get_recipe_class("vimvq")(_block_cfg(**fast)).calibrate(model, images)
-    regular = get_recipe_class("vimvq")(_block_cfg(**fast, onehot_regularizer=True)).calibrate(model, images)
+    plain = get_recipe_class("vimvq").from_config(_block_cfg(**fast)).calibrate(model, images)
+    regular = get_recipe_class("vimvq").from_config(_block_cfg(**fast, onehot_regularizer=True)).calibrate(model, images)
     assert any(not torch.equal(t, regular.layers[n].tensors[k]) for n, lp in plain.layers.items()
                for k, t in lp.tensors.items())

@@ -1,9 +1,10 @@
 """The block-wise calibration engine shared by the learned recipes (PTQ4VM, OuroMamba, ViM-VQ).
 
-:func:`calibrate_blockwise` walks the Vim blocks in order. For block ``i``:
+:func:`calibrate_blockwise` walks the model's blocks in order (its family adapter,
+:mod:`optimum_vim.models.family`, names them, embeds the inputs and runs one block). For block ``i``:
 
-1. the float block (the *teacher*) runs on the **float stream** (hidden states and the fp32 residual stream that Vim
-   carries, both as the float model computes them) and gives the target;
+1. the float block (the *teacher*) runs on the **float stream** (the stream state as the float model computes it:
+   for Vim the hidden states and the fp32 residual stream it carries) and gives the target;
 2. the recipe builds a *student* from the block (``prepare_block``: usually a copy whose linears are swapped for the
    differentiable stand-ins of :mod:`optimum_vim.calibration.fakequant`), which runs on the **quantized stream** (the
    outputs of the blocks quantized so far) and is trained with the recipe's optimiser, schedule and loss, in eval
@@ -55,14 +56,15 @@ import contextvars
 import copy
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..models.family import ModelFamily, family_of
 from ..modules.plan import LayerPlan, QuantPlan, apply_plan
 
 CALIBRATION_THREADS: int | None = (int(os.environ["OPTIMUM_VIM_CALIBRATION_THREADS"])
@@ -131,59 +133,83 @@ class BlockContext:
     index: int
     name: str  # full module name of the block, e.g. "vim.layers.3"
     block: nn.Module  # the float teacher (fp32 copy); recipes must not modify it
-    model_config: Any
+    family: ModelFamily  # the model's family adapter (how to run a block, the mixers' layout)
     generator: torch.Generator
     num_samples: int
     num_blocks: int
-    streams: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(repr=False, default_factory=dict)
+    # the stream state entering the block on each stream (for Vim ``(hidden, residual)``, residual None for block 0)
+    streams: dict[str, tuple] = field(repr=False, default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)  # per-block notes the recipe or engine records
     workers: _Workers = field(repr=False, default=_serial)  # the engine's worker threads (pieces in fixed order)
 
-    def inputs(self, stream: str = "float") -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(hidden, residual)`` entering the block on the ``"float"`` or ``"quant"`` stream (residual None for
-        block 0)."""
+    def inputs(self, stream: str = "float") -> tuple:
+        """The stream state entering the block on the ``"float"`` or ``"quant"`` stream (the family's
+        :meth:`~optimum_vim.models.family.ModelFamily.embed` / ``run_block`` state; Vim: ``(hidden, residual)``,
+        residual None for block 0)."""
         if stream not in self.streams:
             raise ValueError(f"stream must be one of {sorted(self.streams)}; got {stream!r}")
         return self.streams[stream]
 
-    @torch.no_grad()
+    def within(self, table: Mapping[str, Any]) -> dict[str, Any]:
+        """The entries of ``table`` (keyed by full module names) inside this block, keyed by their name relative to
+        the block (``"vim.layers.3.mixer.in_proj"`` -> ``"mixer.in_proj"``), in ``table``'s order."""
+        start = self.name + "."
+        return {n[len(start):]: v for n, v in table.items() if n.startswith(start)}
+
     def capture(self, names: list[str], stream: str = "float") -> dict[str, torch.Tensor]:
         """The first positional input of each named submodule of the float block (names relative to the block,
         e.g. ``"mixer.in_proj"``) when the float block runs on ``stream``, concatenated over the calibration set."""
-        hidden, residual = self.inputs(stream)
-        chunks = list(_chunks(hidden, residual))
-        got: dict[str, list] = {n: [None] * len(chunks) for n in names}
+        return {n: got["x"] for n, got in self.capture_args(names, {"x": 0}, stream).items()}
+
+    @torch.no_grad()
+    def capture_args(self, names: list[str], positions: Mapping[str, int],
+                     stream: str = "float") -> dict[str, dict[str, torch.Tensor]]:
+        """Like :meth:`capture`, several positional inputs of each named submodule: ``{name: {key: tensor}}`` for
+        ``positions = {key: argument index}`` (e.g. a scan's u, delta, B and C)."""
+        chunks = list(_chunks(self.inputs(stream)))
+        got = {n: {k: [None] * len(chunks) for k in positions} for n in names}
         current = threading.local()  # the chunk a worker is running, so that its inputs land in chunk order
         handles = []
         for n in names:
             mod = self.block.get_submodule(n)
 
             def keep(_m, args, n=n):
-                got[n][current.index] = args[0].detach()
+                for k, i in positions.items():
+                    got[n][k][current.index] = args[i].detach()
 
             handles.append(mod.register_forward_pre_hook(keep))
 
         def run(i):
             current.index = i
-            self.block(*chunks[i])
+            self.family.run_block(self.block, chunks[i])
 
         try:
             self.workers.map(run, range(len(chunks)))
         finally:
             for handle in handles:
                 handle.remove()
-        return {n: torch.cat(v) for n, v in got.items()}
+        return {n: {k: torch.cat(v) for k, v in d.items()} for n, d in got.items()}
 
 
-def _chunks(hidden: torch.Tensor, residual: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    for i in range(0, hidden.shape[0], _CHUNK):
-        yield hidden[i:i + _CHUNK], None if residual is None else residual[i:i + _CHUNK]
+def _chunks(state: tuple, size: int = _CHUNK) -> Iterator[tuple]:
+    """A stream state (tensors sharing the sample axis, or None) cut into pieces of ``size`` samples."""
+    for i in range(0, state[0].shape[0], size):
+        yield _take(state, slice(i, i + size))
+
+
+def _take(state: tuple, index) -> tuple:
+    """The samples ``index`` (a slice or an index tensor) of every tensor of a stream state."""
+    return tuple(None if t is None else t[index] for t in state)
+
+
+def _concat(states: list[tuple]) -> tuple:
+    """Pieces of a stream state concatenated along the sample axis (in piece order)."""
+    return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*states))
 
 
 @torch.no_grad()
-def _run_block(block: nn.Module, hidden, residual, workers: _Workers = _serial) -> tuple[torch.Tensor, torch.Tensor]:
-    pieces = workers.map(lambda hr: block(*hr), _chunks(hidden, residual))
-    return torch.cat([o for o, _ in pieces]), torch.cat([r for _, r in pieces])
+def _run_block(family, block: nn.Module, state: tuple, workers: _Workers = _serial) -> tuple:
+    return _concat(workers.map(lambda piece: family.run_block(block, piece), _chunks(state)))
 
 
 @contextlib.contextmanager
@@ -228,14 +254,9 @@ def nmse_block_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((out - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp(min=1e-12)).mean() / 2
 
 
+BlockLoss = Literal["cosine", "nmse"]
 BLOCK_LOSSES = {"cosine": cosine_block_loss, "nmse": nmse_block_loss}
 """Block losses a recipe can select by name (``recipe_args={"loss": ...}`` of PTQ4VM and OuroMamba)."""
-
-
-def check_block_loss(name: str, recipe: str) -> None:
-    """Refuses a ``loss`` recipe option that names no entry of :data:`BLOCK_LOSSES`."""
-    if name not in BLOCK_LOSSES:
-        raise ValueError(f"{recipe} loss must be one of {sorted(BLOCK_LOSSES)}; got {name!r}")
 
 
 class SelectableBlockLoss:
@@ -243,15 +264,6 @@ class SelectableBlockLoss:
 
     def block_loss(self, ctx: BlockContext, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return BLOCK_LOSSES[self.args.loss](out, target)
-
-
-def _backbone(model: nn.Module) -> tuple[str, nn.Module]:
-    from ..models.vim.modeling_vim import VimModel
-
-    for name, mod in model.named_modules():
-        if isinstance(mod, VimModel):
-            return name, mod
-    raise TypeError(f"block-wise calibration needs a Vim model; got {type(model).__name__}")
 
 
 def _check_finite(t: torch.Tensor, what: str, block: str) -> None:
@@ -277,24 +289,24 @@ def calibrate_blockwise(model: nn.Module, pixel_values: torch.Tensor, recipe: Bl
         raise ValueError("block-wise calibration needs a non-empty (n, C, H, W) tensor of calibration images")
     if not torch.isfinite(pixel_values).all():
         raise ValueError("the calibration images contain NaN or inf values")
-    prefix, vim = _backbone(model)
-    device = next(vim.parameters()).device
-    blocks = list(vim.layers)
+    family = family_of(model)
+    device = next(model.parameters()).device
+    blocks = family.blocks(model)
     plans: dict[str, LayerPlan] = {}
     threads = threads or CALIBRATION_THREADS or torch.get_num_threads()
     workers = _Workers(threads)
     with contextlib.closing(workers), fixed_threads(1), torch.no_grad(), _eval_mode(model):
-        hidden = torch.cat([vim.embed(p.to(device)).float() for p in pixel_values.split(_CHUNK)])
-        streams = {"float": (hidden, None), "quant": (hidden, None)}
-        for i, float_block in enumerate(blocks):
-            name = f"{prefix}.layers.{i}" if prefix else f"layers.{i}"
+        state = _concat([family.embed(model, p.to(device)) for p in pixel_values.split(_CHUNK)])
+        streams = {"float": state, "quant": state}
+        for i, (name, float_block) in enumerate(blocks):
             teacher = copy.deepcopy(float_block).float().eval()
             ctx = BlockContext(
-                index=i, name=name, block=teacher, model_config=vim.config,
-                generator=torch.Generator().manual_seed(seed * 1_000_003 + i), num_samples=hidden.shape[0],
+                index=i, name=name, block=teacher, family=family,
+                generator=torch.Generator().manual_seed(seed * 1_000_003 + i), num_samples=state[0].shape[0],
                 num_blocks=len(blocks), streams=dict(streams), workers=workers,
             )
-            target, next_residual = _run_block(teacher, *streams["float"], workers)
+            next_float = _run_block(family, teacher, streams["float"], workers)
+            target = family.block_output(next_float)
             _check_finite(target, "the float block's output", name)
             with torch.enable_grad():
                 student = recipe.prepare_block(ctx)
@@ -310,11 +322,12 @@ def calibrate_blockwise(model: nn.Module, pixel_values: torch.Tensor, recipe: Bl
             quant_block = copy.deepcopy(teacher)
             local = QuantPlan(recipe="blockwise", layers={k[len(name) + 1:]: v for k, v in block_plans.items()})
             apply_plan(quant_block, local)
-            q_out, q_res = _run_block(quant_block, *streams["quant"], workers)
+            next_quant = _run_block(family, quant_block, streams["quant"], workers)
+            q_out = family.block_output(next_quant)
             _check_finite(q_out, "the quantized block's output", name)
             if log is not None:
                 log.append({"block": name, **ctx.info, "quantized_loss": cosine_block_loss(q_out, target).item()})
-            streams = {"float": (target, next_residual), "quant": (q_out, q_res)}
+            streams = {"float": next_float, "quant": next_quant}
             del teacher, student, quant_block
     return plans
 
@@ -327,7 +340,7 @@ def _train_block(ctx: BlockContext, recipe, student: nn.Module, target: torch.Te
     if steps <= 0:
         return
     batch_size = min(batch_size, ctx.num_samples)
-    hidden, residual = ctx.inputs("quant")
+    state = ctx.inputs("quant")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     loss_fn = getattr(recipe, "block_loss", None)
     clip = getattr(recipe, "grad_clip", None)
@@ -343,12 +356,11 @@ def _train_block(ctx: BlockContext, recipe, student: nn.Module, target: torch.Te
             idx = None
         else:
             idx = torch.randperm(ctx.num_samples, generator=ctx.generator)[:batch_size].sort().values
-            idx = idx.to(hidden.device)
-        h = hidden if idx is None else hidden[idx]
-        r = residual if residual is None or idx is None else residual[idx]
+            idx = idx.to(state[0].device)
+        s = state if idx is None else _take(state, idx)
         t = target if idx is None else target[idx]
         optimizer.zero_grad(set_to_none=True)
-        loss = _step_gradients(ctx, student, params, h, r, t, loss_fn)
+        loss = _step_gradients(ctx, student, params, s, t, loss_fn)
         if not torch.isfinite(loss):
             raise BlockwiseCalibrationError(
                 f"block {ctx.name}: the calibration loss became {loss.item()} at step {step + 1}/{steps}. Nothing was "
@@ -366,13 +378,14 @@ def _train_block(ctx: BlockContext, recipe, student: nn.Module, target: torch.Te
     ctx.info.update(first_loss=first, last_loss=last, steps=steps)
 
 
-def _step_gradients(ctx: BlockContext, student: nn.Module, params: list[torch.Tensor], hidden, residual, target,
+def _step_gradients(ctx: BlockContext, student: nn.Module, params: list[torch.Tensor], state: tuple, target,
                     loss_fn) -> torch.Tensor:
     """One training step's loss, its gradients accumulated into ``params``' ``.grad``: the batch's forward and backward
     in fixed pieces on the workers, the loss on the whole output (see the module docstring). Returns the loss."""
     params = [p for p in params if p.requires_grad]  # a recipe may freeze tensors while training (ViM-VQ)
-    pieces = [slice(i, i + _TRAIN_CHUNK) for i in range(0, hidden.shape[0], _TRAIN_CHUNK)]
-    outs = ctx.workers.map(lambda sl: student(hidden[sl], None if residual is None else residual[sl])[0], pieces)
+    pieces = [slice(i, i + _TRAIN_CHUNK) for i in range(0, state[0].shape[0], _TRAIN_CHUNK)]
+    family = ctx.family
+    outs = ctx.workers.map(lambda sl: family.block_output(family.run_block(student, _take(state, sl))), pieces)
     out = torch.cat([o.detach() for o in outs]).requires_grad_(True)
     loss = loss_fn(ctx, out, target) if loss_fn is not None else cosine_block_loss(out, target)
     # the loss may also read parameters directly (a regulariser): those gradients come with the output's

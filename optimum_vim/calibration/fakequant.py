@@ -16,10 +16,13 @@ import torch
 from torch import nn
 
 from ..modules.plan import LayerPlan
+from ..modules.spec import ActivationSpec, IntWeightSpec, LinearSpec
 from ..primitives import fake_quantize, int_range, quantize
 from .tensors import store_weight_codes
 
 _MIN_STEP = 1e-8
+# the keys the stand-ins' linear specs have always stored (``smooth`` even when False: storage format v1 as saved)
+STAND_IN_LINEAR_KEYS = frozenset({"in_features", "out_features", "bias", "weight", "input", "smooth"})
 _MIN_SMOOTH = 1e-5  # PTQ4VM clamps its smoothing init here; kept as the floor while training
 
 
@@ -45,8 +48,7 @@ class LearnedWeightQuantizer(nn.Module):
         """``(weight spec, {"qweight", "weight_scale"})`` of the QLinear storing ``w`` with the learned steps."""
         step = self._step().detach().float().contiguous()
         codes = quantize(w.detach().float(), step, None, self.qmin, self.qmax).to(torch.int32)
-        spec = {"format": "int", "bits": self.bits, "group_size": None}
-        return spec, {"qweight": store_weight_codes(codes, self.bits), "weight_scale": step}
+        return IntWeightSpec(self.bits), {"qweight": store_weight_codes(codes, self.bits), "weight_scale": step}
 
 
 class LearnedActQuantizer(nn.Module):
@@ -81,7 +83,7 @@ class LearnedActQuantizer(nn.Module):
     @torch.no_grad()
     def export(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """``(QActivation spec, buffers)`` of the equivalent static per-token quantizer."""
-        spec = {"bits": self.bits, "symmetric": self.symmetric, "granularity": "token", "length": self.length}
+        spec = ActivationSpec(self.bits, "token", symmetric=self.symmetric, length=self.length)
         tensors = {"scale": self.step.clamp(min=_MIN_STEP).detach().float().contiguous()}
         if self.zero_point is not None:
             tensors["zero_point"] = self.zero_point.to(torch.int32).contiguous()
@@ -126,16 +128,16 @@ class FakeQuantLinear(nn.Module):
     def export(self) -> LayerPlan:
         """The ``LayerPlan`` of the QLinear computing what this stand-in computes (sigma folded into the codes)."""
         weight_spec, tensors = self.weight_quantizer.export(self.smoothed_weight())
-        spec = {"type": "linear", "in_features": self.in_features, "out_features": self.out_features,
-                "bias": self.bias is not None, "weight": weight_spec, "input": None, "smooth": self.smooth is not None}
         if self.bias is not None:
             tensors["bias"] = self.bias.clone()
         if self.smooth is not None:
             tensors["smooth_scale"] = self.smooth_vector().detach().float().contiguous()
+        act_spec = None
         if self.act_quantizer is not None:
             act_spec, act_tensors = self.act_quantizer.export()
-            spec["input"] = act_spec
             tensors.update({f"input_quantizer.{k}": v for k, v in act_tensors.items()})
+        spec = LinearSpec(self.in_features, self.out_features, weight_spec, bias=self.bias is not None, input=act_spec,
+                          smooth=self.smooth is not None, keys=STAND_IN_LINEAR_KEYS)
         return LayerPlan(spec=spec, tensors=tensors)
 
     def trainable(self) -> dict[str, list[nn.Parameter]]:

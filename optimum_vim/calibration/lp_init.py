@@ -7,6 +7,9 @@ time so that memory stays at a few copies of the tensor, whatever the number of 
 
 from __future__ import annotations
 
+import typing
+from typing import Literal
+
 import torch
 
 from ..primitives import affine_params, fake_quantize, int_range
@@ -38,7 +41,8 @@ def lp_weight_scale(w: torch.Tensor, bits: int, p: float = 2.4, candidates: int 
     return best
 
 
-WIDEN_TO_ZERO = ("candidates", "winner")
+WidenToZero = Literal["candidates", "winner"]
+WIDEN_TO_ZERO = typing.get_args(WidenToZero)
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..modules.spec import CODEBOOK_DTYPES, LinearSpec, VQWeightSpec
 from ..primitives import pack_codes, packed_row_bytes
 from .kmeans import kmeans
 
@@ -26,7 +27,6 @@ logger = logging.getLogger(__name__)
 
 # methods.md §5.2: VQ4DiT's 3-bit K=64 d=2 and 2-bit K=256 d=4; the 1-bit K=256 d=8 setting is inferred there
 DEFAULT_VQ_SETTINGS = {3: (2, 64), 2: (4, 256), 1: (8, 256)}
-CODEBOOK_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -49,15 +49,11 @@ class VQLayout:
     def index_bits(self) -> int:
         return max(1, math.ceil(math.log2(self.codebook_size)))
 
-    def spec(self, bias: bool) -> dict:
+    def spec(self, bias: bool) -> LinearSpec:
         """The ``QLinear`` spec of this layout."""
-        return {
-            "type": "linear", "in_features": self.in_features, "out_features": self.out_features, "bias": bias,
-            "weight": {"format": "vq", "index_bits": self.index_bits, "vector_dim": self.vector_dim,
-                       "codebook_size": self.codebook_size, "channel_scale": self.channel_scale,
-                       "codebook_dtype": self.codebook_dtype},
-            "input": None,
-        }
+        weight = VQWeightSpec(self.index_bits, self.vector_dim, self.codebook_size, channel_scale=self.channel_scale,
+                              codebook_dtype=self.codebook_dtype)
+        return LinearSpec(self.in_features, self.out_features, weight, bias=bias)
 
     def weight_bytes(self) -> int:
         """Bytes of indices + codebook + channel scale (the bias is counted by neither this nor :func:`rtn_bytes`)."""

@@ -1,30 +1,28 @@
 """Quantization recipes: each decides scales / codebooks and returns a plan; ``apply_plan`` swaps the modules."""
 
 from .base import (
-    BLOCK_LINEARS,
-    RECIPES,
     LayerPlan,
     QuantPlan,
     Recipe,
     apply_plan,
     build_quantized_skeleton,
-    get_recipe_class,
     quantized_modules,
-    register_recipe,
 )
+from .registry import RECIPES, get_recipe_class
 from .rtn import RTNArgs, RTNRecipe
+from .targets import LayerSettings, Targets
 
 __all__ = [
-    "BLOCK_LINEARS",
     "RECIPES",
     "LayerPlan",
+    "LayerSettings",
     "QuantPlan",
     "RTNArgs",
     "RTNRecipe",
     "Recipe",
+    "Targets",
     "apply_plan",
     "build_quantized_skeleton",
     "get_recipe_class",
     "quantized_modules",
-    "register_recipe",
 ]

@@ -4,12 +4,15 @@ A recipe decides formats and tensors; it never edits the model. Its output is a 
 for each module name, the spec of the quantized module that replaces it and the buffers to put in it, plus float
 overrides of kept parameters (folded reparameterisations). :func:`apply_plan` is the only code that swaps modules on a
 float model; :func:`build_quantized_skeleton` builds the same modules empty for a pre-quantized reload.
+
+A recipe is built from its validated options (``Args``), its :class:`~optimum_vim.recipes.targets.Targets` and the
+seed (:meth:`Recipe.from_config` makes them from a ``ViMQuantizationConfig``); what it computes during one
+``calibrate`` lives in that call (block recipes: a per-run object handed to the block-wise engine), never on the
+recipe. Recipes are registered by name in :mod:`optimum_vim.recipes.registry`, one line each.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import re
 from typing import ClassVar
 
 import torch
@@ -17,16 +20,13 @@ from torch import nn
 
 from ..modules import QModule, build_qmodule
 from ..modules.plan import LayerPlan, QuantPlan, apply_plan  # noqa: F401 - re-exported: the recipe API
-
-RECIPES: dict[str, type[Recipe]] = {}
-
-# the six block linears every published Vim PTQ method quantizes (both scan directions)
-BLOCK_LINEARS = ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj")
+from .targets import Targets
 
 
 class Recipe:
-    """Base class of recipes. Subclasses set ``name``, ``Args`` (a dataclass of recipe options), the supported bit
-    widths, ``requires_data(config)`` and implement ``calibrate``."""
+    """Base class of recipes. Subclasses set ``name``, ``Args`` (a dataclass of recipe options: closed choices as
+    ``Literal``, ranges in ``validate()``), the supported bit widths, ``requires_data(config)`` and implement
+    ``calibrate(model, batches) -> QuantPlan``."""
 
     name: ClassVar[str] = "abstract"
     Args: ClassVar[type] = type(None)
@@ -34,12 +34,19 @@ class Recipe:
     act_bits: ClassVar[tuple[int | None, ...]] = (None,)
     default_calibration_samples: ClassVar[int] = 128  # used when num_calibration_samples is not given
 
-    def __init__(self, config):
-        self.config = config
-        self.args = self.build_args(config.recipe_args)
+    def __init__(self, args, targets: Targets, seed: int = 0, image_processor=None):
+        self.args = args  # validated (build_args)
+        self.targets = targets
+        self.seed = seed
         # the image processor of the checkpoint being quantized: the config's ``image_processor`` or the one saved
         # next to the checkpoint (``quantizer.run_recipe`` resolves it for every recipe, data-free ones included)
-        self.image_processor = config.image_processor
+        self.image_processor = image_processor
+
+    @classmethod
+    def from_config(cls, config, image_processor=None):
+        """The recipe for a ``ViMQuantizationConfig``: its ``recipe_args`` validated, its targets and seed."""
+        return cls(cls.build_args(config.recipe_args), Targets.from_config(config), config.seed,
+                   image_processor if image_processor is not None else config.image_processor)
 
     @classmethod
     def build_args(cls, recipe_args: dict | None, *, strings: bool = False):
@@ -109,95 +116,8 @@ class Recipe:
         pixels); ``run_recipe`` then loads the checkpoint's when the config names none."""
         return cls.requires_data(config)
 
-    def layer_settings(self, name: str) -> dict | None:
-        """Bits of module ``name`` after the config's ``overrides`` (None: the module stays in float)."""
-        cfg = self.config
-        over = layer_overrides(name, cfg.overrides)
-        if over.get("skip"):
-            return None
-        return {
-            "weight_bits": over.get("weight_bits", cfg.weight_bits),
-            "act_bits": over.get("act_bits", cfg.act_bits),
-            "group_size": over.get("weight_group_size", cfg.weight_group_size),
-        }
-
     def calibrate(self, model: nn.Module, batches: list[torch.Tensor] | None) -> QuantPlan:
         raise NotImplementedError
-
-
-def register_recipe(cls):
-    """Class decorator adding a recipe to :data:`RECIPES` under ``cls.name``."""
-    RECIPES[cls.name] = cls
-    return cls
-
-
-# recipes of the README's recipe table that the storage format and module family already anticipate but that are
-# not written yet: asking for one says so instead of "unknown recipe"
-PLANNED_RECIPES = {
-}
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("optimum-vim")
-    except PackageNotFoundError:
-        return "(source checkout)"
-
-
-def get_recipe_class(name: str) -> type[Recipe]:
-    from . import kscale, ptq4vm, rtn, vimvq  # noqa: F401 - registration side effect
-    from .ouromamba import quantize as _ouromamba  # noqa: F401 - registration side effect
-
-    if name not in RECIPES:
-        if name in PLANNED_RECIPES:
-            raise ValueError(
-                f"recipe {name!r} ({PLANNED_RECIPES[name]}) is not implemented in optimum-vim "
-                f"{_version()} yet; available recipes: {sorted(RECIPES)}"
-            )
-        raise ValueError(f"unknown recipe {name!r}; available recipes: {sorted(RECIPES)}")
-    return RECIPES[name]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# target selection
-def _matches(name: str, pattern: str) -> bool:
-    if pattern.startswith("re:"):
-        return re.search(pattern[3:], name) is not None
-    leaf = name.rsplit(".", 1)[-1]
-    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(leaf, pattern) or name.endswith("." + pattern)
-
-
-def is_skipped(name: str, skip: list[str] | None) -> bool:
-    """``modules_to_not_convert`` semantics: a module is skipped when an entry matches its full name, its leaf name
-    (glob) or a dotted suffix, or when it lies inside a skipped module."""
-    if not skip:
-        return False
-    parts = name.split(".")
-    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
-    return any(_matches(p, pat) for pat in skip for p in prefixes)
-
-
-def layer_overrides(name: str, overrides: dict | None) -> dict | None:
-    """Merged per-module settings from the config's ``overrides`` (later patterns win); ``{"skip": True}`` or a
-    None value means "leave in float"."""
-    merged: dict = {}
-    for pattern, value in (overrides or {}).items():
-        if _matches(name, pattern):
-            if value is None:
-                return {"skip": True}
-            merged.update(value)
-    return merged
-
-
-def select_linears(model: nn.Module, leaf_names=BLOCK_LINEARS, skip: list[str] | None = None) -> list[str]:
-    """Names of the ``nn.Linear`` modules whose leaf name is in ``leaf_names`` and that are not skipped."""
-    out = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in leaf_names and not is_skipped(name, skip):
-            out.append(name)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

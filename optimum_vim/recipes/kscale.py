@@ -86,8 +86,9 @@ Other deviations from the paper / official code (also in the README recipe table
 from __future__ import annotations
 
 import logging
+import typing
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -106,16 +107,29 @@ from ..calibration.search import (
     search_state_scales,
 )
 from ..calibration.tensors import store_weight_codes
-from ..ops import causal_conv1d, selective_scan_torch
+from ..models.family import MixerRef, ModelFamily, ScanPath, family_of
+from ..modules.spec import (
+    ActivationSpec,
+    Conv1dSpec,
+    ConvWeightSpec,
+    IntWeightSpec,
+    LinearSpec,
+    OutputSpec,
+    ScanSpec,
+    StateSpec,
+)
+from ..ops import selective_scan_torch
 from ..ops.quantized import selective_scan_q
-from .base import LayerPlan, QuantPlan, Recipe, is_skipped, layer_overrides, register_recipe
+from .base import LayerPlan, QuantPlan, Recipe
 
 logger = logging.getLogger(__name__)
 
-SCALE_SEARCHES = ("cosine", "minmax")
-Y_SEARCHES = ("float_state", "quantized_state")
-STATE_SCORES = ("y", "y_over_rc")
-POWER_OF_TWO = ("snapped_candidates", "snap_after")
+ScaleSearch = Literal["cosine", "minmax"]
+YSearch = Literal["float_state", "quantized_state"]
+StateScore = Literal["y", "y_over_rc"]
+PowerOfTwo = Literal["snapped_candidates", "snap_after"]
+SCALE_SEARCHES, Y_SEARCHES = typing.get_args(ScaleSearch), typing.get_args(YSearch)
+STATE_SCORES, POWER_OF_TWO = typing.get_args(StateScore), typing.get_args(PowerOfTwo)
 _QMIN, _QMAX = -128, 127  # activations and state: the full signed 8-bit range
 _WMIN, _WMAX = -127, 127  # weights: the storage format's symmetric range
 
@@ -140,15 +154,15 @@ class KScaleArgs:
     """
 
     num_clusters: int = 4
-    scale_search: str = "cosine"
+    scale_search: ScaleSearch = "cosine"
     reparameterize: bool = True
-    state_bits: int | None = 8
+    state_bits: Literal[8] | None = 8
     search_candidates: int = 101
     search_rounds: int = 3
     search_images: int | None = 64
-    y_search: str = "float_state"
-    state_score: str = "y"
-    power_of_two: str = "snapped_candidates"
+    y_search: YSearch = "float_state"
+    state_score: StateScore = "y"
+    power_of_two: PowerOfTwo = "snapped_candidates"
     preset: str | None = None
 
     PRESETS: ClassVar[dict[str, dict]] = {
@@ -157,44 +171,37 @@ class KScaleArgs:
     }
 
     def validate(self) -> None:
-        if not isinstance(self.num_clusters, int) or isinstance(self.num_clusters, bool) or not 1 <= self.num_clusters <= 64:
+        if not 1 <= self.num_clusters <= 64:
             raise ValueError(f"num_clusters must be an int in 1..64 (1: no k-scaling); got {self.num_clusters!r}")
-        if self.scale_search not in SCALE_SEARCHES:
-            raise ValueError(f"scale_search must be one of {SCALE_SEARCHES}; got {self.scale_search!r}")
-        if not isinstance(self.reparameterize, bool):
-            raise ValueError(f"reparameterize must be True or False; got {self.reparameterize!r}")
-        if self.state_bits not in (None, 8):
-            raise ValueError(
-                f"state_bits must be 8 (8-bit hidden state, per-step scales) or None (float state); got {self.state_bits!r}"
-            )
         for name, lo in (("search_candidates", 2), ("search_rounds", 1)):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise ValueError(f"{name} must be an int >= {lo}; got {v!r}")
-        if self.search_images is not None and (not isinstance(self.search_images, int)
-                                               or isinstance(self.search_images, bool) or self.search_images < 1):
+            if getattr(self, name) < lo:
+                raise ValueError(f"{name} must be an int >= {lo}; got {getattr(self, name)!r}")
+        if self.search_images is not None and self.search_images < 1:
             raise ValueError(f"search_images must be a positive int or None (all images); got {self.search_images!r}")
-        for name, allowed in (("y_search", Y_SEARCHES), ("state_score", STATE_SCORES),
-                              ("power_of_two", POWER_OF_TWO)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}; got {getattr(self, name)!r}")
 
 
-def _tensor_spec(channels: int | None = None, factor: bool = False) -> dict:
-    spec = {"bits": 8, "symmetric": True, "narrow": False, "granularity": "tensor"}
-    if factor:
-        spec.update(channel_factor=True, channels=channels)
-    return spec
+def _tensor_spec(channels: int | None = None, factor: bool = False) -> ActivationSpec:
+    """8-bit symmetric, full range [-128, 127], one scale (``factor``: times a per-channel factor)."""
+    return ActivationSpec(8, "tensor", narrow=False, channel_factor=factor, channels=channels if factor else None)
 
 
-def _cluster_spec(axis: str, k: int, length: int, channels: int, factor: bool = False) -> dict:
+def _cluster_spec(axis: str, k: int, length: int, channels: int, factor: bool = False) -> ActivationSpec:
+    """k-scaled along ``axis`` (``"token"`` or ``"channel"``): one of ``k`` cluster scales per token / channel."""
     if k == 1:
         return _tensor_spec(channels, factor)
-    spec = {"bits": 8, "symmetric": True, "narrow": False, "granularity": f"{axis}_cluster", "num_clusters": k}
-    spec.update(length=length) if axis == "token" else spec.update(channels=channels)
-    if factor:
-        spec.update(channel_factor=True, channels=channels)
-    return spec
+    return ActivationSpec(8, f"{axis}_cluster", narrow=False, num_clusters=k,
+                          length=length if axis == "token" else None,
+                          channels=channels if axis == "channel" or factor else None, channel_factor=factor)
+
+
+def _int8_linear(linear_or_shape, bias: bool = False, input: ActivationSpec | None = None) -> LinearSpec:
+    """The spec of a per-tensor 8-bit linear of ``(in_features, out_features)``."""
+    return LinearSpec(*linear_or_shape, IntWeightSpec(8), bias=bias, input=input)
+
+
+def _activation_output(inner: str, output: ActivationSpec) -> OutputSpec:
+    """A QOutput quantizing only the output of ``inner`` (the spec stores no input key: storage format v1 as saved)."""
+    return OutputSpec(inner, output=output, keys=frozenset({"inner", "output"}))
 
 
 def _weight_tensors(w: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
@@ -205,7 +212,6 @@ def _weight_tensors(w: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
             "weight_scale": torch.full((w.shape[0], 1), scale, dtype=torch.float32)}
 
 
-@register_recipe
 class KScaleRecipe(Recipe):
     """k-scaled PTQ of Vision Mamba at W8A8 with an 8-bit reparameterised hidden state."""
 
@@ -231,8 +237,6 @@ class KScaleRecipe(Recipe):
     # -------------------------------------------------------------------------------------------- calibration
     @torch.no_grad()
     def calibrate(self, model, batches) -> QuantPlan:
-        from ..models.vim.modeling_vim import VimMixer
-
         k = self.args.num_clusters
         if not batches:
             raise ValueError("recipe 'kscale' needs calibration data: set ViMQuantizationConfig(calibration_dataset=...)")
@@ -244,27 +248,23 @@ class KScaleRecipe(Recipe):
             )
         if images < 256:
             logger.info("kscale: calibrating on %d images (the paper uses 256, the recipe's default)", images)
-        skip = self.config.modules_to_not_convert
-        mixers = [(n, m) for n, m in model.named_modules()
-                  if isinstance(m, VimMixer) and not self._skipped(n, skip)]
+        family = family_of(model)
+        mixers = self.targets.mixers(model)
         plan = QuantPlan(recipe=self.name)
         was_training = model.training
         model.eval()
         try:
-            for name, mixer in tqdm(mixers, desc="kscale: calibrating mixers", unit="mixer", leave=False):
+            for mixer in tqdm(mixers, desc="kscale: calibrating mixers", unit="mixer", leave=False):
                 caps = self._capture(model, mixer, batches)
-                self._calibrate_mixer(name, mixer, caps, plan)
+                self._calibrate_mixer(family, mixer, caps, plan)
                 del caps
         finally:
             model.train(was_training)
         plan.info.update(num_calibration_images=images, args=dict(self.args.__dict__))
         return plan
 
-    def _skipped(self, name: str, skip) -> bool:
-        return is_skipped(name, skip) or bool(layer_overrides(name, self.config.overrides).get("skip"))
-
     @staticmethod
-    def _capture(model, mixer, batches) -> dict[str, torch.Tensor]:
+    def _capture(model, mixer: MixerRef, batches) -> dict[str, torch.Tensor]:
         """Float tensors of one mixer over the calibration set (hooks; the model runs unmodified)."""
         store: dict[str, list[torch.Tensor]] = {}
         handles = []
@@ -278,13 +278,16 @@ class KScaleRecipe(Recipe):
         def in_hook(key):
             return lambda m, args: keep(key, args[0])
 
-        handles.append(mixer.in_proj.register_forward_pre_hook(in_hook("in_proj.in")))
-        handles.append(mixer.in_proj.register_forward_hook(out_hook("in_proj")))
-        handles.append(mixer.out_proj.register_forward_pre_hook(in_hook("out_proj.in")))
-        handles.append(mixer.out_proj.register_forward_hook(out_hook("out_proj")))
-        for sfx in ("", "_b"):
-            for mod in ("conv1d", "act", "x_proj", "dt_proj", "softplus"):
-                handles.append(getattr(mixer, mod + sfx).register_forward_hook(out_hook(mod + sfx)))
+        layout, module = mixer.layout, mixer.module
+        for path in (layout.in_proj, layout.out_proj):
+            handles.append(module.get_submodule(path).register_forward_pre_hook(in_hook(path + ".in")))
+            handles.append(module.get_submodule(path).register_forward_hook(out_hook(path)))
+        for d in layout.directions:
+            for path in (d.conv, d.act, d.x_proj, d.dt_proj, d.softplus):
+                handles.append(module.get_submodule(path).register_forward_hook(out_hook(path)))
+        for path in (layout.z_conv, layout.z_act):  # the z branch of a mixer that concatenates it (no gate)
+            if path is not None:
+                handles.append(module.get_submodule(path).register_forward_hook(out_hook(path)))
         device = next(model.parameters()).device
         try:
             for batch in tqdm(batches, desc="capturing", unit="batch", leave=False):
@@ -303,21 +306,23 @@ class KScaleRecipe(Recipe):
         """(R, .) rows of the searched images of (b, L, .) tensors."""
         return [self._view(t).reshape(-1, t.shape[-1]) for t in tensors]
 
-    def _calibrate_mixer(self, name: str, mixer, caps: dict[str, torch.Tensor], plan: QuantPlan) -> None:
+    def _calibrate_mixer(self, family: ModelFamily, mixer: MixerRef, caps: dict[str, torch.Tensor],
+                         plan: QuantPlan) -> None:
         a = self.args
         k = a.num_clusters
         search = a.scale_search == "cosine"
         factors = candidate_factors(a.search_candidates)
         rounds = a.search_rounds
-        seed = self.config.seed
-        e, n, r = mixer.d_inner, mixer.d_state, mixer.dt_rank
-        x_in, xz = caps["in_proj.in"], caps["in_proj"]
-        length, d_model = x_in.shape[1], x_in.shape[2]
-        skip = self.config.modules_to_not_convert
+        seed = self.seed
+        layout, module = mixer.layout, mixer.module
+        in_proj, out_proj = module.get_submodule(layout.in_proj), module.get_submodule(layout.out_proj)
+        e, n, r = family.mixer_dims(module)
+        x_in, xz = caps[layout.in_proj + ".in"], caps[layout.in_proj]
+        length = x_in.shape[1]
 
-        def add(mod: str, spec: dict, tensors: dict) -> None:
-            full = f"{name}.{mod}"
-            if not self._skipped(full, skip):
+        def add(mod: str, spec, tensors: dict) -> None:
+            full = mixer.path(mod)
+            if not self.targets.skipped(full):
                 plan.layers[full] = LayerPlan(spec=spec, tensors=tensors)
 
         def cluster(x: torch.Tensor, axis: str, power_of_two: bool = False, factor: torch.Tensor | None = None,
@@ -348,46 +353,68 @@ class KScaleRecipe(Recipe):
         if search:
             s_in = search_scale(self._view(x_in), self._view(x_in), s_in, factors, _QMIN, _QMAX)
         xs, ys = self._rows(x_in, xz)
-        s_w, s_xz = search_linear_scales(xs, mixer.in_proj.weight, None, ys, factors, rounds=rounds, search=search)
-        add("in_proj", {"type": "linear", "in_features": d_model, "out_features": 2 * e, "bias": False,
-                        "weight": {"format": "int", "bits": 8, "group_size": None}, "input": _tensor_spec()},
-            {**_weight_tensors(mixer.in_proj.weight, s_w),
+        s_w, s_xz = search_linear_scales(xs, in_proj.weight, None, ys, factors, rounds=rounds, search=search)
+        add(layout.in_proj, _int8_linear((in_proj.in_features, in_proj.out_features), input=_tensor_spec()),
+            {**_weight_tensors(in_proj.weight, s_w),
              "input_quantizer.scale": torch.tensor([s_in], dtype=torch.float32)})
         x_half, z = xz[..., :e], xz[..., e:]
         s_xz_t = torch.tensor([s_xz], dtype=torch.float32)
 
-        # ---- gate: z (in_proj output, per tensor) -> SiLU -> channel k-scaled
-        g = F.silu(z)
-        g_spec, g_t = cluster(g, "channel")
-        add("act_z", {"type": "output", "inner": "silu", "input": _tensor_spec(), "output": g_spec},
-            {"input_quantizer.scale": s_xz_t.clone(), **prefixed("output_quantizer", g_t)})
+        if layout.gate is not None:
+            # ---- gate: z (in_proj output, per tensor) -> SiLU -> channel k-scaled
+            g = F.silu(z)
+            g_spec, g_t = cluster(g, "channel")
+            add(layout.gate, OutputSpec("silu", input=_tensor_spec(), output=g_spec),
+                {"input_quantizer.scale": s_xz_t.clone(), **prefixed("output_quantizer", g_t)})
+        if layout.z_conv is not None:  # a concatenated z branch: its conv as the directions' convs
+            self._calibrate_conv(family, module, layout.z_conv, z, caps[layout.z_conv], False, s_xz_t, add,
+                                 cluster, prefixed)
+        if layout.z_act is not None:  # ... and its activation's output channel k-scaled
+            za_spec, za_t = cluster(caps[layout.z_act], "channel")
+            add(layout.z_act, _activation_output("silu", za_spec), prefixed("output_quantizer", za_t))
 
-        for sfx in ("", "_b"):
-            self._calibrate_direction(name, mixer, sfx, caps, x_half, s_xz_t, add, cluster, prefixed, factors,
-                                      length, e, n, r)
+        for direction in layout.directions:
+            self._calibrate_direction(family, module, direction, caps, x_half, s_xz_t, add, cluster, prefixed,
+                                      factors, length, e, n, r)
 
         # ---- out_proj: input (gated average of the directions) token k-scaled 2^n; weight searched on its output
-        x_o, y_o = caps["out_proj.in"], caps["out_proj"]
+        x_o, y_o = caps[layout.out_proj + ".in"], caps[layout.out_proj]
         o_spec, o_t = cluster(x_o, "token", power_of_two=True)
         scale_rows = o_t["scale"][o_t["labels"].long()] if k > 1 else o_t["scale"]
         x_o_hat = fake_quant(x_o, scale_rows.to(x_o.device).view(1, -1, 1), _QMIN, _QMAX)
         xs, ys, xh = self._rows(x_o, y_o, x_o_hat)
-        s_w, _ = search_linear_scales(xs, mixer.out_proj.weight, None, ys, factors, out_range=None, rounds=rounds,
+        s_w, _ = search_linear_scales(xs, out_proj.weight, None, ys, factors, out_range=None, rounds=rounds,
                                       search=search, x_hat=xh)
-        add("out_proj", {"type": "linear", "in_features": e, "out_features": d_model, "bias": False,
-                         "weight": {"format": "int", "bits": 8, "group_size": None}, "input": o_spec},
-            {**_weight_tensors(mixer.out_proj.weight, s_w), **prefixed("input_quantizer", o_t)})
+        add(layout.out_proj, _int8_linear((out_proj.in_features, out_proj.out_features), input=o_spec),
+            {**_weight_tensors(out_proj.weight, s_w), **prefixed("input_quantizer", o_t)})
 
-    def _calibrate_direction(self, name, mixer, sfx, caps, x_half, s_xz_t, add, cluster, prefixed, factors,
-                             length, e, n, r) -> None:
+    @staticmethod
+    def _calibrate_conv(family: ModelFamily, mixer, path: str, x, y_float, reverse: bool, s_xz_t, add, cluster,
+                        prefixed) -> None:
+        """A mixer conv: weight max-abs per tensor; input = in_proj's output scale; output channel k-scaled (labels
+        and scales from the output of the conv with 8-bit weights, scored against the float output)."""
+        conv = mixer.get_submodule(path)
+        w_c = conv.weight.detach().float()
+        s_wc = initial_scale(w_c, _WMAX)
+        codes = torch.round(w_c / s_wc).clamp_(_WMIN, _WMAX)
+        y_conv_q = family.conv(conv, x, (codes * s_wc).to(x.dtype))
+        c_spec, c_t = cluster(y_conv_q, "channel", ref=y_float)
+        e, ksz = conv.weight.shape[0], conv.weight.shape[-1]
+        add(path, Conv1dSpec(e, ksz, ConvWeightSpec(8, "tensor"), reverse=reverse, input=_tensor_spec(), output=c_spec),
+            {"qweight": codes.reshape(e, ksz).to(torch.int8).cpu(),
+             "weight_scale": torch.tensor([s_wc], dtype=torch.float32),
+             "bias": conv.bias.detach().float().cpu().clone(), "input_quantizer.scale": s_xz_t.clone(),
+             **prefixed("output_quantizer", c_t)})
+
+    def _calibrate_direction(self, family: ModelFamily, mixer, d: ScanPath, caps, x_half, s_xz_t, add, cluster,
+                             prefixed, factors, length, e, n, r) -> None:
         a = self.args
         search = a.scale_search == "cosine"
         rounds = a.search_rounds
-        reverse = sfx == "_b"
-        conv, x_proj, dt_proj = (getattr(mixer, m + sfx) for m in ("conv1d", "x_proj", "dt_proj"))
-        a_log = mixer.A_log if sfx == "" else mixer.A_b_log
-        A = -torch.exp(a_log.detach().float())
-        u, delta, dbc = caps["act" + sfx], caps["softplus" + sfx], caps["x_proj" + sfx]
+        reverse = d.reverse
+        x_proj, dt_proj = (mixer.get_submodule(p) for p in (d.x_proj, d.dt_proj))
+        A = family.scan_A(mixer, d)
+        u, delta, dbc = caps[d.act], caps[d.softplus], caps[d.x_proj]
         dt, Bm, Cm = torch.split(dbc, [r, n, n], dim=-1)
 
         # ---- hidden-state reparameterisation: r_D folded into x_proj's B / C rows (exact in float)
@@ -402,34 +429,21 @@ class KScaleRecipe(Recipe):
             dbc = torch.cat([dt, Bm, Cm], dim=-1)
             r_c, r_l = r_c.to(u.device), r_l.to(u.device)
 
-        # ---- conv1d: weight max-abs per tensor; input = in_proj's output scale; output channel k-scaled
-        w_c = conv.weight.detach().float()
-        s_wc = initial_scale(w_c, _WMAX)
-        codes = torch.round(w_c / s_wc).clamp_(_WMIN, _WMAX)
-        y_conv_q = causal_conv1d(x_half, (codes * s_wc).to(x_half.dtype), conv.bias, reverse=reverse)
-        c_spec, c_t = cluster(y_conv_q, "channel", ref=caps["conv1d" + sfx])
-        ksz = conv.weight.shape[-1]
-        add("conv1d" + sfx, {"type": "conv1d", "channels": e, "kernel_size": ksz, "reverse": reverse,
-                             "weight": {"bits": 8, "granularity": "tensor"}, "input": _tensor_spec(), "output": c_spec},
-            {"qweight": codes.reshape(e, ksz).to(torch.int8).cpu(),
-             "weight_scale": torch.tensor([s_wc], dtype=torch.float32),
-             "bias": conv.bias.detach().float().cpu().clone(), "input_quantizer.scale": s_xz_t.clone(),
-             **prefixed("output_quantizer", c_t)})
+        self._calibrate_conv(family, mixer, d.conv, x_half, caps[d.conv], reverse, s_xz_t, add, cluster, prefixed)
 
         # ---- SiLU output u: channel k-scaled (x_proj and the scan read it already quantized)
         u_spec, u_t = cluster(u, "channel")
-        add("act" + sfx, {"type": "output", "inner": "silu", "output": u_spec}, prefixed("output_quantizer", u_t))
+        add(d.act, _activation_output("silu", u_spec), prefixed("output_quantizer", u_t))
 
         # ---- x_proj: weight (r_D folded) and output per tensor, searched alternately
         xs, ys = self._rows(u, dbc)
         s_wx, s_dbc = search_linear_scales(xs, w_x, None, ys, factors, rounds=rounds, search=search)
-        add("x_proj" + sfx, {"type": "linear", "in_features": e, "out_features": r + 2 * n, "bias": False,
-                             "weight": {"format": "int", "bits": 8, "group_size": None}, "input": None},
+        add(d.x_proj, _int8_linear((e, r + 2 * n)),
             _weight_tensors(w_x, s_wx))
         s_dbc_t = torch.tensor([s_dbc], dtype=torch.float32)
 
         # ---- dt_proj: input = x_proj's output scale; weight and output searched; bias corrected
-        dt_out = caps["dt_proj" + sfx]
+        dt_out = caps[d.dt_proj]
         w_dt, b_dt = dt_proj.weight.detach().float(), dt_proj.bias.detach().float()
         xs, ys = self._rows(dt, dt_out)
         s_wdt, s_dto = search_linear_scales(xs, w_dt, b_dt, ys, factors, rounds=rounds, search=search)
@@ -438,23 +452,21 @@ class KScaleRecipe(Recipe):
             x_hat = fake_quant(dt.reshape(-1, r), s_dbc, _QMIN, _QMAX)
             w_hat = torch.round(w_dt / s_wdt).clamp_(_WMIN, _WMAX) * s_wdt
             bias = bias - (x_hat @ (w_hat - w_dt).t()).mean(0)
-        add("dt_proj" + sfx, {"type": "linear", "in_features": r, "out_features": e, "bias": True,
-                              "weight": {"format": "int", "bits": 8, "group_size": None}, "input": _tensor_spec()},
+        add(d.dt_proj, _int8_linear((r, e), bias=True, input=_tensor_spec()),
             {**_weight_tensors(w_dt, s_wdt), "bias": bias.cpu(), "input_quantizer.scale": s_dbc_t.clone()})
 
         # ---- softplus: input = dt_proj's output scale; output delta channel k-scaled
         d_spec, d_t = cluster(delta, "channel")
-        add("softplus" + sfx, {"type": "output", "inner": "softplus", "input": _tensor_spec(), "output": d_spec},
+        add(d.softplus, OutputSpec("softplus", input=_tensor_spec(), output=d_spec),
             {"input_quantizer.scale": torch.tensor([s_dto], dtype=torch.float32), **prefixed("output_quantizer", d_t)})
 
         # ---- selective scan: B, C int8 (x_proj's output scale), y token k-scaled 2^n (y / r_C), 8-bit state
         y = selective_scan_torch(u, delta, A, Bm, Cm, None, None, reverse=reverse)
-        spec = {"type": "scan", "reverse": reverse, "length": length, "channels": e, "d_state": n,
-                "u": None, "delta": None, "B": _tensor_spec(), "C": _tensor_spec(), "y": None, "state": None}
+        state = None
         tensors = {"B_quantizer.scale": s_dbc_t.clone(), "C_quantizer.scale": s_dbc_t.clone()}
         y_seen = y  # what the y quantizer is searched on
         if a.state_bits is not None:
-            spec["state"] = {"bits": a.state_bits, "narrow": False, "channel_scale": a.reparameterize}
+            state = StateSpec(a.state_bits, narrow=False, channel_scale=a.reparameterize)
             v = self._view
             score = r_c if a.state_score == "y_over_rc" and r_c is not None else None
             tensors["state_scale"] = search_state_scales(
@@ -467,7 +479,8 @@ class KScaleRecipe(Recipe):
                     u, delta, A, Bm, Cm, None, None, reverse=reverse, h_scale=tensors["state_scale"].to(u.device),
                     h_channel_scale=None if r_c is None else r_c.float(), h_qmin=_QMIN, h_qmax=_QMAX)
         # labels and initial scales from the float output (as the official code); scored against the float output
-        spec["y"], y_t = cluster(y_seen, "token", power_of_two=True, factor=r_c, ref=y,
-                                 stats=None if y_seen is y else y)
+        y_spec, y_t = cluster(y_seen, "token", power_of_two=True, factor=r_c, ref=y,
+                              stats=None if y_seen is y else y)
         tensors.update(prefixed("y_quantizer", y_t))
-        add("ssm" + sfx, spec, tensors)
+        add(d.scan, ScanSpec(length, e, n, reverse=reverse, B=_tensor_spec(), C=_tensor_spec(), y=y_spec, state=state),
+            tensors)

@@ -52,11 +52,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..calibration.blockwise import BlockContext, SelectableBlockLoss, calibrate_blockwise, check_block_loss
+from ..calibration.blockwise import BlockContext, BlockLoss, SelectableBlockLoss, calibrate_blockwise
 from ..calibration.data import CalibrationDataError
 from ..calibration.fakequant import FakeQuantLinear, LearnedActQuantizer, LearnedWeightQuantizer
-from ..calibration.lp_init import WIDEN_TO_ZERO, lp_token_affine, lp_weight_scale
-from .base import BLOCK_LINEARS, LayerPlan, QuantPlan, Recipe, register_recipe, select_linears
+from ..calibration.lp_init import WidenToZero, lp_token_affine, lp_weight_scale
+from .base import LayerPlan, QuantPlan, Recipe
+from .targets import LayerSettings, check_roles
 
 
 @dataclass
@@ -77,14 +78,14 @@ class PTQ4VMArgs:
     batch_size: int | None = None  # images per optimiser step; None: the whole calibration set (official)
     weight_decay: float = 1e-5
     grad_clip: float | None = 2.0
-    targets: tuple[str, ...] = BLOCK_LINEARS
+    targets: tuple[str, ...] | None = None  # roles of block linears (None: the model family's, Vim's six)
     # JLSS block loss: "cosine" (the paper's mean 1 - cos) or "nmse" (normalised squared error, which also sees the
     # output norm that the cosine loss lets shrink; not in the paper, see calibration.blockwise.nmse_block_loss)
-    loss: str = "cosine"
+    loss: BlockLoss = "cosine"
     # activation grid init: "candidates" widens every candidate range to include 0 before scoring it (ours: each
     # candidate is scored on the grid it would store); "winner" scores them unwidened and widens the chosen one
     # (the official code); calibration.lp_init.lp_token_affine
-    widen_to_zero: str = "candidates"
+    widen_to_zero: WidenToZero = "candidates"
 
     def validate(self) -> None:
         # types are checked from the annotations by optimum_vim.options before this runs; ranges here
@@ -101,17 +102,66 @@ class PTQ4VMArgs:
             raise ValueError(f"ptq4vm grad_clip must be positive or None; got {self.grad_clip!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"ptq4vm batch_size must be a positive int or None; got {self.batch_size!r}")
-        check_block_loss(self.loss, "ptq4vm")
-        if self.widen_to_zero not in WIDEN_TO_ZERO:
-            raise ValueError(f"ptq4vm widen_to_zero must be one of {WIDEN_TO_ZERO}; got {self.widen_to_zero!r}")
-        unknown = [t for t in self.targets if t not in BLOCK_LINEARS]
-        if unknown:
-            raise ValueError(f"ptq4vm targets must be block linears from {BLOCK_LINEARS}; got {unknown}")
-        self.targets = tuple(self.targets)
+        if self.targets is not None:
+            check_roles(self.targets, "ptq4vm")
 
 
-@register_recipe
-class PTQ4VMRecipe(SelectableBlockLoss, Recipe):
+class PTQ4VMBlocks(SelectableBlockLoss):
+    """One PTQ4VM run on the block-wise engine: the linears it quantizes (this run's state) and the engine's hooks
+    (:class:`~optimum_vim.calibration.blockwise.BlockRecipe`)."""
+
+    def __init__(self, args: PTQ4VMArgs, layers: dict[str, LayerSettings]):
+        self.args = args
+        self.layers = layers
+
+    @property
+    def grad_clip(self):
+        return self.args.grad_clip
+
+    @torch.no_grad()
+    def prepare_block(self, ctx: BlockContext):
+        a = self.args
+        layers = ctx.within(self.layers)
+        inputs = ctx.capture(list(layers), stream="float")
+        student = copy.deepcopy(ctx.block).requires_grad_(False)
+        for rel, s in layers.items():
+            linear = ctx.block.get_submodule(rel)
+            x = inputs[rel].float()
+            w = linear.weight.detach().float()
+            sigma = None
+            if a.smoothing:
+                act_max = x.abs().amax(dim=tuple(range(x.dim() - 1))).clamp(min=1e-3)
+                w_max = w.abs().amax(0).clamp(min=1e-5)
+                sigma = (act_max.pow(a.alpha) / w_max.pow(1 - a.alpha)).clamp(min=1e-5)
+                x, w = x / sigma, w * sigma
+            wq = LearnedWeightQuantizer(lp_weight_scale(w, s.weight_bits, a.p_norm, a.candidates), s.weight_bits)
+            aq = None
+            if s.act_bits is not None:
+                step, zero = lp_token_affine(x, s.act_bits, a.p_norm, a.candidates, widen=a.widen_to_zero)
+                aq = LearnedActQuantizer(step, s.act_bits, zero)
+            student.set_submodule(rel, FakeQuantLinear(linear, wq, aq, sigma))
+        return student
+
+    def block_optimizer(self, ctx: BlockContext, student):
+        a = self.args
+        if not a.jlss or a.steps == 0:
+            return None
+        groups = {"weight_step": [], "act_step": [], "smooth": []}
+        for rel in ctx.within(self.layers):
+            for kind, params in student.get_submodule(rel).trainable().items():
+                groups[kind].extend(params)
+        lrs = {"weight_step": a.lr_step, "act_step": a.lr_step, "smooth": a.lr_smooth}
+        param_groups = [{"params": p, "lr": lrs[k], "name": k} for k, p in groups.items() if p]
+        return torch.optim.AdamW(param_groups, weight_decay=a.weight_decay)
+
+    def block_schedule(self, ctx: BlockContext) -> tuple[int, int]:
+        return self.args.steps, self.args.batch_size or ctx.num_samples
+
+    def finalize_block(self, ctx: BlockContext, student) -> dict[str, LayerPlan]:
+        return {f"{ctx.name}.{rel}": student.get_submodule(rel).export() for rel in ctx.within(self.layers)}
+
+
+class PTQ4VMRecipe(Recipe):
     """PTQ4VM: per-token static activation quantization with learned smoothing and step sizes (see module doc)."""
 
     name = "ptq4vm"
@@ -149,60 +199,15 @@ class PTQ4VMRecipe(SelectableBlockLoss, Recipe):
                 f"statistics; got {pixels.shape[0]} (the paper uses {self.default_calibration_samples}: "
                 "num_calibration_samples=256 with a data set that large)"
             )
-        names = select_linears(model, self.args.targets, self.config.modules_to_not_convert)
-        self._settings = {n: s for n in names if (s := self.layer_settings(n)) is not None}
-        if not self._settings:
+        settings = self.targets.linears(model, self.args.targets)
+        if not settings:
             return QuantPlan(recipe=self.name)
         log: list[dict] = []
-        layers = calibrate_blockwise(model, pixels, self, seed=self.config.seed, desc="ptq4vm", log=log)
+        layers = calibrate_blockwise(model, pixels, self.blocks(settings), seed=self.seed, desc="ptq4vm", log=log)
         return QuantPlan(recipe=self.name, layers=layers, info={"blocks": log})
 
-    def _block_layers(self, ctx: BlockContext) -> dict[str, dict]:
-        start = ctx.name + "."
-        return {n[len(start):]: s for n, s in self._settings.items() if n.startswith(start)}
+    Blocks = PTQ4VMBlocks  # the per-run object the engine drives
 
-    @torch.no_grad()
-    def prepare_block(self, ctx: BlockContext):
-        a = self.args
-        layers = self._block_layers(ctx)
-        inputs = ctx.capture(list(layers), stream="float")
-        student = copy.deepcopy(ctx.block).requires_grad_(False)
-        for rel, s in layers.items():
-            linear = ctx.block.get_submodule(rel)
-            x = inputs[rel].float()
-            w = linear.weight.detach().float()
-            sigma = None
-            if a.smoothing:
-                act_max = x.abs().amax(dim=tuple(range(x.dim() - 1))).clamp(min=1e-3)
-                w_max = w.abs().amax(0).clamp(min=1e-5)
-                sigma = (act_max.pow(a.alpha) / w_max.pow(1 - a.alpha)).clamp(min=1e-5)
-                x, w = x / sigma, w * sigma
-            wq = LearnedWeightQuantizer(lp_weight_scale(w, s["weight_bits"], a.p_norm, a.candidates), s["weight_bits"])
-            aq = None
-            if s["act_bits"] is not None:
-                step, zero = lp_token_affine(x, s["act_bits"], a.p_norm, a.candidates, widen=a.widen_to_zero)
-                aq = LearnedActQuantizer(step, s["act_bits"], zero)
-            student.set_submodule(rel, FakeQuantLinear(linear, wq, aq, sigma))
-        return student
-
-    def block_optimizer(self, ctx: BlockContext, student):
-        a = self.args
-        if not a.jlss or a.steps == 0:
-            return None
-        groups = {"weight_step": [], "act_step": [], "smooth": []}
-        for rel in self._block_layers(ctx):
-            for kind, params in student.get_submodule(rel).trainable().items():
-                groups[kind].extend(params)
-        lrs = {"weight_step": a.lr_step, "act_step": a.lr_step, "smooth": a.lr_smooth}
-        param_groups = [{"params": p, "lr": lrs[k], "name": k} for k, p in groups.items() if p]
-        return torch.optim.AdamW(param_groups, weight_decay=a.weight_decay)
-
-    @property
-    def grad_clip(self):
-        return self.args.grad_clip
-
-    def block_schedule(self, ctx: BlockContext) -> tuple[int, int]:
-        return self.args.steps, self.args.batch_size or ctx.num_samples
-
-    def finalize_block(self, ctx: BlockContext, student) -> dict[str, LayerPlan]:
-        return {f"{ctx.name}.{rel}": student.get_submodule(rel).export() for rel in self._block_layers(ctx)}
+    def blocks(self, layers: dict[str, LayerSettings]) -> PTQ4VMBlocks:
+        """The per-run engine object calibrating ``layers`` (full linear names -> settings)."""
+        return self.Blocks(self.args, layers)

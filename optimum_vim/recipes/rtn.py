@@ -12,54 +12,43 @@ kernel. Needs no data when weight-only.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from ..calibration.observers import collect_activation_stats
 from ..calibration.tensors import affine_from_range, rtn_weight_tensors
-from .base import (
-    BLOCK_LINEARS,
-    LayerPlan,
-    QuantPlan,
-    Recipe,
-    is_skipped,
-    layer_overrides,
-    register_recipe,
-    select_linears,
-)
+from ..models.family import family_of
+from ..modules.spec import ActivationSpec, IntWeightSpec, LinearSpec, ScanSpec
+from .base import LayerPlan, QuantPlan, Recipe
 
-OBSERVERS = ("minmax", "percentile")
-_SCAN_ARGS = {"u": 0, "delta": 1, "B": 3, "C": 4}  # positional inputs of VimSelectiveScan.forward
+Observer = Literal["minmax", "percentile"]
+OBSERVERS = typing.get_args(Observer)
+# RTN's scan specs store the four input quantizers only (no y / state keys: storage format v1 as saved)
+_RTN_SCAN_KEYS = frozenset({"reverse", "length", "channels", "d_state", "u", "delta", "B", "C"})
 
 
 @dataclass
 class RTNArgs:
-    """Options of the RTN recipe (``ViMQuantizationConfig(recipe_args=...)``)."""
+    """Options of the RTN recipe (``ViMQuantizationConfig(recipe_args=...)``). ``targets``: roles of the linears to
+    quantize (None: the model family's default linears, for Vim the six block linears of both scan directions)."""
 
-    observer: str = "minmax"
+    observer: Observer = "minmax"
     percentile: float = 99.99
-    act_granularity: str = "tensor"
+    act_granularity: Literal["tensor", "token"] = "tensor"
     act_symmetric: bool = False
-    targets: tuple[str, ...] = BLOCK_LINEARS
-    scan_act_bits: int | None = None
-
+    targets: tuple[str, ...] | None = None
+    scan_act_bits: Literal[8] | None = None  # 8: int8 scan inputs u, delta, B, C
 
     def validate(self) -> None:
-        if self.observer not in OBSERVERS:
-            raise ValueError(f"RTN observer must be one of {OBSERVERS}; got {self.observer!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100]; got {self.percentile}")
-        if self.act_granularity not in ("tensor", "token"):
-            raise ValueError(f"RTN act_granularity must be 'tensor' or 'token'; got {self.act_granularity!r}")
         if self.observer == "percentile" and self.act_granularity != "tensor":
             raise ValueError("the percentile observer supports act_granularity='tensor' only")
-        self.targets = tuple(self.targets)
-        if self.scan_act_bits not in (None, 8):
-            raise ValueError(f"scan_act_bits must be None or 8 (int8 scan inputs); got {self.scan_act_bits!r}")
 
 
-@register_recipe
 class RTNRecipe(Recipe):
     """Round-to-nearest quantization of the block linears; the baseline every other recipe is compared with."""
 
@@ -81,64 +70,52 @@ class RTNRecipe(Recipe):
         symmetric = a.act_symmetric if symmetric is None else symmetric
         if a.act_granularity == "token":
             lo, hi = stats.token_min, stats.token_max
-            spec = {"bits": bits, "symmetric": symmetric, "granularity": "token", "length": int(lo.numel())}
+            spec = ActivationSpec(bits, "token", symmetric=symmetric, length=int(lo.numel()))
         else:
             lo, hi = (stats.min, stats.max) if a.observer == "minmax" else stats.percentile_range(a.percentile)
-            spec = {"bits": bits, "symmetric": symmetric, "granularity": "tensor"}
+            spec = ActivationSpec(bits, "tensor", symmetric=symmetric)
         return spec, affine_from_range(lo.reshape(-1), hi.reshape(-1), bits, symmetric)
 
     @torch.no_grad()
     def calibrate(self, model, batches) -> QuantPlan:
-        names = select_linears(model, self.args.targets, self.config.modules_to_not_convert)
-        settings = {n: s for n in names if (s := self.layer_settings(n)) is not None}
-        targets = {n: (n, "input", 0) for n, s in settings.items() if s["act_bits"] is not None}
-        scans = self._scan_modules(model) if self.args.scan_act_bits else []
+        settings = self.targets.linears(model, self.args.targets)
+        targets = {n: (n, "input", 0) for n, s in settings.items() if s.act_bits is not None}
+        scans = {n: ref for n, (ref, _) in self.targets.scans(model).items()} if self.args.scan_act_bits else {}
+        scan_inputs = family_of(model).scan_inputs
         for scan in scans:
-            targets.update({f"{scan}:{arg}": (scan, "input", idx) for arg, idx in _SCAN_ARGS.items()})
+            targets.update({f"{scan}:{arg}": (scan, "input", idx) for arg, idx in scan_inputs.items()})
         stats = {}
         if targets:
             if not batches:
                 raise ValueError("activation quantization needs calibration data")
-            stats = collect_activation_stats(model, batches, targets, seed=self.config.seed,
+            stats = collect_activation_stats(model, batches, targets, seed=self.seed,
                                              keep_samples=self.args.observer == "percentile")
         plan = QuantPlan(recipe=self.name)
         for name, s in settings.items():
             linear = model.get_submodule(name)
-            tensors = rtn_weight_tensors(linear.weight, s["weight_bits"], s["group_size"])
-            spec = {
-                "type": "linear", "in_features": linear.in_features, "out_features": linear.out_features,
-                "bias": linear.bias is not None,
-                "weight": {"format": "int", "bits": s["weight_bits"], "group_size": s["group_size"]},
-                "input": None,
-            }
+            tensors = rtn_weight_tensors(linear.weight, s.weight_bits, s.group_size)
             if linear.bias is not None:
                 tensors["bias"] = linear.bias.detach().float().clone()
-            if s["act_bits"] is not None:
-                act_spec, act_tensors = self._act_tensors(stats[name], s["act_bits"])
-                spec["input"] = act_spec
+            act_spec = None
+            if s.act_bits is not None:
+                act_spec, act_tensors = self._act_tensors(stats[name], s.act_bits)
                 tensors.update({f"input_quantizer.{k}": v for k, v in act_tensors.items()})
+            spec = LinearSpec(linear.in_features, linear.out_features, IntWeightSpec(s.weight_bits, s.group_size),
+                              bias=linear.bias is not None, input=act_spec)
             plan.layers[name] = LayerPlan(spec=spec, tensors=tensors)
-        for scan in scans:
-            plan.layers[scan] = self._scan_plan(model, scan, stats)
+        for scan, ref in scans.items():
+            plan.layers[scan] = self._scan_plan(scan, ref.reverse, stats, scan_inputs)
         return plan
 
-    def _scan_modules(self, model) -> list[str]:
-        from ..models.vim.modeling_vim import VimSelectiveScan
-
-        skip = self.config.modules_to_not_convert
-        return [n for n, m in model.named_modules()
-                if isinstance(m, VimSelectiveScan) and not is_skipped(n, skip) and not layer_overrides(n, self.config.overrides).get("skip")]
-
-    def _scan_plan(self, model, name: str, stats) -> LayerPlan:
-        mod = model.get_submodule(name)
+    def _scan_plan(self, name: str, reverse: bool, stats, scan_inputs) -> LayerPlan:
         first = stats[f"{name}:u"]
-        spec = {"type": "scan", "reverse": mod.reverse, "length": int(first.token_min.numel()),
-                "channels": int(first.channel_absmax.numel()), "d_state": int(stats[f"{name}:B"].channel_absmax.numel())}
-        tensors = {}
-        for arg in _SCAN_ARGS:
+        quantizers, tensors = {}, {}
+        for arg in scan_inputs:
             # delta > 0 (after softplus): an affine grid does not waste half of the codes on negative values
-            act_spec, act_tensors = self._act_tensors(stats[f"{name}:{arg}"], self.args.scan_act_bits,
-                                                      symmetric=arg != "delta")
-            spec[arg] = act_spec
+            quantizers[arg], act_tensors = self._act_tensors(stats[f"{name}:{arg}"], self.args.scan_act_bits,
+                                                             symmetric=arg != "delta")
             tensors.update({f"{arg}_quantizer.{k}": v for k, v in act_tensors.items()})
+        spec = ScanSpec(int(first.token_min.numel()), int(first.channel_absmax.numel()),
+                        int(stats[f"{name}:B"].channel_absmax.numel()), reverse=reverse, **quantizers,
+                        keys=_RTN_SCAN_KEYS)
         return LayerPlan(spec=spec, tensors=tensors)

@@ -35,14 +35,16 @@ import copy
 import logging
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from ..calibration.blockwise import calibrate_blockwise, cosine_block_loss, fixed_threads
 from ..calibration.convex_vq import ConvexVQLinear, ConvexVQWeight
-from ..calibration.vq import CODEBOOK_DTYPES, DEFAULT_VQ_SETTINGS, VQLayout, choose_codebook_size, kmeans_vq
-from .base import BLOCK_LINEARS, LayerPlan, QuantPlan, Recipe, layer_overrides, register_recipe, select_linears
+from ..calibration.vq import DEFAULT_VQ_SETTINGS, VQLayout, choose_codebook_size, kmeans_vq
+from ..modules.spec import CodebookDtype
+from .base import LayerPlan, QuantPlan, Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +71,8 @@ class ViMVQArgs:
     vector_dim: int | None = None
     codebook_size: int | None = None
     channel_scale: bool = False
-    codebook_dtype: str = "float16"
-    size_budget: str | None = "rtn_g32"
+    codebook_dtype: CodebookDtype = "float16"
+    size_budget: Literal["rtn_g32"] | None = "rtn_g32"
     kmeans_iterations: int = 100
     convex: bool = True
     incremental: bool = True
@@ -81,7 +83,7 @@ class ViMVQArgs:
     lr_ratios: float = 5e-2
     replace_every: int = 10
     confirm_threshold: float = 0.99
-    targets: tuple[str, ...] = BLOCK_LINEARS
+    targets: tuple[str, ...] | None = None  # roles of the linears (None: the model family's, Vim's six)
     # VQ4DiT's one-hot regulariser n * mean(pi (1 - pi)) over the soft sub-vectors, added to the block loss on the
     # steps where it did not fall below its running minimum (VQ4DiT's rule); off by default (ablation row)
     onehot_regularizer: bool = False
@@ -89,7 +91,7 @@ class ViMVQArgs:
     def validate(self) -> None:
         for name in ("vector_dim", "codebook_size"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            if v is not None and v < 1:
                 raise ValueError(f"{name} must be a positive int or None; got {v!r}")
         if self.vector_dim is not None and self.vector_dim > 16:
             raise ValueError(f"vector_dim must be <= 16 (longer sub-vectors need codebooks beyond 8-bit indices); "
@@ -99,29 +101,21 @@ class ViMVQArgs:
             if c < 2 or c & (c - 1) or c > 256:
                 raise ValueError(f"codebook_size must be a power of two in [2, 256] (indices are stored with "
                                  f"log2(codebook_size) <= 8 bits); got {c}")
-        if self.codebook_dtype not in CODEBOOK_DTYPES:
-            raise ValueError(f"codebook_dtype must be one of {sorted(CODEBOOK_DTYPES)}; got {self.codebook_dtype!r}")
-        if self.size_budget not in SIZE_BUDGETS:
-            raise ValueError(f"size_budget must be 'rtn_g32' or None; got {self.size_budget!r}")
-        for name in ("channel_scale", "convex", "incremental", "onehot_regularizer"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool; got {getattr(self, name)!r}")
         for name in ("kmeans_iterations", "iterations", "batch_size", "replace_every"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "kmeans_iterations" else 1):
+            if v < (0 if name == "kmeans_iterations" else 1):
                 raise ValueError(f"{name} must be a positive int; got {v!r}")
-        if not isinstance(self.candidates, int) or isinstance(self.candidates, bool) or not 2 <= self.candidates <= 16:
+        if not 2 <= self.candidates <= 16:
             raise ValueError(f"candidates (codewords per sub-vector hull) must be an int in [2, 16]; got "
                              f"{self.candidates!r}")
         for name in ("lr_codebook", "lr_ratios"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0; got {v!r}")
-        if not isinstance(self.confirm_threshold, (int, float)) or not 0.5 < self.confirm_threshold < 1.0:
+        if not 0.5 < self.confirm_threshold < 1.0:
             raise ValueError(f"confirm_threshold must be in (0.5, 1); got {self.confirm_threshold!r}")
         if self.incremental and not self.convex:
             raise ValueError("incremental=True hardens the convex-combination ratios: it needs convex=True")
-        self.targets = tuple(self.targets)
 
     def settings_for(self, bits: int) -> tuple[int, int]:
         """(vector_dim, codebook_size) at ``bits`` per weight."""
@@ -146,7 +140,6 @@ class ViMVQArgs:
         return d, c
 
 
-@register_recipe
 class ViMVQRecipe(Recipe):
     """ViM-VQ: codebook weights (k-means init; convex-combination search and incremental hardening with ``convex``)."""
 
@@ -168,13 +161,11 @@ class ViMVQRecipe(Recipe):
                 "recipe='rtn' (round-to-nearest, per group) or 'ptq4vm'"
             )
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, args, targets, seed=0, image_processor=None):
+        super().__init__(args, targets, seed, image_processor)
         # the (vector_dim, codebook_size) choice depends on the bits, which the Args cannot see: check every width
         # the config uses here, before any layer is touched
-        widths = {config.weight_bits} | {v["weight_bits"] for v in (config.overrides or {}).values()
-                                         if v and not v.get("skip") and "weight_bits" in v}
-        for bits in sorted(widths):
+        for bits in sorted(targets.weight_widths()):
             self.args.settings_for(bits)
 
     @classmethod
@@ -184,13 +175,9 @@ class ViMVQRecipe(Recipe):
     def layouts(self, model) -> dict[str, tuple[VQLayout, int]]:
         """Per quantized linear: its layout and weight bits (overrides and skips applied). Validates every layer
         before anything is computed, so a bad setting fails before calibration starts."""
-        cfg = self.config
         out = {}
-        for name in select_linears(model, self.args.targets, cfg.modules_to_not_convert):
-            over = layer_overrides(name, cfg.overrides)
-            if over.get("skip"):
-                continue
-            bits = over.get("weight_bits", cfg.weight_bits)
+        for name, settings in self.targets.linears(model, self.args.targets).items():
+            bits = settings.weight_bits
             d, c = self.args.settings_for(bits)
             linear = model.get_submodule(name)
             n, k = linear.out_features, linear.in_features
@@ -212,7 +199,7 @@ class ViMVQRecipe(Recipe):
     def kmeans_init(self, name: str, weight: torch.Tensor, layout: VQLayout, order: int):
         """The k-means codebook of one layer; seeded by the config seed and the layer's position, so ``convex``
         starts from exactly the plain-VQ result."""
-        return kmeans_vq(weight, layout, seed=self.config.seed + order, iters=self.args.kmeans_iterations)
+        return kmeans_vq(weight, layout, seed=self.seed + order, iters=self.args.kmeans_iterations)
 
     def calibrate(self, model, batches) -> QuantPlan:
         # the engine's fixed thread count for the k-means too: on a shared CPU a multi-threaded run mostly waits
@@ -229,7 +216,7 @@ class ViMVQRecipe(Recipe):
                                  "(or use convex=False for data-free k-means VQ)")
             block_recipe = ViMVQBlockRecipe(self, layouts)
             log: list[dict] = []
-            soft = calibrate_blockwise(model, torch.cat(list(batches)), block_recipe, seed=self.config.seed,
+            soft = calibrate_blockwise(model, torch.cat(list(batches)), block_recipe, seed=self.seed,
                                        desc="vimvq", log=log)
             plan.info["blocks"] = log
             plan.info["layers"] = block_recipe.stats
@@ -284,16 +271,12 @@ class ViMVQBlockRecipe:
         self.stats: dict[str, dict] = {}
         self._stand_ins: dict[str, ConvexVQLinear] = {}
 
-    def _targets(self, ctx) -> list[str]:
-        prefix = ctx.name + "."
-        return [n[len(prefix):] for n in self.layouts if n.startswith(prefix)]
-
     def prepare_block(self, ctx):
         student = copy.deepcopy(ctx.block)
         student.requires_grad_(False)  # weight-only VQ: only the codebook stand-ins train
         self._stand_ins = {}
         self._onehot_min = float("inf")
-        for rel in self._targets(ctx):
+        for rel in ctx.within(self.layouts):
             full = f"{ctx.name}.{rel}"
             linear = student.get_submodule(rel)
             layout = self.layouts[full][0]

@@ -22,9 +22,9 @@ except ImportError as err:  # peft is the optional extra "train"
     raise ImportError("LoRA adapters on quantized Vims need PEFT: pip install 'optimum-vim[train]' (or pip install "
                       "peft)") from err
 
+from ..models.family import known_roles
 from ..modules import QLinear
 from ..modules.training import combine_float
-from ..recipes.base import BLOCK_LINEARS
 
 
 class LoraQLinear(nn.Module, LoraLayer):
@@ -88,10 +88,12 @@ def register_lora_qlinear(config: LoraConfig) -> LoraConfig:
     return config
 
 
-def lora_config(r: int = 8, lora_alpha: int = 16, target_modules=BLOCK_LINEARS, **kwargs) -> LoraConfig:
-    """A ``LoraConfig`` for a (quantized or float) Vim: adapters on the block linears by default (``in_proj``,
-    ``x_proj(_b)``, ``dt_proj(_b)``, ``out_proj``), the QLinear mapping registered. ``modules_to_save=["head"]``
-    trains the classifier head in full alongside."""
+def lora_config(r: int = 8, lora_alpha: int = 16, target_modules=None, **kwargs) -> LoraConfig:
+    """A ``LoraConfig`` for a (quantized or float) model: adapters on the default linears of the model families by
+    default (their roles; for Vim ``in_proj``, ``x_proj(_b)``, ``dt_proj(_b)``, ``out_proj``), the QLinear mapping
+    registered. ``modules_to_save=["head"]`` trains the classifier head in full alongside."""
+    if target_modules is None:
+        target_modules = list(dict.fromkeys(r for roles in known_roles().values() for r in roles))
     return register_lora_qlinear(LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=list(target_modules), **kwargs))
 
 

@@ -5,11 +5,11 @@ The paper's generation loop is not in the official release (only a modified scan
 from the method description; every choice the paper leaves open is marked ``[open]`` with what we picked.
 
 Per block and scan direction, the float model's selective-scan inputs (Δ, A, B, C) are captured by pre-hooks on the
-``VimSelectiveScan`` modules (they stay in the autograd graph). From them:
+float scan modules the model's family adapter names (they stay in the autograd graph). From them:
 
 1. **Implicit attention toward the class token.** Mamba's implicit attention of output token i to source token j is
    ``α[i, j, e] = Σ_n C_i[n] · Π_{k between j and i} exp(Δ_k[e] A[e, n]) · Δ_j[e] B_j[n]``. We take the row of the
-   class token (the token at ``config.token_position``): the forward scan reaches the patches before it, the backward
+   class token (its position in the family's token layout): the forward scan reaches the patches before it, the backward
    scan the patches after it, so each direction contributes one side of the grid and the two are summed ("both scan
    directions"). The product of Ā is computed in closed form, ``exp(A · Σ Δ)``, from a cumulative sum of Δ.
    Deviation from the official attention code: it stops the Ā product one step short of the class token (it omits the
@@ -50,14 +50,20 @@ Images never interact (no batch statistics), so they are optimised in independen
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import typing
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from ...models.family import family_of
 
 logger = logging.getLogger(__name__)
 
@@ -67,38 +73,43 @@ class GenerationDivergedError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# model access
-def _backbone_and_head(model: nn.Module):
-    from ...models.vim.modeling_vim import VimForImageClassification, VimModel
-
-    if isinstance(model, VimForImageClassification):
-        return model.vim, model
-    if isinstance(model, VimModel):
-        return model, None
-    raise TypeError(
-        f"generate_calibration_images needs a float VimForImageClassification (or VimModel); got "
-        f"{type(model).__name__}. Load the float checkpoint with AutoModelForImageClassification.from_pretrained."
-    )
+# model access (through the model's family adapter)
+def _float_model(model: nn.Module):
+    family = family_of(model)
+    family.check_float(model, "generate_calibration_images")
+    return family
 
 
-def _scan_modules(backbone: nn.Module, layers: Sequence[int] | None) -> list[tuple[int, bool, nn.Module]]:
-    from ...models.vim.modeling_vim import VimSelectiveScan
+def _class_token(family, model) -> tuple[int, int]:
+    """(class-token position, patch-grid side) of the model's token layout."""
+    layout = family.token_layout(model)
+    if layout.class_token is None:
+        raise ValueError("OuroMamba-Gen reads the implicit attention towards the class token; this model's tokens "
+                         "have no class token")
+    if layout.grid[0] != layout.grid[1]:
+        raise ValueError(f"OuroMamba-Gen's patching assumes a square patch grid; got {layout.grid}")
+    return layout.class_token, layout.grid[0]
 
-    depth = len(backbone.layers)
+
+def _scan_modules(family, model: nn.Module, layers: Sequence[int] | None) -> list[tuple[int, bool, nn.Module]]:
+    blocks = [name for name, _ in family.blocks(model)]
+    depth = len(blocks)
     chosen = range(depth) if layers is None else layers
+    mixers = family.mixers(model)
     out = []
     for i in chosen:
         if not isinstance(i, int) or not -depth <= i < depth:
             raise ValueError(f"layers must be block indices in [0, {depth}); got {list(layers)}")
-        mixer = backbone.layers[i].mixer
-        for name, reverse in (("ssm", False), ("ssm_b", True)):
-            mod = getattr(mixer, name)
-            if not isinstance(mod, VimSelectiveScan):
-                raise TypeError(
-                    f"block {i}'s {name} is a {type(mod).__name__}, not the float VimSelectiveScan: generation runs "
-                    "on the float model (call it before quantizing, or on a fresh from_pretrained)"
-                )
-            out.append((i % depth, reverse, mod))
+        for mixer in (m for m in mixers if m.block == blocks[i]):
+            for d in mixer.layout.directions:
+                mod = mixer.module.get_submodule(d.scan)
+                if not isinstance(mod, family.float_scan_class):
+                    raise TypeError(
+                        f"block {i}'s {d.scan} is a {type(mod).__name__}, not the float "
+                        f"{family.float_scan_class.__name__}: generation runs on the float model (call it before "
+                        "quantizing, or on a fresh from_pretrained)"
+                    )
+                out.append((i % depth, d.reverse, mod))
     if not out:
         raise ValueError("layers selects no block; pass None (all blocks) or a non-empty list of block indices")
     return out
@@ -106,7 +117,8 @@ def _scan_modules(backbone: nn.Module, layers: Sequence[int] | None) -> list[tup
 
 # ---------------------------------------------------------------------------------------------------------------
 # the enhanced implicit attention
-PATCHINGS = ("attention", "state")
+Patching = Literal["attention", "state"]
+PATCHINGS = typing.get_args(Patching)
 
 
 def _class_gap(delta: torch.Tensor, cls_pos: int, reverse: bool) -> tuple[slice, torch.Tensor] | None:
@@ -267,21 +279,16 @@ def generation_loss(model: nn.Module, pixel_values: torch.Tensor, targets: torch
 
     Returns ``(loss, {"loss", "contrastive", "class"})``; the dict holds floats for logging.
     """
-    backbone, classifier = _backbone_and_head(model)
-    config = backbone.config
+    family = _float_model(model)
     if patching not in PATCHINGS:
         raise ValueError(f"patching must be one of {PATCHINGS}; got {patching!r}")
-    if class_weight and classifier is None:
-        raise ValueError("the class output loss needs a classifier head: pass a VimForImageClassification, or "
+    if class_weight and not family.num_labels(model):
+        raise ValueError("the class output loss needs a classifier head: pass an image classifier, or "
                          "class_weight=0 for the contrastive loss only")
-    modules = _scan_modules(backbone, layers)
-    cls_pos, grid = config.token_position, config.grid_size
+    modules = _scan_modules(family, model, layers)
+    cls_pos, grid = _class_token(family, model)
     with _ScanCapture(modules) as cap:
-        if classifier is not None:
-            logits = classifier(pixel_values=pixel_values).logits
-        else:
-            logits = None
-            backbone(pixel_values=pixel_values)
+        logits = family.logits(model, pixel_values)
     parts = {}
     total = pixel_values.new_zeros((), dtype=torch.float32)
     if contrastive_weight:
@@ -347,36 +354,89 @@ def _sample_targets(n: int, num_labels: int, generator: torch.Generator) -> torc
     return base[torch.randperm(n, generator=generator)]
 
 
+@dataclass(frozen=True)
+class GenerationOptions:
+    """OuroMamba-Gen's options, declared once: :func:`generate_calibration_images` takes them as keywords (or as
+    ``options=``) and the OuroMamba recipe exposes the ones the paper varies as ``recipe_args`` (``gen_*``,
+    ``patch_size``, ``positives``, ``contrastive_weight``). See :func:`generate_calibration_images` for each."""
+
+    iterations: int = 1000
+    patch_size: int = 5
+    positives: int = 12
+    temperature: float = 0.1
+    lr: float = 0.1
+    batch_size: int = 32
+    contrastive_weight: float = 1.0
+    class_weight: float = 1.0
+    jitter: int | None = None  # None: half the patch stride
+    flip: bool = True
+    tv_weight: float = 0.05
+    patching: Patching = "attention"
+
+    @classmethod
+    def build(cls, values: dict, base: GenerationOptions | None = None) -> GenerationOptions:
+        """``base`` (default: the defaults) with ``values`` set, each checked against its declared type, validated."""
+        from ...options import coerce_fields, field_types
+
+        types_ = field_types(cls)
+        unknown = sorted(set(values) - set(types_))
+        if unknown:
+            raise TypeError(f"generate_calibration_images got unexpected options {unknown}; its options are "
+                            f"{sorted(types_)}")
+        opts = dataclasses.replace(base or cls(), **coerce_fields(types_, values))
+        opts.validate()
+        return opts
+
+    def validate(self, names: dict[str, str] | None = None, owner: str = "") -> None:
+        """Range checks; ``names`` / ``owner`` word the errors as the caller's options (the recipe's ``gen_*``)."""
+        names = names or {}
+
+        def word(field: str) -> str:
+            return f"{owner} {names.get(field, field)}".strip()
+
+        checks = [
+            (self.iterations >= 0, "iterations", "must be an int >= 0"),
+            (self.patch_size >= 1 and self.patch_size % 2 == 1, "patch_size",
+             "must be an odd int >= 1 (a centred p x p neighbourhood; the paper uses 5)"),
+            (self.positives >= 1, "positives", "must be an int >= 1"),
+            (self.temperature > 0 and math.isfinite(self.temperature), "temperature", "must be > 0"),
+            (self.lr > 0 and math.isfinite(self.lr), "lr", "must be > 0"),
+            (self.batch_size >= 1, "batch_size", "must be a positive int"),
+            (self.contrastive_weight >= 0 and math.isfinite(self.contrastive_weight), "contrastive_weight",
+             "must be a number >= 0"),
+            (self.class_weight >= 0 and math.isfinite(self.class_weight), "class_weight", "must be a number >= 0"),
+            (self.jitter is None or self.jitter >= 0, "jitter",
+             "must be an int >= 0 (pixels of random shift per axis; 0: off) or None (half the patch stride)"),
+            (self.tv_weight >= 0 and math.isfinite(self.tv_weight), "tv_weight", "must be a number >= 0 (0: off)"),
+        ]
+        for ok, field, text in checks:
+            if not ok:
+                raise ValueError(f"{word(field)} {text}; got {getattr(self, field)!r}")
+        if self.contrastive_weight + self.class_weight <= 0:
+            raise ValueError(f"{word('contrastive_weight')} and {word('class_weight')} must not both be 0")
+
+
 @torch.enable_grad()  # the pixels are trained by backprop, also when the caller quantizes under no_grad
 def generate_calibration_images(
     model: nn.Module,
     n: int = 128,
     *,
-    iterations: int = 1000,
-    patch_size: int = 5,
-    positives: int = 12,
-    temperature: float = 0.1,
-    lr: float = 0.1,
-    batch_size: int = 32,
-    contrastive_weight: float = 1.0,
-    class_weight: float = 1.0,
     targets: torch.Tensor | Sequence[int] | None = None,
     layers: Sequence[int] | None = None,
-    jitter: int | None = None,
-    flip: bool = True,
-    tv_weight: float = 0.05,
-    patching: str = "attention",
     processor=None,
     seed: int = 0,
     progress: bool = True,
     callback: Callable[[int, int, dict], None] | None = None,
     return_pil: bool = False,
     return_targets: bool = False,
+    options: GenerationOptions | None = None,
+    **option_values,
 ):
     """Generates ``n`` data-free calibration images with OuroMamba-Gen (see the module docstring for the loss).
 
-    Args:
-        model: the float ``VimForImageClassification`` (``VimModel`` with ``class_weight=0``). It is not modified
+    Args (the options of :class:`GenerationOptions` are keywords too, or given together as ``options``):
+        model: the float image classifier (for Vim ``VimForImageClassification``; its backbone with
+            ``class_weight=0``), of a family with an adapter (:mod:`optimum_vim.models.family`). It is not modified
             (its parameters' ``requires_grad`` and train/eval mode are restored).
         n: number of images (the paper: 128). iterations: Adam steps per image (the paper: 1000).
         patch_size: odd neighbourhood side p of the state patching (paper's best 5; 1 disables patching).
@@ -412,26 +472,29 @@ def generate_calibration_images(
     Raises:
         GenerationDivergedError: the loss became NaN / infinite (names the iteration; nothing is returned).
     """
-    backbone, classifier = _backbone_and_head(model)
-    config = backbone.config
-    if jitter is None:
-        jitter = max(1, config.stride // 2)
-    _validate(n, iterations, patch_size, positives, temperature, lr, batch_size, contrastive_weight, class_weight,
-              jitter, flip, tv_weight, patching)
-    if class_weight and classifier is None:
-        raise ValueError("the class output loss needs a classifier head: pass a VimForImageClassification, or "
+    family = _float_model(model)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n must be a positive int; got {n!r}")
+    opts = GenerationOptions.build(option_values, options)
+    iterations, patch_size, positives, temperature = opts.iterations, opts.patch_size, opts.positives, opts.temperature
+    lr, batch_size, contrastive_weight, class_weight = opts.lr, opts.batch_size, opts.contrastive_weight, opts.class_weight
+    flip, tv_weight, patching = opts.flip, opts.tv_weight, opts.patching
+    jitter = max(1, family.patch_stride(model) // 2) if opts.jitter is None else opts.jitter
+    num_labels = family.num_labels(model)
+    if class_weight and not num_labels:
+        raise ValueError("the class output loss needs a classifier head: pass an image classifier, or "
                          "class_weight=0")
-    _scan_modules(backbone, layers)  # validates the block selection before any work
-    if contrastive_weight and config.num_patches < 3:
-        raise ValueError(f"the patch InfoNCE needs at least 3 patches; this model has {config.num_patches}")
+    _scan_modules(family, model, layers)  # validates the block selection before any work
+    layout = family.token_layout(model)
+    if contrastive_weight and layout.num_patches < 3:
+        raise ValueError(f"the patch InfoNCE needs at least 3 patches; this model has {layout.num_patches}")
     param = next(model.parameters())
     device = param.device
     gen = torch.Generator().manual_seed(seed)
-    channels, size = config.num_channels, config.image_size
+    channels, height, width = family.input_shape(model)
     # Gaussian noise in the model's (normalised) input space, drawn once for all images so that the images do not
     # depend on batch_size
-    init = torch.randn(n, channels, size, size, generator=gen)
-    num_labels = getattr(classifier.config, "num_labels", 0) if classifier is not None else 0
+    init = torch.randn(n, channels, height, width, generator=gen)
     if targets is None:
         tgt = _sample_targets(n, num_labels, gen) if class_weight else torch.zeros(n, dtype=torch.long)
     else:
@@ -523,33 +586,9 @@ def _augment(x: torch.Tensor, shifts: torch.Tensor | None, mirrors: torch.Tensor
     return torch.stack(out)
 
 
-def _validate(n, iterations, patch_size, positives, temperature, lr, batch_size, contrastive_weight, class_weight,
-              jitter=0, flip=False, tv_weight=0.0, patching="attention"):
-    checks = [
-        (isinstance(n, int) and n >= 1, f"n must be a positive int; got {n!r}"),
-        (isinstance(iterations, int) and iterations >= 0, f"iterations must be an int >= 0; got {iterations!r}"),
-        (isinstance(patch_size, int) and patch_size >= 1 and patch_size % 2 == 1,
-         f"patch_size must be an odd int >= 1 (a centred p x p neighbourhood; the paper uses 5); got {patch_size!r}"),
-        (isinstance(positives, int) and positives >= 1, f"positives must be an int >= 1; got {positives!r}"),
-        (temperature > 0 and math.isfinite(temperature), f"temperature must be > 0; got {temperature!r}"),
-        (lr > 0 and math.isfinite(lr), f"lr must be > 0; got {lr!r}"),
-        (isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be a positive int; got {batch_size!r}"),
-        (contrastive_weight >= 0 and class_weight >= 0 and (contrastive_weight + class_weight) > 0,
-         f"contrastive_weight and class_weight must be >= 0 and not both 0; got {contrastive_weight}, {class_weight}"),
-        (isinstance(jitter, int) and not isinstance(jitter, bool) and jitter >= 0,
-         f"jitter must be an int >= 0 (pixels of random shift per axis; 0: off); got {jitter!r}"),
-        (isinstance(flip, bool), f"flip must be True or False; got {flip!r}"),
-        (isinstance(tv_weight, (int, float)) and not isinstance(tv_weight, bool) and math.isfinite(tv_weight)
-         and tv_weight >= 0, f"tv_weight must be a number >= 0 (0: off); got {tv_weight!r}"),
-        (patching in PATCHINGS, f"patching must be one of {PATCHINGS}; got {patching!r}"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise ValueError(msg)
-
-
 __all__ = [
     "PATCHINGS",
+    "GenerationOptions",
     "GenerationDivergedError",
     "to_pil_images",
     "class_token_attention",

@@ -64,61 +64,65 @@ ablation row in ``benchmarks/accuracy.py``; ``recipe_args={"preset": "paper"}`` 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
+import typing
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from ...calibration.blockwise import BlockContext, SelectableBlockLoss, calibrate_blockwise, check_block_loss
+from ...calibration.blockwise import BlockContext, BlockLoss, SelectableBlockLoss, calibrate_blockwise
 from ...calibration.fakequant import FakeQuantLinear, LearnedWeightQuantizer
-from ...calibration.lp_init import WIDEN_TO_ZERO, lp_token_affine, lp_token_symmetric, lp_weight_scale
-from ...primitives import int_range
-from ...primitives.outliers import TRIGGERS, detect_outlier_masks, extract_outliers
-from ..base import BLOCK_LINEARS, LayerPlan, QuantPlan, Recipe, layer_overrides, register_recipe, select_linears
-from .generation import PATCHINGS
+from ...calibration.lp_init import WidenToZero, lp_token_affine, lp_token_symmetric, lp_weight_scale
+from ...calibration.outlier_fakequant import (
+    ChannelsExport,
+    FakeQuantScan,
+    FakeQuantSoftplus,
+    LearnedOutlierActQuantizer,
+    calibration_outlier_masks,
+    static_outlier_channels,
+)
+from ...models.family import family_of
+from ..base import LayerPlan, QuantPlan, Recipe
+from .generation import GenerationOptions
 
 logger = logging.getLogger(__name__)
 
-_MIN_STEP = 1e-8
-_REVERSE_LINEARS = ("x_proj_b", "dt_proj_b")  # run on the backward scan's tensors: their scan order is reversed
-_SCAN_INPUTS = {"u": 0, "delta": 1, "B": 3, "C": 4}  # positional inputs of VimSelectiveScan.forward
-CALIBRATION_THRESHOLDS = ("inliers", "raw")
-STEP_TRAINING = ("ste", "official")
-_OFFICIAL_TRAINED = ("in_proj", "out_proj")  # the linears whose steps the official loop's gradients reach
+
+# OuroMamba-Gen's options (generation.GenerationOptions, declared there once) that the recipe exposes, under their
+# recipe_args names: gen_iterations (Adam steps per image, paper 1000), patch_size (p of the Δ-weighted p x p
+# patching, paper's best 5), positives (InfoNCE positives, paper 12), gen_lr ([open] Adam lr on the pixels),
+# contrastive_weight (0: the "class loss only" ablation) and the [open] image priors not in the paper: gen_jitter
+# (random roll, None: half the patch stride), gen_flip, gen_tv_weight (0 / False / 0 is the paper's loss alone)
+GEN_ARGS = {"iterations": "gen_iterations", "patch_size": "patch_size", "positives": "positives", "lr": "gen_lr",
+            "contrastive_weight": "contrastive_weight", "jitter": "gen_jitter", "flip": "gen_flip",
+            "tv_weight": "gen_tv_weight", "patching": "gen_patching"}
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def _with_generation_options(cls):
+    """Adds the :data:`GEN_ARGS` fields of :class:`GenerationOptions` (type and default) to an Args class, before
+    ``@dataclass`` turns it into one."""
+    hints = typing.get_type_hints(GenerationOptions)
+    for f in dataclasses.fields(GenerationOptions):
+        if f.name in GEN_ARGS:
+            cls.__annotations__[GEN_ARGS[f.name]] = hints[f.name]
+            setattr(cls, GEN_ARGS[f.name], f.default)
+    return cls
 
 
 @dataclass
+@_with_generation_options
 class OuroMambaArgs:
-    """Options of the OuroMamba recipe (``ViMQuantizationConfig(recipe="ouromamba", recipe_args=...)``)."""
+    """Options of the OuroMamba recipe (``ViMQuantizationConfig(recipe="ouromamba", recipe_args=...)``); the
+    generator's options come from :class:`~.generation.GenerationOptions` (:data:`GEN_ARGS`)."""
 
     num_synthetic: int = 128  # OuroMamba-Gen images (paper: 128)
-    gen_iterations: int = 1000  # Adam steps per synthetic image (paper: 1000)
-    patch_size: int = 5  # p of the Δ-weighted p x p state patching (paper's best: 5)
-    positives: int = 12  # InfoNCE positives per anchor patch (paper: top 12)
-    gen_lr: float = 0.1  # [open] Adam learning rate on the pixels
-    contrastive_weight: float = 1.0  # 0: the "class loss only" ablation (no InfoNCE)
-    # [open] image priors of the generation, not in the paper (generation.generate_calibration_images): random roll
-    # of up to gen_jitter pixels (None: half the patch stride), left-right mirroring, total-variation weight;
-    # gen_jitter=0, gen_flip=False, gen_tv_weight=0 is the paper's loss alone
-    gen_jitter: int | None = None
-    gen_flip: bool = True
-    gen_tv_weight: float = 0.05
     refresh: int = 10  # tokens per outlier window (paper: 10)
     outlier_sigma: float = 3.0  # detection threshold of u, B, C and the linear inputs
     delta_sigma: float = 4.0  # detection threshold of Δ (official: 4σ)
-    outlier_bits: int | None = None  # 8 | 16; None: 8 at A4 (W4A4O8), 16 at A8 (W4A8O16)
+    outlier_bits: Literal[8, 16] | None = None  # 8 | 16; None: 8 at A4 (W4A4O8), 16 at A8 (W4A8O16)
     dynamic_outliers: bool = True  # False: static outlier list (ablation)
     quantize_scan: bool = True  # the S6 tensors u, Δ, B, C of both directions
     # the S6 inlier steps (u, Δ, B, C) learn beside the linears' steps (deviation: the official training loop leaves
@@ -134,7 +138,7 @@ class OuroMambaArgs:
     candidates: int = 100
     # block loss of the step learning: "cosine" (the official mean 1 - cos) or "nmse" (normalised squared error, not
     # in the paper; see calibration.blockwise.nmse_block_loss)
-    loss: str = "cosine"
+    loss: BlockLoss = "cosine"
     # --- where we differ from the official code, each switchable (module docstring; ablation rows in
     # benchmarks/accuracy.py); preset "paper" sets every one to the official side
     # Δ quantized after softplus (ours, the scan's input) or dt_proj's output, bias included, before softplus (official)
@@ -143,18 +147,17 @@ class OuroMambaArgs:
     # Δ's extractor: "interval" (detection when an inlier leaves the grid; symmetric 8-bit outliers, as every other
     # tensor) or "range" (official Q_Act_d: when the inliers' (max - min) / (2^b - 1) exceeds the step; affine
     # [0, 255] outliers)
-    delta_outliers: str = "interval"
+    delta_outliers: Literal["interval", "range"] = "interval"
     # outliers removed before the inlier grid search: "inliers" (θ from the inliers left at each token, the run-time
     # rule) or "raw" (official: θ = mean + σ std of the raw |x| at each token, flags accumulated over the window)
-    calibration_threshold: str = "inliers"
-    widen_to_zero: str = "candidates"  # Δ's affine grid init, as PTQ4VM's option (official: "winner")
-    # OuroMamba-Gen: "attention" patches the class-token attention vectors (ours); "state" patches the hidden states
-    # as the official state_fusion and reads them out towards the class token (generation.py)
-    gen_patching: str = "attention"
+    calibration_threshold: Literal["inliers", "raw"] = "inliers"
+    widen_to_zero: WidenToZero = "candidates"  # Δ's affine grid init, as PTQ4VM's option (official: "winner")
+    # (gen_patching, from GenerationOptions: "attention" patches the class-token attention vectors (ours); "state"
+    # patches the hidden states as the official state_fusion and reads them out towards the class token)
     # "ste": straight-through rounding, every linear's steps train; "official": what the official loop's gradients
     # reach: plain round() in the activation quantizers (no straight-through estimator) and only in_proj's and
     # out_proj's steps train (its custom autograd function gives x_proj / dt_proj of both directions none)
-    step_training: str = "ste"
+    step_training: Literal["ste", "official"] = "ste"
     preset: str | None = None  # "paper": the configuration closest to the official code (PRESETS)
 
     PRESETS: ClassVar[dict[str, dict]] = {
@@ -166,200 +169,178 @@ class OuroMambaArgs:
         },
     }
 
+    def generation_options(self) -> GenerationOptions:
+        """The generator's options these recipe args set (the rest at their defaults)."""
+        return GenerationOptions(**{f: getattr(self, a) for f, a in GEN_ARGS.items()})
+
     def validate(self) -> None:
-        for name in ("num_synthetic", "positives", "refresh", "candidates"):
+        self.generation_options().validate(GEN_ARGS, "ouromamba")
+        for name in ("num_synthetic", "refresh", "candidates"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ouromamba {name} must be a positive int; got {getattr(self, name)!r}")
+        if self.epochs < 0:
+            raise ValueError(f"ouromamba epochs must be an int >= 0; got {self.epochs!r}")
+        for name in ("outlier_sigma", "delta_sigma", "lr", "p_norm"):
             v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                raise ValueError(f"ouromamba {name} must be a positive int; got {v!r}")
-        for name in ("gen_iterations", "epochs"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 0:
-                raise ValueError(f"ouromamba {name} must be an int >= 0; got {v!r}")
-        if self.gen_jitter is not None and (not _is_int(self.gen_jitter) or self.gen_jitter < 0):
-            raise ValueError(f"ouromamba gen_jitter must be an int >= 0 or None (half the patch stride); got "
-                             f"{self.gen_jitter!r}")
-        if not _is_int(self.patch_size) or self.patch_size < 1 or self.patch_size % 2 == 0:
-            raise ValueError(f"ouromamba patch_size must be an odd positive int (paper: 5); got {self.patch_size!r}")
-        for name in ("gen_lr", "outlier_sigma", "delta_sigma", "lr", "p_norm"):
-            v = getattr(self, name)
-            if not _is_number(v) or not v > 0:
+            if not math.isfinite(v) or not v > 0:
                 raise ValueError(f"ouromamba {name} must be a positive number; got {v!r}")
-        for name in ("contrastive_weight", "gen_tv_weight"):
-            v = getattr(self, name)
-            if not _is_number(v) or v < 0:
-                raise ValueError(f"ouromamba {name} must be a number >= 0; got {v!r}")
-        if self.outlier_bits not in (None, 8, 16):
-            raise ValueError(f"ouromamba outlier_bits must be 8 (W4A4O8), 16 (W4A8O16) or None; got "
-                             f"{self.outlier_bits!r}")
-        for name in ("dynamic_outliers", "quantize_scan", "gen_flip"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"ouromamba {name} must be true or false; got {getattr(self, name)!r}")
-        if self.train_scan_steps is not None and not isinstance(self.train_scan_steps, bool):
-            raise ValueError(f"ouromamba train_scan_steps must be true, false or None (on at 4-bit activations); got "
-                             f"{self.train_scan_steps!r}")
-        if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
-            raise ValueError(f"ouromamba batch_size must be a positive int or None; got {self.batch_size!r}")
-        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
             raise ValueError(f"ouromamba weight_decay must be a number >= 0; got {self.weight_decay!r}")
-        if self.grad_clip is not None and (not _is_number(self.grad_clip) or not self.grad_clip > 0):
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"ouromamba batch_size must be a positive int or None; got {self.batch_size!r}")
+        if self.grad_clip is not None and (not math.isfinite(self.grad_clip) or not self.grad_clip > 0):
             raise ValueError(f"ouromamba grad_clip must be a positive number or None; got {self.grad_clip!r}")
-        check_block_loss(self.loss, "ouromamba")
-        for name, allowed in (("delta_outliers", TRIGGERS), ("calibration_threshold", CALIBRATION_THRESHOLDS),
-                              ("widen_to_zero", WIDEN_TO_ZERO), ("gen_patching", PATCHINGS),
-                              ("step_training", STEP_TRAINING)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"ouromamba {name} must be one of {allowed}; got {getattr(self, name)!r}")
-        for name in ("delta_before_softplus", "quantize_scan_u"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"ouromamba {name} must be true or false; got {getattr(self, name)!r}")
         if self.step_training == "official" and self.train_scan_steps:
             raise ValueError("ouromamba step_training='official' trains only in_proj's and out_proj's steps (what the "
                              "official loop's gradients reach): it cannot be combined with train_scan_steps=True")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# static inlier-scale initialisation
-@torch.no_grad()
-def calibration_outlier_masks(x: torch.Tensor, refresh: int, sigma: float, reverse: bool,
-                              threshold: str = "inliers") -> torch.Tensor:
-    """Outliers of a calibration tensor (n, L, C) removed before the inlier grid search, windows of ``refresh`` tokens
-    in scan order, detection at every token (there is no static scale to trigger it yet).
-
-    ``threshold="inliers"``: the run-time rule, θ from the values not yet flagged in the window;
-    ``"raw"``: the official initialisation, θ = mean + σ·std of the raw |x| of each token, flags accumulated (OR)
-    over the window."""
-    if threshold == "inliers":
-        zeros = torch.zeros(x.shape[1], device=x.device)
-        return detect_outlier_masks(x, zeros, zeros, refresh=refresh, sigma=sigma, reverse=reverse)
-    a = x.detach().float().abs()
-    a = a.flip(1) if reverse else a
-    n, length, c = a.shape
-    windows = -(-length // refresh)
-    pad = windows * refresh - length
-    aw = F.pad(a, (0, 0, 0, pad)).view(n, windows, refresh, c)
-    flags = aw > aw.mean(-1, keepdim=True) + sigma * aw.std(-1, keepdim=True)
-    masks = flags.cumsum(2).bool().view(n, windows * refresh, c)[:, :length]
-    return masks.flip(1) if reverse else masks
+# one run on the block-wise engine
+@dataclass(frozen=True)
+class _Linear:
+    act_bits: int
+    reverse: bool  # reads a reversed scan's tensors: outlier windows walk the tokens backwards
+    trains: bool  # its steps train (every linear, or what the official loop's gradients reach)
 
 
-@torch.no_grad()
-def static_outlier_channels(x: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
-    """The static list (ablation): channels whose summed |x| over (n, L) exceeds mean + σ·std over channels."""
-    total = x.detach().float().abs().sum(dim=(0, 1))
-    return total > total.mean() + sigma * total.std()
+@dataclass(frozen=True)
+class _Scan:
+    bits: int
+    reverse: bool
+    softplus: str  # full name of the softplus feeding its delta
 
 
-class LearnedOutlierActQuantizer(nn.Module):
-    """Training stand-in of a ``dynamic_outlier`` QActivation: a trainable static inlier step per token position
-    ``step (L,)`` (zero points frozen), the extractor with straight-through rounding; ``export()`` gives the spec."""
+class OuroMambaBlocks(SelectableBlockLoss):
+    """One OuroMamba run on the block-wise engine: the linears and scans it quantizes (this run's state) and the
+    engine's hooks (:class:`~optimum_vim.calibration.blockwise.BlockRecipe`)."""
 
-    def __init__(self, step: torch.Tensor, bits: int, *, zero_point: torch.Tensor | None = None, refresh: int,
-                 sigma: float, reverse: bool, outlier_bits: int, static_mask: torch.Tensor | None = None,
-                 trainable: bool = True, trigger: str = "interval", outlier_affine: bool = False, ste: bool = True):
-        super().__init__()
-        self.bits, self.symmetric = bits, zero_point is None
-        self.qmin, self.qmax = int_range(bits, self.symmetric, True)
-        self.refresh, self.sigma, self.reverse, self.outlier_bits = refresh, float(sigma), reverse, outlier_bits
-        self.trigger, self.outlier_affine, self.ste = trigger, outlier_affine, ste
-        self.step = nn.Parameter(step.detach().float().clone(), requires_grad=trainable)
-        self.register_buffer("zero_point", None if zero_point is None else zero_point.detach().float().round())
-        self.register_buffer("static_mask", None if static_mask is None else static_mask.detach().bool())
+    def __init__(self, args: OuroMambaArgs, linears: dict[str, _Linear], scans: dict[str, _Scan],
+                 scan_inputs: dict[str, int]):
+        self.args = args
+        self.linears, self.scans, self.scan_inputs = linears, scans, scan_inputs
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        split = extract_outliers(x, self.step.clamp(min=_MIN_STEP), self.zero_point, self.qmin, self.qmax,
-                                 refresh=self.refresh, sigma=self.sigma, reverse=self.reverse,
-                                 outlier_bits=self.outlier_bits, static_mask=self.static_mask, ste=self.ste,
-                                 trigger=self.trigger, outlier_affine=self.outlier_affine)
-        return split.dequantize().to(x.dtype)
+    @property
+    def grad_clip(self):
+        return self.args.grad_clip
 
-    @torch.no_grad()
-    def export(self, channels: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
-        spec = {"granularity": "dynamic_outlier", "bits": self.bits, "symmetric": self.symmetric,
-                "length": self.step.numel(), "outlier_bits": self.outlier_bits, "refresh": self.refresh,
-                "outlier_sigma": self.sigma, "reverse": self.reverse, "static_outliers": self.static_mask is not None}
-        if self.trigger != "interval":
-            spec["outlier_trigger"] = self.trigger
-        if self.outlier_affine:
-            spec["outlier_affine"] = True
-        if channels is not None or self.static_mask is not None:
-            spec["channels"] = int(channels if channels is not None else self.static_mask.numel())
-        tensors = {"scale": self.step.clamp(min=_MIN_STEP).detach().float().contiguous()}
-        if self.zero_point is not None:
-            tensors["zero_point"] = self.zero_point.to(torch.int32).contiguous()
-        if self.static_mask is not None:
-            tensors["outlier_channels"] = self.static_mask.to(torch.uint8).contiguous()
-        return spec, tensors
+    def _train_scan_steps(self, act_bits: int) -> bool:
+        flag = self.args.train_scan_steps
+        if self.args.step_training == "official":
+            return False  # the official loop leaves the S6 steps at their grid init
+        return act_bits <= 4 if flag is None else flag
 
+    def _outlier_bits(self, act_bits: int) -> int:
+        return self.args.outlier_bits or (8 if act_bits <= 4 else 16)
 
-class _ChannelsExport(nn.Module):
-    """Wraps a LearnedOutlierActQuantizer so that FakeQuantLinear's ``export()`` records the channel count."""
+    def _act_quantizer(self, x: torch.Tensor, bits: int, *, symmetric: bool, sigma: float, reverse: bool,
+                       trainable: bool, delta: bool = False) -> LearnedOutlierActQuantizer:
+        a = self.args
+        if a.dynamic_outliers:
+            masks = calibration_outlier_masks(x, a.refresh, sigma, reverse, a.calibration_threshold)
+            static = None
+        else:
+            static = static_outlier_channels(x)
+            masks = static.view(1, 1, -1).expand_as(x)
+        inliers = x.masked_fill(masks, 0.0)
+        zero = None
+        if symmetric:
+            step = lp_token_symmetric(inliers, bits, a.p_norm, a.candidates)
+        else:
+            step, zero = lp_token_affine(inliers, bits, a.p_norm, a.candidates, widen=a.widen_to_zero)
+        official_delta = delta and a.delta_outliers == "range"
+        return LearnedOutlierActQuantizer(step, bits, zero_point=zero, refresh=a.refresh, sigma=sigma, reverse=reverse,
+                                          outlier_bits=self._outlier_bits(bits), static_mask=static,
+                                          trainable=trainable, trigger=a.delta_outliers if delta else "interval",
+                                          outlier_affine=official_delta, ste=a.step_training == "ste")
 
-    def __init__(self, inner: LearnedOutlierActQuantizer, channels: int):
-        super().__init__()
-        self.inner, self.channels = inner, channels
+    def _s6_quantizer(self, name: str, x: torch.Tensor, bits: int, reverse: bool) -> LearnedOutlierActQuantizer:
+        """The extractor of one S6 tensor (u, B, C symmetric at ``outlier_sigma``; Δ affine at ``delta_sigma``)."""
+        a, is_delta = self.args, name == "delta"
+        return self._act_quantizer(x, bits, symmetric=not is_delta, reverse=reverse,
+                                   trainable=self._train_scan_steps(bits),
+                                   sigma=a.delta_sigma if is_delta else a.outlier_sigma, delta=is_delta)
 
-    def forward(self, x):
-        return self.inner(x)
-
-    def export(self):
-        return self.inner.export(self.channels)
-
-
-class FakeQuantSoftplus(nn.Module):
-    """Training stand-in of Δ quantized before softplus (the official quantization point: dt_proj's output, bias
-    included); exports a QOutput with only an input quantizer."""
-
-    def __init__(self, quantizer: LearnedOutlierActQuantizer, channels: int):
-        super().__init__()
-        self.quantizer, self.channels = quantizer, channels
-
-    def forward(self, x):
-        return F.softplus(self.quantizer(x))
+    def _softplus(self, ctx: BlockContext, scans: dict[str, _Scan]) -> dict[str, str]:
+        """Δ before softplus (official): each scan's softplus module (relative to the block), else none."""
+        if not self.args.delta_before_softplus:
+            return {}
+        return {rel: s.softplus[len(ctx.name) + 1:] for rel, s in scans.items()}
 
     @torch.no_grad()
-    def export(self) -> LayerPlan:
-        spec, tensors = self.quantizer.export(self.channels)
-        return LayerPlan(spec={"type": "output", "inner": "softplus", "input": spec, "output": None},
-                         tensors={f"input_quantizer.{k}": v for k, v in tensors.items()})
+    def prepare_block(self, ctx: BlockContext):
+        a = self.args
+        linears, scans = ctx.within(self.linears), ctx.within(self.scans)
+        student = copy.deepcopy(ctx.block).requires_grad_(False)
+        inputs = ctx.capture(list(linears), stream="float") if linears else {}
+        for rel, lin in linears.items():
+            linear = ctx.block.get_submodule(rel)
+            w = linear.weight.detach().float()
+            wq = LearnedWeightQuantizer(lp_weight_scale(w, 4, a.p_norm, a.candidates), 4)
+            wq.step.requires_grad_(lin.trains)
+            aq = self._act_quantizer(inputs[rel].float(), lin.act_bits, symmetric=True, sigma=a.outlier_sigma,
+                                     reverse=lin.reverse, trainable=lin.trains)
+            student.set_submodule(rel, FakeQuantLinear(linear, wq, ChannelsExport(aq, linear.in_features)))
+        captured = ctx.capture_args(list(scans), self.scan_inputs, stream="float") if scans else {}
+        softplus = self._softplus(ctx, scans)
+        pre = ctx.capture(list(softplus.values()), stream="float") if softplus else {}
+        for rel, sc in scans.items():
+            skip = {"delta"} if softplus else set()
+            if not a.quantize_scan_u:
+                skip.add("u")
+            quantizers = {name: self._s6_quantizer(name, x, sc.bits, sc.reverse)
+                          for name, x in captured[rel].items() if name not in skip}
+            u, b = captured[rel]["u"], captured[rel]["B"]
+            student.set_submodule(rel, FakeQuantScan(
+                copy.deepcopy(ctx.block.get_submodule(rel)), quantizers, reverse=sc.reverse,
+                positions=self.scan_inputs, length=u.shape[1], channels=u.shape[-1], d_state=b.shape[-1]))
+            if softplus:
+                x = pre[softplus[rel]].float()
+                delta = self._s6_quantizer("delta", x, sc.bits, sc.reverse)
+                student.set_submodule(softplus[rel], FakeQuantSoftplus(delta, x.shape[-1]))
+        return student
 
+    def block_optimizer(self, ctx: BlockContext, student):
+        a = self.args
+        if a.epochs == 0:
+            return None
+        params = []
+        for rel in ctx.within(self.linears):
+            for group in student.get_submodule(rel).trainable().values():
+                params.extend(group)
+        scans = ctx.within(self.scans)
+        softplus = self._softplus(ctx, scans)
+        for rel in scans:
+            params.extend(p for p in student.get_submodule(rel).quantizers.parameters() if p.requires_grad)
+            if softplus:
+                params.extend(p for p in student.get_submodule(softplus[rel]).parameters() if p.requires_grad)
+        if not params:
+            return None
+        return torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay)
 
-class FakeQuantScan(nn.Module):
-    """Training stand-in of a QSelectiveScan: the float scan of one direction behind outlier-aware fake quantizers
-    of u, Δ, B and C (the direction's own; ``None`` leaves an input in float)."""
+    def block_schedule(self, ctx: BlockContext) -> tuple[int, int]:
+        batch = min(self.args.batch_size or ctx.num_samples, ctx.num_samples)
+        return self.args.epochs * -(-ctx.num_samples // batch), batch
 
-    def __init__(self, scan: nn.Module, quantizers: dict[str, LearnedOutlierActQuantizer | None], d_state: int):
-        super().__init__()
-        self.scan = scan
-        self.reverse = bool(scan.reverse)
-        self.d_state = d_state
-        self.quantizers = nn.ModuleDict({k: v for k, v in quantizers.items() if v is not None})
-
-    def forward(self, u, delta, A, B, C, D=None, z=None):
-        args = {"u": u, "delta": delta, "B": B, "C": C}
-        for name, q in self.quantizers.items():
-            args[name] = q(args[name])
-        return self.scan(args["u"], args["delta"], A, args["B"], args["C"], D, z)
-
-    @torch.no_grad()
-    def export(self, length: int, channels: int) -> LayerPlan:
-        spec = {"type": "scan", "reverse": self.reverse, "length": length, "channels": channels,
-                "d_state": self.d_state, "u": None, "delta": None, "B": None, "C": None, "y": None, "state": None}
-        tensors = {}
-        for name, q in self.quantizers.items():
-            width = channels if name in ("u", "delta") else self.d_state
-            spec[name], t = q.export(width)
-            tensors.update({f"{name}_quantizer.{k}": v for k, v in t.items()})
-        return LayerPlan(spec=spec, tensors=tensors)
+    def finalize_block(self, ctx: BlockContext, student) -> dict[str, LayerPlan]:
+        plans = {f"{ctx.name}.{rel}": student.get_submodule(rel).export() for rel in ctx.within(self.linears)}
+        scans = ctx.within(self.scans)
+        softplus = self._softplus(ctx, scans)
+        for rel in scans:
+            plans[f"{ctx.name}.{rel}"] = student.get_submodule(rel).export()
+            if softplus:
+                plans[f"{ctx.name}.{softplus[rel]}"] = student.get_submodule(softplus[rel]).export()
+        return plans
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the recipe
-@register_recipe
-class OuroMambaRecipe(SelectableBlockLoss, Recipe):
+class OuroMambaRecipe(Recipe):
     """OuroMamba: data-free calibration (OuroMamba-Gen) + dynamic outlier-aware mixed precision (see module doc)."""
 
     name = "ouromamba"
     Args = OuroMambaArgs
+    Blocks = OuroMambaBlocks  # the per-run object the engine drives
     weight_bits = (4,)
     act_bits = (4, 8)
     default_calibration_samples = 128
@@ -390,20 +371,25 @@ class OuroMambaRecipe(SelectableBlockLoss, Recipe):
     def uses_image_processor(cls, config) -> bool:
         return True  # real images are processed with it; synthetic pixels are kept inside its valid range
 
-    def _train_scan_steps(self, act_bits: int) -> bool:
-        flag = self.args.train_scan_steps
-        if self.args.step_training == "official":
-            return False  # the official loop leaves the S6 steps at their grid init
-        return act_bits <= 4 if flag is None else flag
+    def blocks(self, model) -> OuroMambaBlocks:
+        """The per-run engine object for ``model``: its block linears and (``quantize_scan``) scans after the
+        targets, with their bits and scan order."""
+        a, family = self.args, family_of(model)
+        official = set()
+        for mixer in family.mixers(model):  # the linears whose steps the official loop's gradients reach
+            official |= {mixer.path(mixer.layout.in_proj), mixer.path(mixer.layout.out_proj)}
+        linears = {ref.name: _Linear(s.act_bits, ref.reverse, a.step_training == "ste" or ref.name in official)
+                   for ref in self.targets.linear_refs(model) if (s := self.targets.settings(ref.name)) is not None}
+        scans = {} if not a.quantize_scan else {
+            name: _Scan(s.act_bits, ref.reverse, ref.mixer.path(ref.direction.softplus))
+            for name, (ref, s) in self.targets.scans(model).items()
+        }
+        return self.Blocks(a, linears, scans, family.scan_inputs)
 
-    def _outlier_bits(self, act_bits: int) -> int:
-        return self.args.outlier_bits or (8 if act_bits <= 4 else 16)
-
-    # ---------------------------------------------------------------------------------------------- calibration
     def calibrate(self, model, batches) -> QuantPlan:
         from .generation import generate_calibration_images
 
-        cfg, a = self.config, self.args
+        a = self.args
         info = {}
         if batches:
             pixels = torch.cat(list(batches))
@@ -415,169 +401,19 @@ class OuroMambaRecipe(SelectableBlockLoss, Recipe):
                     "synthetic pixels are not kept inside the valid normalised range; pass "
                     "ViMQuantizationConfig(image_processor=...) to match the CLI"
                 )
-            pixels = generate_calibration_images(
-                model, a.num_synthetic, iterations=a.gen_iterations, patch_size=a.patch_size, positives=a.positives,
-                lr=a.gen_lr, contrastive_weight=a.contrastive_weight, jitter=a.gen_jitter, flip=a.gen_flip,
-                tv_weight=a.gen_tv_weight, patching=a.gen_patching, processor=self.image_processor, seed=cfg.seed,
-            )
+            pixels = generate_calibration_images(model, a.num_synthetic, options=a.generation_options(),
+                                                 processor=self.image_processor, seed=self.seed)
             info["calibration_source"] = (
                 f"calibrated on {pixels.shape[0]} synthetic images (OuroMamba-Gen, {a.gen_iterations} iterations, "
                 "data-free)"
             )
-        skip = cfg.modules_to_not_convert
-        self._linears = {}
-        for name in select_linears(model, BLOCK_LINEARS, skip):
-            over = layer_overrides(name, cfg.overrides)
-            if over.get("skip"):
-                continue
-            self.check_bits(over.get("weight_bits", cfg.weight_bits), over.get("act_bits", cfg.act_bits))
-            self._linears[name] = over.get("act_bits", cfg.act_bits)
-        from ...models.vim.modeling_vim import VimSelectiveScan
-
-        self._scans = {} if not a.quantize_scan else {
-            n: cfg.act_bits for n, m in model.named_modules()
-            if isinstance(m, VimSelectiveScan) and not layer_overrides(n, cfg.overrides).get("skip")
-            and not _skipped(n, skip)
-        }
-        if not self._linears and not self._scans:
+        run = self.blocks(model)
+        if not run.linears and not run.scans:
             return QuantPlan(recipe=self.name)
         log: list[dict] = []
-        layers = calibrate_blockwise(model, pixels.float(), self, seed=cfg.seed, desc="ouromamba", log=log)
+        layers = calibrate_blockwise(model, pixels.float(), run, seed=self.seed, desc="ouromamba", log=log)
         info["blocks"] = log
         return QuantPlan(recipe=self.name, layers=layers, info=info)
 
-    def _rel(self, ctx: BlockContext, table: dict) -> dict:
-        start = ctx.name + "."
-        return {n[len(start):]: v for n, v in table.items() if n.startswith(start)}
 
-    @torch.no_grad()
-    def _capture_scan_inputs(self, ctx: BlockContext, rel_scans) -> dict[str, dict[str, torch.Tensor]]:
-        hidden, residual = ctx.inputs("float")
-        got = {n: {k: [] for k in _SCAN_INPUTS} for n in rel_scans}
-        handles = []
-        for n in rel_scans:
-            def hook(_m, args, n=n):
-                for k, i in _SCAN_INPUTS.items():
-                    got[n][k].append(args[i].detach().float())
-            handles.append(ctx.block.get_submodule(n).register_forward_pre_hook(hook))
-        try:
-            for i in range(0, hidden.shape[0], 64):
-                ctx.block(hidden[i:i + 64], None if residual is None else residual[i:i + 64])
-        finally:
-            for h in handles:
-                h.remove()
-        return {n: {k: torch.cat(v) for k, v in d.items()} for n, d in got.items()}
-
-    def _act_quantizer(self, x: torch.Tensor, bits: int, *, symmetric: bool, sigma: float, reverse: bool,
-                       trainable: bool, delta: bool = False) -> LearnedOutlierActQuantizer:
-        a = self.args
-        if a.dynamic_outliers:
-            masks = calibration_outlier_masks(x, a.refresh, sigma, reverse, a.calibration_threshold)
-            static = None
-        else:
-            static = static_outlier_channels(x)
-            masks = static.view(1, 1, -1).expand_as(x)
-        inliers = x.masked_fill(masks, 0.0)
-        zero = None
-        if symmetric:
-            step = lp_token_symmetric(inliers, bits, a.p_norm, a.candidates)
-        else:
-            step, zero = lp_token_affine(inliers, bits, a.p_norm, a.candidates, widen=a.widen_to_zero)
-        official_delta = delta and a.delta_outliers == "range"
-        return LearnedOutlierActQuantizer(step, bits, zero_point=zero, refresh=a.refresh, sigma=sigma, reverse=reverse,
-                                          outlier_bits=self._outlier_bits(bits), static_mask=static,
-                                          trainable=trainable, trigger=a.delta_outliers if delta else "interval",
-                                          outlier_affine=official_delta, ste=a.step_training == "ste")
-
-    def _trains(self, rel: str) -> bool:
-        """Whether the steps of the linear ``rel`` train (all of them, or what the official loop's gradients reach)."""
-        return self.args.step_training == "ste" or rel.rsplit(".", 1)[-1] in _OFFICIAL_TRAINED
-
-    @torch.no_grad()
-    def prepare_block(self, ctx: BlockContext):
-        a = self.args
-        linears, scans = self._rel(ctx, self._linears), self._rel(ctx, self._scans)
-        student = copy.deepcopy(ctx.block).requires_grad_(False)
-        inputs = ctx.capture(list(linears), stream="float") if linears else {}
-        for rel, act_bits in linears.items():
-            linear = ctx.block.get_submodule(rel)
-            w = linear.weight.detach().float()
-            wq = LearnedWeightQuantizer(lp_weight_scale(w, 4, a.p_norm, a.candidates), 4)
-            wq.step.requires_grad_(self._trains(rel))
-            reverse = rel.rsplit(".", 1)[-1] in _REVERSE_LINEARS
-            aq = self._act_quantizer(inputs[rel].float(), act_bits, symmetric=True, sigma=a.outlier_sigma,
-                                     reverse=reverse, trainable=self._trains(rel))
-            student.set_submodule(rel, FakeQuantLinear(linear, wq, _ChannelsExport(aq, linear.in_features)))
-        captured = self._capture_scan_inputs(ctx, list(scans)) if scans else {}
-        # Δ before softplus (official): the quantizer sits on the softplus module's input, dt_proj's output
-        softplus = {rel: _softplus_of(rel) for rel in scans} if a.delta_before_softplus else {}
-        pre = ctx.capture(list(softplus.values()), stream="float") if softplus else {}
-        for rel, bits in scans.items():
-            scan = ctx.block.get_submodule(rel)
-            skip = {"delta"} if softplus else set()
-            if not a.quantize_scan_u:
-                skip.add("u")
-            quantizers = {name: self._s6_quantizer(name, x, bits, bool(scan.reverse))
-                          for name, x in captured[rel].items() if name not in skip}
-            student.set_submodule(rel, FakeQuantScan(copy.deepcopy(scan), quantizers, ctx.model_config.d_state))
-            if softplus:
-                x = pre[softplus[rel]].float()
-                delta = self._s6_quantizer("delta", x, bits, bool(scan.reverse))
-                student.set_submodule(softplus[rel], FakeQuantSoftplus(delta, x.shape[-1]))
-        return student
-
-    def _s6_quantizer(self, name: str, x: torch.Tensor, bits: int, reverse: bool) -> LearnedOutlierActQuantizer:
-        """The extractor of one S6 tensor (u, B, C symmetric at ``outlier_sigma``; Δ affine at ``delta_sigma``)."""
-        a, is_delta = self.args, name == "delta"
-        return self._act_quantizer(x, bits, symmetric=not is_delta, reverse=reverse,
-                                   trainable=self._train_scan_steps(bits),
-                                   sigma=a.delta_sigma if is_delta else a.outlier_sigma, delta=is_delta)
-
-    def block_optimizer(self, ctx: BlockContext, student):
-        a = self.args
-        if a.epochs == 0:
-            return None
-        params = []
-        for rel in self._rel(ctx, self._linears):
-            for group in student.get_submodule(rel).trainable().values():
-                params.extend(group)
-        for rel in self._rel(ctx, self._scans):
-            params.extend(p for p in student.get_submodule(rel).quantizers.parameters() if p.requires_grad)
-            if a.delta_before_softplus:
-                params.extend(p for p in student.get_submodule(_softplus_of(rel)).parameters() if p.requires_grad)
-        if not params:
-            return None
-        return torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay)
-
-    @property
-    def grad_clip(self):
-        return self.args.grad_clip
-
-    def block_schedule(self, ctx: BlockContext) -> tuple[int, int]:
-        batch = min(self.args.batch_size or ctx.num_samples, ctx.num_samples)
-        return self.args.epochs * -(-ctx.num_samples // batch), batch
-
-    def finalize_block(self, ctx: BlockContext, student) -> dict[str, LayerPlan]:
-        cfg = ctx.model_config
-        plans = {f"{ctx.name}.{rel}": student.get_submodule(rel).export() for rel in self._rel(ctx, self._linears)}
-        for rel in self._rel(ctx, self._scans):
-            plans[f"{ctx.name}.{rel}"] = student.get_submodule(rel).export(cfg.sequence_length,
-                                                                           cfg.intermediate_size)
-            if self.args.delta_before_softplus:
-                plans[f"{ctx.name}.{_softplus_of(rel)}"] = student.get_submodule(_softplus_of(rel)).export()
-        return plans
-
-
-def _softplus_of(scan: str) -> str:
-    """The softplus module feeding Δ to the scan ``scan`` (``mixer.ssm_b`` -> ``mixer.softplus_b``)."""
-    head, leaf = scan.rsplit(".", 1)
-    return f"{head}.{leaf.replace('ssm', 'softplus')}"
-
-
-def _skipped(name: str, skip) -> bool:
-    from ..base import is_skipped
-
-    return is_skipped(name, skip)
-
-
-__all__ = ["FakeQuantScan", "FakeQuantSoftplus", "LearnedOutlierActQuantizer", "OuroMambaArgs", "OuroMambaRecipe"]
+__all__ = ["OuroMambaArgs", "OuroMambaBlocks", "OuroMambaRecipe"]
