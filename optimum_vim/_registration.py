@@ -18,10 +18,13 @@ _DONE = False
 
 
 def register_model_family(config_class, *, model=None, image_classification=None, backbone=None,
-                          image_processors: dict | None = None) -> None:
+                          image_processors: dict | None = None, adapter: str | None = None) -> None:
     """Registers one model family with transformers' Auto classes: ``AutoConfig`` (``config_class.model_type``),
     ``AutoModel`` (``model``), ``AutoModelForImageClassification``, ``AutoBackbone`` and ``AutoImageProcessor``
-    (``image_processors``: ``{"pil": cls, "torchvision": fast_cls}``); None leaves an Auto class out. Idempotent."""
+    (``image_processors``: ``{"pil": cls, "torchvision": fast_cls}``); None leaves an Auto class out. ``adapter``
+    (``"module:Class"``, a :class:`~optimum_vim.models.family.ModelFamily`) is what the recipes ask about the
+    family's blocks and quantizable modules; without one the family loads and saves but is not quantized.
+    Idempotent."""
     from transformers import AutoBackbone, AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -33,6 +36,10 @@ def register_model_family(config_class, *, model=None, image_classification=None
             auto.register(config_class, cls, exist_ok=True)
     if image_processors:
         AutoImageProcessor.register(config_class, image_processor_classes=image_processors, exist_ok=True)
+    if adapter is not None:
+        from .models.family import FAMILIES
+
+        FAMILIES[config_class.model_type] = adapter
 
 
 def register_quantizer() -> None:

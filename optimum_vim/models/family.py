@@ -22,8 +22,10 @@ state is whatever :meth:`ModelFamily.run_block` takes and returns). Its mixers d
 z-branch conv and activation, ``class_token=None`` in the token layout; attention ``qkv`` / ``proj`` and MLP ``fc1`` /
 ``fc2`` are linears with those roles (:meth:`ModelFamily.linears`), selectable by ``targets``.
 
-Families are registered by ``model_type`` with one line each in :data:`FAMILIES` (``"name": "module:Class"``,
-imported on first use, so this module imports no model code); :func:`family_of` finds the adapter of a model.
+Each family names its adapter where it registers with transformers (``register_model_family(...,
+adapter="module:Class")``, the one line per family in ``optimum_vim._registration.MODEL_FAMILIES``), which fills
+:data:`FAMILIES` (``model_type -> "module:Class"``, imported on first use, so this module imports no model code);
+:func:`family_of` finds the adapter of a model.
 """
 
 from __future__ import annotations
@@ -35,11 +37,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-# model_type -> "module:Class" of its adapter; adding a family is one line here
-FAMILIES: dict[str, str] = {
-    "vim": "optimum_vim.models.vim.family:VimFamily",
-    "mambavision": "optimum_vim.models.mambavision.family:MambaVisionFamily",
-}
+# model_type -> "module:Class" of its adapter, filled by optimum_vim.register_model_family(..., adapter=...)
+FAMILIES: dict[str, str] = {}
 
 _LOADED: dict[str, ModelFamily] = {}
 
@@ -249,6 +248,7 @@ class ModelFamily:
 def family_of(model: nn.Module) -> ModelFamily:
     """The adapter of ``model``'s family, found by ``model.config.model_type``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    _registered()
     if model_type not in FAMILIES:
         raise TypeError(f"optimum-vim has no model-family adapter for {type(model).__name__} (model_type "
                         f"{model_type!r}); supported model types: {sorted(FAMILIES)}")
@@ -257,6 +257,7 @@ def family_of(model: nn.Module) -> ModelFamily:
 
 def get_family(model_type: str) -> ModelFamily:
     """The adapter registered for ``model_type`` (imported on first use)."""
+    _registered()
     if model_type not in _LOADED:
         module, cls = FAMILIES[model_type].split(":")
         _LOADED[model_type] = getattr(importlib.import_module(module), cls)()
@@ -265,4 +266,13 @@ def get_family(model_type: str) -> ModelFamily:
 
 def known_roles(attribute: str = "default_linear_roles") -> dict[str, tuple[str, ...]]:
     """``{model_type: family.<attribute>}`` over every registered family (config-time checks of ``targets``)."""
+    _registered()
     return {t: tuple(getattr(get_family(t), attribute)) for t in FAMILIES}
+
+
+def _registered() -> None:
+    """Makes sure the families of ``optimum_vim._registration.MODEL_FAMILIES`` have named their adapters (they do
+    when ``import optimum_vim`` registered them; a bare import of this module may come first)."""
+    from .._registration import register_vim_with_transformers
+
+    register_vim_with_transformers()

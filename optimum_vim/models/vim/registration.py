@@ -16,4 +16,5 @@ def register() -> None:
     if fast is not None:
         processors["torchvision"] = fast
     register_model_family(VimConfig, model=VimModel, image_classification=VimForImageClassification,
-                          backbone=VimBackbone, image_processors=processors)
+                          backbone=VimBackbone, image_processors=processors,
+                          adapter="optimum_vim.models.vim.family:VimFamily")
