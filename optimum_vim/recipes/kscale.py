@@ -369,7 +369,7 @@ class KScaleRecipe(Recipe):
             add(layout.gate, OutputSpec("silu", input=_tensor_spec(), output=g_spec),
                 {"input_quantizer.scale": s_xz_t.clone(), **prefixed("output_quantizer", g_t)})
         if layout.z_conv is not None:  # a concatenated z branch: its conv as the directions' convs
-            self._calibrate_conv(family, module, layout.z_conv, z, caps[layout.z_conv], False, s_xz_t, add,
+            self._calibrate_conv(family, module, layout.z_conv, z, caps[layout.z_conv], s_xz_t, add,
                                  cluster, prefixed)
         if layout.z_act is not None:  # ... and its activation's output channel k-scaled
             za_spec, za_t = cluster(caps[layout.z_act], "channel")
@@ -391,7 +391,7 @@ class KScaleRecipe(Recipe):
             {**_weight_tensors(out_proj.weight, s_w), **prefixed("input_quantizer", o_t)})
 
     @staticmethod
-    def _calibrate_conv(family: ModelFamily, mixer, path: str, x, y_float, reverse: bool, s_xz_t, add, cluster,
+    def _calibrate_conv(family: ModelFamily, mixer, path: str, x, y_float, s_xz_t, add, cluster,
                         prefixed) -> None:
         """A mixer conv: weight max-abs per tensor; input = in_proj's output scale; output channel k-scaled (labels
         and scales from the output of the conv with 8-bit weights, scored against the float output)."""
@@ -433,7 +433,7 @@ class KScaleRecipe(Recipe):
             dbc = torch.cat([dt, Bm, Cm], dim=-1)
             r_c, r_l = r_c.to(u.device), r_l.to(u.device)
 
-        self._calibrate_conv(family, mixer, d.conv, x_half, caps[d.conv], reverse, s_xz_t, add, cluster, prefixed)
+        self._calibrate_conv(family, mixer, d.conv, x_half, caps[d.conv], s_xz_t, add, cluster, prefixed)
 
         # ---- SiLU output u: channel k-scaled (x_proj and the scan read it already quantized)
         u_spec, u_t = cluster(u, "channel")
