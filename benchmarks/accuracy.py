@@ -234,9 +234,13 @@ SUITES["mambavision"] = [
     row("RTN W2 g32", "rtn", 2, weight_group_size=32),
     row("PTQ4VM W4A8", "ptq4vm", 4, 8),
     row("PTQ4VM W4A4", "ptq4vm", 4, 4),
+    # where the W4A4 logit error comes from: the grid init alone, and JLSS on the magnitude-aware loss
+    row("PTQ4VM W4A4 PTS + smoothing (no JLSS)", "ptq4vm", 4, 4, recipe_args={"jlss": False}),
+    row("PTQ4VM W4A4 loss=nmse", "ptq4vm", 4, 4, recipe_args={"loss": "nmse"}),
     row("kscale W8A8", "kscale", 8, 8),
     row("OuroMamba W4A8O16 real data (128 images)", "ouromamba", 4, 8),
     row("OuroMamba W4A4O8 real data (128 images)", "ouromamba", 4, 4),
+    row("OuroMamba W4A4O8 real data, loss=nmse", "ouromamba", 4, 4, recipe_args={"loss": "nmse"}),
     row("VQ W2 k-means", "vimvq", 2, calibration_dataset=None, recipe_args={"convex": False, "incremental": False}),
     row("ViM-VQ W3", "vimvq", 3),
     row("ViM-VQ W2 (+ convex + incremental)", "vimvq", 2),
