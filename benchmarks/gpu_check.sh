@@ -33,8 +33,8 @@ OUTDIR=${OUT:-gpu_check_out}
 STAGES=env,kernels,e2e,bench
 TUNE_SECONDS=150
 declare -A BUDGET=([env]=40 [kernels]=100 [e2e]=90 [e2e_det]=25 [bench]=95 [calib]=120 [tune]=0)
-KERNEL_TESTS=(tests/test_kernels_gemm.py tests/test_kernels_scan.py tests/test_kernel_dispatch.py
-              tests/test_ouromamba_outliers.py tests/test_tuning.py tests/test_gpu_path.py)
+KERNEL_TESTS=(tests/kernels/test_gemm.py tests/kernels/test_scan.py tests/ops/test_dispatch.py
+              tests/modules/test_dynamic_outliers.py tests/kernels/test_tuning.py tests/ops/test_gpu_path.py)
 # left out there: the CLI test calibrates on Fashion-MNIST through `datasets`; the tune smoke test is interpreter-only
 KERNEL_SELECT=(-m "not aot" -k "not test_cli_quantizes_and_evaluates and not test_tune_smoke")
 NEEDED_FILES=(pyproject.toml setup.py checkpoints/vim-fashion-mnist/model.safetensors benchmarks/gpu_e2e.py

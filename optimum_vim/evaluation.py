@@ -67,7 +67,7 @@ def load_named_dataset(name: str, split: str = "test", limit: int | None = None)
     return ds
 
 
-def _image_and_label_columns(ds) -> tuple[str, str]:
+def image_and_label_columns(ds) -> tuple[str, str]:
     cols = set(ds.column_names)
     image_col = find_image_column(cols)
     label_col = next((c for c in ("label", "labels", "fine_label") if c in cols), None)
@@ -84,7 +84,7 @@ def iter_batches(dataset, processor, batch_size: int, indices: Iterable[int] | N
     except ImportError:  # pragma: no cover - datasets is a dependency
         datasets = None
     if datasets is not None and isinstance(dataset, datasets.Dataset):
-        image_col, label_col = _image_and_label_columns(dataset)
+        image_col, label_col = image_and_label_columns(dataset)
         idx = list(range(len(dataset))) if indices is None else list(indices)
         for start in range(0, len(idx), batch_size):
             rows = dataset.select(idx[start : start + batch_size])

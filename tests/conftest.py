@@ -56,6 +56,16 @@ def tiny_vim_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def saved_w4a8(tiny_vim_dir, tmp_path):
+    """The tiny Vim quantized with RTN W4A8 (16 seeded random calibration images), saved to a folder."""
+    from tests.support.helpers import quantize
+
+    q = quantize(tiny_vim_dir, weight_bits=4, act_bits=8)
+    q.save_pretrained(tmp_path / "q")
+    return tmp_path / "q"
+
+
+@pytest.fixture
 def count_calls(monkeypatch):
     """``count_calls(module, name, check=None)`` replaces ``module.name`` for the test with a wrapper that counts its
     calls (``check(*args, **kwargs)`` runs on each) and returns the live ``{"n": count}`` dict."""

@@ -60,7 +60,7 @@ def find_image_column(columns) -> str | None:
     return next((name for name in IMAGE_COLUMNS if name in columns), None)
 
 
-def _image_column(columns) -> str:
+def image_column(columns) -> str:
     name = find_image_column(columns)
     if name is None:
         raise CalibrationDataError(
@@ -89,7 +89,7 @@ def collect_pixel_values(source, processor, num_samples: int, seed: int) -> torc
     if datasets is not None and isinstance(source, datasets.Dataset):
         if len(source) == 0:
             raise CalibrationDataError("the calibration data set is empty")
-        col = _image_column(source.column_names)
+        col = image_column(source.column_names)
         rows = source.select(_sample_indices(len(source), num_samples, seed))
         values = list(rows[col])
         return torch.as_tensor(values).float() if col == "pixel_values" else _process(values, processor)
@@ -97,7 +97,7 @@ def collect_pixel_values(source, processor, num_samples: int, seed: int) -> torc
         values = []
         col = None
         for row in source.shuffle(seed=seed, buffer_size=max(4 * num_samples, 256)):
-            col = col or _image_column(list(row))
+            col = col or image_column(list(row))
             values.append(row[col])
             if len(values) >= num_samples:
                 break

@@ -7,7 +7,7 @@ save them.
 
 Each folder holds what ``save_pretrained`` wrote (config.json with the quantization config, packed
 model.safetensors) plus ``expected.safetensors``: a fixed input batch and the logits the saved model gave for it
-under ``OPTIMUM_VIM_KERNELS=reference``. ``tests/test_golden.py`` reloads every folder with a plain
+under ``OPTIMUM_VIM_KERNELS=reference``. ``tests/golden/test_golden.py`` reloads every folder with a plain
 ``from_pretrained`` and checks that nothing about the stored format drifted: the reloaded state dict equals the file
 bit for bit, a re-save writes the same tensors, and the logits match (to fp32 summation-order tolerance: the float
 parts of the model may sum in another order on another CPU). Re-run this script only for a deliberate format change,

@@ -3,7 +3,7 @@ wheel, with the real timm and einops) on CPU, in its own process, for the equiva
 
 Test-only shims, installed in this process alone:
 * ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` (CUDA only upstream) -> the float64 step-by-step
-  reference scan of ``tests/reference_vim.py``, with mamba-ssm's ``delta_bias`` / ``delta_softplus`` semantics;
+  reference scan of ``tests/support/reference_vim.py``, with mamba-ssm's ``delta_bias`` / ``delta_softplus`` semantics;
 * ``torchvision``, only when the installed one cannot be imported (PyPI's torchvision fails beside a CPU-only torch
   build): an empty package so that timm imports; timm uses torchvision for data pipelines and a frozen-BN helper,
   none of which the model forward touches.
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from tests.reference_vim import scan_loop_f64  # noqa: E402
+from tests.support.reference_vim import scan_loop_f64  # noqa: E402
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
