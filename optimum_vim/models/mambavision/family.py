@@ -22,7 +22,6 @@ input grid on, and spreads its bias correction over, both additions). Linears by
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ...modules.float import SelectiveScan, TokenConv1d, token_conv1d
 from ..family import MixerLayout, MixerRef, ModelFamily, ScanPath, TokenLayout
@@ -61,17 +60,12 @@ class MambaVisionFamily(ModelFamily):
     default_linear_roles = ("in_proj", "x_proj", "dt_proj", "out_proj", "qkv", "proj", "fc1", "fc2")
     float_scan_class = SelectiveScan
     float_conv_class = TokenConv1d
-
-    @staticmethod
-    def _backbone(model: nn.Module) -> tuple[str, MambaVisionModel]:
-        for name, mod in model.named_modules():
-            if isinstance(mod, MambaVisionModel):
-                return name, mod
-        raise TypeError(f"expected a MambaVision model (MambaVisionModel inside); got {type(model).__name__}")
+    base_model_class = MambaVisionModel
+    classifier_class = MambaVisionForImageClassification
 
     # ---------------------------------------------------------------------------------------------- blocks
     def blocks(self, model):
-        prefix, mv = self._backbone(model)
+        prefix, mv = self.backbone(model)
         head = f"{prefix}.levels" if prefix else "levels"
         out = []
         for i, level in enumerate(mv.levels):
@@ -81,7 +75,7 @@ class MambaVisionFamily(ModelFamily):
         return out
 
     def embed(self, model, pixel_values):
-        mv = self._backbone(model)[1]
+        mv = self.backbone(model)[1]
         check_pixel_values(pixel_values, mv.config)
         x = mv.patch_embed(pixel_values.to(mv.patch_embed.conv_down[0].weight.dtype)).float()
         return x, _size_of(x)
@@ -118,7 +112,7 @@ class MambaVisionFamily(ModelFamily):
     def token_layout(self, model):
         """The windows of the first token stage (``window**2`` tokens, no class token); later stages have their own
         windows, and every per-position quantizer reads the length of the tensors it calibrates on."""
-        cfg = self._backbone(model)[1].config
+        cfg = self.backbone(model)[1].config
         ws = cfg.window_size[2]
         return TokenLayout(length=ws * ws, grid=(ws, ws), class_token=None)
 
@@ -128,15 +122,6 @@ class MambaVisionFamily(ModelFamily):
 
     def patch_stride(self, model):
         return 4  # the stem's two stride-2 convs
-
-    def num_labels(self, model):
-        return model.config.num_labels if isinstance(model, MambaVisionForImageClassification) else 0
-
-    def logits(self, model, pixel_values):
-        if isinstance(model, MambaVisionForImageClassification):
-            return model(pixel_values=pixel_values).logits
-        model(pixel_values=pixel_values)
-        return None
 
     def check_float(self, model, what):
         if not isinstance(model, (MambaVisionForImageClassification, MambaVisionModel, MambaVisionBackbone)):

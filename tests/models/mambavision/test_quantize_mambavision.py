@@ -25,7 +25,7 @@ from optimum_vim.models.mambavision import MambaVisionForImageClassification
 from optimum_vim.modules import QConv1d, QLinear, QOutput, QSelectiveScan
 from optimum_vim.modules.float import SelectiveScan, TokenConv1d
 from optimum_vim.ops.dispatch import KernelBackend, use_kernels
-from tests.hub_server import LoopbackHub
+from tests.support.hub_server import LoopbackHub
 
 FIXTURE = Path(__file__).resolve().parents[3] / "checkpoints" / "mambavision-fashion-mnist"
 MIXER_LINEARS = ("in_proj", "x_proj", "dt_proj", "out_proj")
