@@ -23,6 +23,7 @@ def _check(*args, cwd=REPO, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_dry_run_checks_everything_up_to_the_launch(tmp_path):
     wheels, data = tmp_path / "wheels", tmp_path / "data"
     wheels.mkdir()

@@ -14,6 +14,7 @@ import torch
 from tests.support.hub_server import LoopbackHub
 
 
+@pytest.mark.slow
 def test_quantize_finetune_export_push_load(tiny_vim_dir, tmp_path):
     pytest.importorskip("peft")
     script = textwrap.dedent(f"""

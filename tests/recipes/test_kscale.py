@@ -215,6 +215,7 @@ def test_state_is_integers_times_scales_at_every_step(kscale_model, monkeypatch)
         assert codes.round().abs().max() > 4  # the state really uses the 8-bit grid
 
 
+@pytest.mark.slow
 def test_saved_state_scales_change_logits_and_reload_is_bit_identical(fixture_dir, kscale_model, tmp_path):
     kscale_model.save_pretrained(tmp_path / "tiny")  # the random tiny model reloads bit-identically too
     x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(6))

@@ -99,6 +99,7 @@ def test_every_block_linear_and_both_scans_get_the_extractor(w4a4):
     assert not torch.equal(fwd.u_quantizer.scale, bwd.u_quantizer.scale)
 
 
+@pytest.mark.slow
 def test_w4a4_data_free_stays_accurate(float_model, w4a4, subset, fixture_dir):
     proc = AutoImageProcessor.from_pretrained(fixture_dir)
     fp = evaluate(float_model, subset, proc, batch_size=200, progress=False).top1

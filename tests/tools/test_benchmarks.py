@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_kernel_benchmark_smoke_prints_every_variant(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_kernels.py"), "--smoke", "--json",
@@ -78,6 +81,7 @@ def test_cpu_benchmark_split_and_timing_restore_the_model(tiny_vim_dir):
         assert torch.equal(models["W8A8"](x).logits, before)
 
 
+@pytest.mark.slow
 def test_memory_benchmark_smoke_runs_fresh_processes(tmp_path):
     """benchmarks/memory.py end to end at toy sizes: one fresh process per row; VQ layers keep no decode
     cache by default, and the opt-in rows show the fp32 cache in get_memory_footprint()."""

@@ -51,6 +51,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_accelerate_matches_single_process(tiny_vim_dir):
     args = ["evaluate", tiny_vim_dir, "--dataset", "fashion-mnist", "--limit", "101", "--batch-size", "16", "--json"]
     single = subprocess.run([sys.executable, "-m", "optimum_vim.cli", *args], capture_output=True, text=True, timeout=600)

@@ -92,6 +92,7 @@ def test_what_does_not_export_says_why(w4a8):
     check_exportable(w4a8)
 
 
+@pytest.mark.slow
 def test_cli_export(tiny_vim_dir, w4a8, tmp_path):
     w4a8.save_pretrained(tmp_path / "q")
     proc = subprocess.run([sys.executable, "-m", "optimum_vim", "export", str(tmp_path / "q"), str(tmp_path / "q.pt2"),

@@ -21,11 +21,11 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ...serialization import atomic_save
 from ..vim.convert_vim_checkpoint import SAFE_GLOBALS, CheckpointConversionError, _unpickling_reason
 from .configuration_mambavision import MAMBAVISION_PRESETS, MambaVisionConfig, preset_name
 
@@ -254,14 +254,7 @@ def convert_mambavision_checkpoint(
                                             f"{tuple(tensor.shape)}")
     model.load_state_dict(hf_state, strict=True)
     processor = MambaVisionImageProcessor.from_model_config(config)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp") as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        if output_dir.exists():
-            output_dir.rmdir()
-        os.replace(tmp, output_dir)
-        os.makedirs(tmp, exist_ok=True)  # TemporaryDirectory cleans up a path that must exist
+    atomic_save(lambda folder: (model.save_pretrained(folder), processor.save_pretrained(folder)), output_dir)
     logger.info("converted %s -> %s", source, output_dir)
     return output_dir
 

@@ -30,6 +30,7 @@ from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPoo
 
 from ...modules.float import SelectiveScan, TokenConv1d
 from ...pretrained import QuantizableModelMixin
+from ..outputs import classifier_output
 from .configuration_mambavision import MambaVisionConfig
 
 
@@ -384,14 +385,8 @@ class MambaVisionForImageClassification(MambaVisionPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
-        logits = self.head(outputs.pooler_output)
-        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
-        if not return_dict:
-            rest = (outputs.hidden_states,) if outputs.hidden_states is not None else ()
-            return ((loss,) if loss is not None else ()) + (logits,) + rest
-        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return classifier_output(self, outputs, labels, return_dict)
 
 
 class MambaVisionBackbone(BackboneMixin, MambaVisionPreTrainedModel):

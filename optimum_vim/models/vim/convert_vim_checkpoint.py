@@ -15,12 +15,12 @@ import logging
 import math
 import os
 import re
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 import torch
 
+from ...serialization import atomic_save
 from .configuration_vim import VimConfig
 
 logger = logging.getLogger(__name__)
@@ -218,14 +218,7 @@ def convert_vim_checkpoint(
         size={"shortest_edge": int(image_size / 0.875)},
         color_mode="RGB" if config.num_channels == 3 else "L",
     )
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp") as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        if output_dir.exists():
-            output_dir.rmdir()
-        os.replace(tmp, output_dir)
-        os.makedirs(tmp, exist_ok=True)  # TemporaryDirectory cleans up a path that must exist
+    atomic_save(lambda folder: (model.save_pretrained(folder), processor.save_pretrained(folder)), output_dir)
     logger.info("converted %s -> %s (%s)", checkpoint, output_dir, config.to_diff_dict())
     return output_dir
 

@@ -23,6 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClass
 from ...modules.float import SelectiveScan, TokenConv1d
 from ...ops import add_rms_norm, rms_norm
 from ...pretrained import QuantizableModelMixin
+from ..outputs import classifier_output
 from .configuration_vim import VimConfig
 
 
@@ -348,17 +349,9 @@ class VimForImageClassification(VimPreTrainedModel):
         interpolate_pos_encoding: bool = False,
         **kwargs,
     ) -> ImageClassifierOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.vim(pixel_values, output_hidden_states=output_hidden_states, return_dict=True,
                            interpolate_pos_encoding=interpolate_pos_encoding)
-        logits = self.head(outputs.pooler_output)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(labels, logits, self.config)
-        if not return_dict:
-            rest = (outputs.hidden_states,) if outputs.hidden_states is not None else ()
-            return ((loss,) if loss is not None else ()) + (logits,) + rest
-        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return classifier_output(self, outputs, labels, return_dict)
 
 
 class VimBackbone(BackboneMixin, VimPreTrainedModel):

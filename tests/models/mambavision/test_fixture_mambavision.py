@@ -13,6 +13,9 @@ import optimum_vim  # noqa: F401 - registers the model types
 from optimum_vim.evaluation import evaluate, load_named_dataset
 from optimum_vim.models.mambavision import MambaVisionForImageClassification
 
+pytestmark = pytest.mark.slow  # the full 10,000-image test split
+
+
 FIXTURE = Path(__file__).resolve().parents[3] / "checkpoints" / "mambavision-fashion-mnist"
 
 

@@ -66,10 +66,12 @@ def _ours(case: dict, name: str) -> MambaVisionForImageClassification:
     return model
 
 
+@pytest.mark.slow
 def test_runs_the_official_file(official):
     assert official["module_file"].replace("\\", "/").endswith("mambavision/models/mamba_vision.py")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["small", "odd", "T"])
 def test_forward_matches_official(official, name):
     case = official["cases"][name]
@@ -84,6 +86,7 @@ def test_forward_matches_official(official, name):
             torch.testing.assert_close(ours.hidden_states[i], ref, atol=ATOL * max(1.0, ref.abs().max().item()), rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", list(MAMBAVISION_PRESETS))
 def test_released_models_key_and_shape_tables(official, preset):
     """Our classifier's state dict is the official one (``model.`` prefix, head at the top), and the config inferred

@@ -13,6 +13,8 @@ import optimum_vim  # noqa: F401
 from optimum_vim import ViMQuantizationConfig
 from optimum_vim.evaluation import evaluate, load_named_dataset
 
+pytestmark = pytest.mark.slow  # the full 10,000-image test split
+
 
 @pytest.fixture(scope="module")
 def processor(fixture_dir):
