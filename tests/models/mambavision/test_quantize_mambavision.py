@@ -168,6 +168,7 @@ def test_quantized_kernels_match_the_reference(images):
         torch.testing.assert_close(fused, reference, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # subprocesses: the push and a fresh client
 def test_cli_quantize_and_push_with_card(tmp_path, capsys):
     out = tmp_path / "mv-w4a8"
     code = main(["quantize", str(FIXTURE), str(out), "--weight-bits", "4", "--act-bits", "8", "--num-samples", "16",
