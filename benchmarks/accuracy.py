@@ -1,4 +1,4 @@
-"""Accuracy / fidelity / size / calibration-time table of the quantization recipes on the bundled Fashion-MNIST Vim.
+"""Accuracy / fidelity / size / calibration-time table of the quantization recipes on the bundled Fashion-MNIST fixtures.
 
 Every row quantizes the float fixture inside ``from_pretrained`` (calibration: seeded images from the training
 split, or none for data-free rows), saves it (packed safetensors) and evaluates it on the test split; all rows are
@@ -12,6 +12,10 @@ also reports how close the quantized logits stay to the float ones:
     python benchmarks/accuracy.py --suite rtn --limit 2000 --json out.json
     python benchmarks/accuracy.py --only "W4A4"            # rows whose label contains a substring
     python benchmarks/accuracy.py --suite ouromamba --seeds 0,1,2   # <= 4-bit activation rows: mean ± std of 3 seeds
+    python benchmarks/accuracy.py --suite mambavision --seeds 0,1,2  # every recipe on the MambaVision fixture
+
+The ``mambavision`` suite runs on the bundled MambaVision fixture (``checkpoints/mambavision-fashion-mnist``), the
+others on the Vim fixture; a run takes the suites of one fixture (the default: every Vim suite).
 
 Rows whose label says "paper preset" use ``recipe_args={"preset": "paper"}``, the configuration closest to the
 official code; the other rows of a recipe are our defaults or one option changed (the label names it).
@@ -37,6 +41,7 @@ from optimum_vim.evaluation import iter_batches, load_named_dataset
 from optimum_vim.size import checkpoint_bytes, quantized_layer_bytes
 
 FIXTURE = Path(__file__).resolve().parents[1] / "checkpoints" / "vim-fashion-mnist"
+MAMBAVISION_FIXTURE = Path(__file__).resolve().parents[1] / "checkpoints" / "mambavision-fashion-mnist"
 
 
 def row(label: str, recipe: str, weight_bits: int, act_bits: int | None = None, **config) -> dict:
@@ -215,6 +220,35 @@ class PeakRSS:
 _METRICS = ("top1", "ratio_to_fp", "sqnr_db", "agreement")
 
 
+# every recipe beside RTN on the MambaVision fixture (default linears: the mixers' four and the token blocks' attention
+# and MLP linears; kscale: the mixers). OuroMamba runs on real images here: OuroMamba-Gen reads the implicit attention
+# towards a class token, which MambaVision does not have (its data-free rows are refused with that message).
+SUITES["mambavision"] = [
+    row("RTN W8A8", "rtn", 8, 8),
+    row("RTN W4A8", "rtn", 4, 8),
+    row("RTN W4A8 per-token", "rtn", 4, 8, recipe_args={"act_granularity": "token"}),
+    row("RTN W4A4", "rtn", 4, 4),
+    row("RTN W4A4 per-token", "rtn", 4, 4, recipe_args={"act_granularity": "token"}),
+    row("RTN W4 (weight-only)", "rtn", 4),
+    row("RTN W3 g32", "rtn", 3, weight_group_size=32),
+    row("RTN W2 g32", "rtn", 2, weight_group_size=32),
+    row("PTQ4VM W4A8", "ptq4vm", 4, 8),
+    row("PTQ4VM W4A4", "ptq4vm", 4, 4),
+    # where the W4A4 logit error comes from: the grid init alone, and JLSS on the magnitude-aware loss
+    row("PTQ4VM W4A4 PTS + smoothing (no JLSS)", "ptq4vm", 4, 4, recipe_args={"jlss": False}),
+    row("PTQ4VM W4A4 loss=nmse", "ptq4vm", 4, 4, recipe_args={"loss": "nmse"}),
+    row("kscale W8A8", "kscale", 8, 8),
+    row("OuroMamba W4A8O16 real data (128 images)", "ouromamba", 4, 8),
+    row("OuroMamba W4A4O8 real data (128 images)", "ouromamba", 4, 4),
+    row("OuroMamba W4A4O8 real data, loss=nmse", "ouromamba", 4, 4, recipe_args={"loss": "nmse"}),
+    row("VQ W2 k-means", "vimvq", 2, calibration_dataset=None, recipe_args={"convex": False, "incremental": False}),
+    row("ViM-VQ W3", "vimvq", 3),
+    row("ViM-VQ W2 (+ convex + incremental)", "vimvq", 2),
+]
+# suites that run on another fixture than the Vim one
+SUITE_MODELS = {"mambavision": MAMBAVISION_FIXTURE}
+
+
 def measure(setting: dict, seed: int, args, calib, processor, pixels, labels, fp_logits, fp_pred, fp_top1) -> dict:
     """Quantizes the fixture with one row's config and calibration ``seed``, saves it, evaluates it."""
     kwargs = {"calibration_dataset": calib, "image_processor": processor,
@@ -266,12 +300,26 @@ def _pm(r: dict, key: str, scale: float = 1.0, digits: int = 2) -> str:
     return text + (f" ± {scale * r[key + '_std']:.{digits}f}" if f"{key}_std" in r else "")
 
 
-def select_rows(suites: str | None, only: str | None) -> list[dict]:
-    names = list(SUITES) if not suites else [s.strip() for s in suites.split(",")]
+def suite_names(suites: str | None) -> list[str]:
+    """The suites ``--suite`` names (default: every suite of the Vim fixture)."""
+    names = [n for n in SUITES if n not in SUITE_MODELS] if not suites else [s.strip() for s in suites.split(",")]
     unknown = [n for n in names if n not in SUITES]
     if unknown:
         raise SystemExit(f"unknown suite(s) {unknown}; suites: {sorted(SUITES)}")
-    rows = [r for n in names for r in SUITES[n]]
+    return names
+
+
+def suite_model(names: list[str]) -> Path:
+    """The fixture the suites run on; suites of different fixtures are refused together."""
+    models = {SUITE_MODELS.get(n, FIXTURE) for n in names}
+    if len(models) > 1:
+        raise SystemExit(f"suites {names} run on different fixtures ({sorted(str(m) for m in models)}); run "
+                         f"{sorted(SUITE_MODELS)} on its own (--suite mambavision)")
+    return models.pop()
+
+
+def select_rows(suites: str | None, only: str | None) -> list[dict]:
+    rows = [r for n in suite_names(suites) for r in SUITES[n]]
     if only:  # substrings of labels; "=label" selects that exact label; ";" separates when a label has a comma
         keys = [k.strip().lower() for k in only.split(";" if ";" in only else ",") if k.strip()]
         rows = [r for r in rows if any(r["label"].lower() == k[1:] if k.startswith("=") else k in r["label"].lower()
@@ -281,7 +329,7 @@ def select_rows(suites: str | None, only: str | None) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(FIXTURE))
+    p.add_argument("--model", default=None, help="float checkpoint (default: the fixture of the selected suites)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images")
     p.add_argument("--num-samples", type=int, default=None,
                    help="calibration images of rows that set none (default: each recipe's, 128 RTN, 256 PTQ4VM)")
@@ -300,6 +348,7 @@ def main(argv=None) -> int:
                    help="OuroMamba-Gen images of the data-free rows (default: the recipe's 128; quick runs only)")
     args = p.parse_args(argv)
     settings = select_rows(args.suite, args.only)
+    args.model = args.model or str(suite_model(suite_names(args.suite)))
 
     processor = AutoImageProcessor.from_pretrained(args.model)
     test = load_named_dataset("fashion-mnist", "test", args.limit)

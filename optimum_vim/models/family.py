@@ -49,7 +49,9 @@ class ScanPath:
     x_proj -> (dt | B | C); dt -> dt_proj -> softplus (delta) -> scan(u, delta, A, B, C, D)``.
 
     ``reverse``: the scan (and its conv) walk the tokens in reverse order; its tensors stay in token order.
-    ``A_log`` / ``D``: parameter names (relative to the mixer) of the direction's S4D parameters."""
+    ``A_log`` / ``D``: parameter names (relative to the mixer) of the direction's S4D parameters.
+    ``dt_bias_repeats``: how often dt_proj's bias enters softplus's input (MambaVision's official forward adds it a
+    second time: ``softplus(dt_proj(dt) + dt_proj.bias)``; the model reads it from whatever module is at dt_proj)."""
 
     reverse: bool
     conv: str
@@ -60,6 +62,7 @@ class ScanPath:
     scan: str
     A_log: str
     D: str | None
+    dt_bias_repeats: int = 1
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,20 @@ class ModelFamily:
     scan_inputs: ClassVar[dict[str, int]] = {"u": 0, "delta": 1, "B": 3, "C": 4}
     float_scan_class: ClassVar[type[nn.Module] | None] = None
     float_conv_class: ClassVar[type[nn.Module] | None] = None
+    # the family's base model (found inside a classifier or backbone) and its image classifier: with them this class
+    # gives backbone(), num_labels() and logits()
+    base_model_class: ClassVar[type[nn.Module] | None] = None
+    classifier_class: ClassVar[type[nn.Module] | None] = None
+
+    def backbone(self, model: nn.Module) -> tuple[str, nn.Module]:
+        """``(name, module)`` of the family's base model inside ``model`` (name ``""`` when ``model`` is it)."""
+        if self.base_model_class is None:
+            raise NotImplementedError(f"{type(self).__name__} names no base_model_class")
+        for name, mod in model.named_modules():
+            if isinstance(mod, self.base_model_class):
+                return name, mod
+        raise TypeError(f"expected a {self.model_type} model ({self.base_model_class.__name__} inside); got "
+                        f"{type(model).__name__}")
 
     # ---------------------------------------------------------------------------------------------- blocks
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -231,12 +248,17 @@ class ModelFamily:
 
     def num_labels(self, model: nn.Module) -> int:
         """Classes of the model's head (0 for a backbone without one)."""
-        raise NotImplementedError
+        if self.classifier_class is None:
+            raise NotImplementedError(f"{type(self).__name__} names no classifier_class")
+        return model.config.num_labels if isinstance(model, self.classifier_class) else 0
 
     def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor | None:
         """Runs the model on ``pixel_values``; the classification logits, or None for a backbone (it still runs, so
         hooks see the forward)."""
-        raise NotImplementedError
+        if self.classifier_class is not None and isinstance(model, self.classifier_class):
+            return model(pixel_values=pixel_values).logits
+        model(pixel_values=pixel_values)
+        return None
 
     def check_float(self, model: nn.Module, what: str) -> None:
         """Raises a clear error when ``model`` is not a float model of this family that ``what`` can run on."""

@@ -1,13 +1,15 @@
-"""QConv1d (Vim's depthwise token convolution) and QOutput (output quantizer around an elementwise module).
+"""QConv1d (the depthwise token convolution of Vim and MambaVision) and QOutput (output quantizer around an elementwise module).
 
 QConv1d's spec is a :class:`~optimum_vim.modules.spec.Conv1dSpec` (dict form::
 
     {"type": "conv1d", "channels": E, "kernel_size": K, "reverse": bool,
      "weight": {"bits": 2..8, "granularity": "channel" | "tensor"},
-     "input": null | <QActivation spec>, "output": null | <QActivation spec>}
+     "input": null | <QActivation spec>, "output": null | <QActivation spec>,
+     ["padding": "causal" | "same", "bias": bool]}
 
-). Buffers: ``qweight`` (int8 (E, K) or packed uint8), ``weight_scale`` (fp32 (E,) or (1,)), ``bias`` (fp32 (E,)).
-It dequantizes to :class:`~optimum_vim.modules.float.TokenConv1d`.
+; ``padding`` / ``bias`` are written only when they differ from Vim's causal conv with bias, so Vim configs stay as
+they were). Buffers: ``qweight`` (int8 (E, K) or packed uint8), ``weight_scale`` (fp32 (E,) or (1,)), ``bias`` (fp32
+(E,), when the spec has one). It dequantizes to :class:`~optimum_vim.modules.float.TokenConv1d`.
 
 QOutput's spec is an :class:`~optimum_vim.modules.spec.OutputSpec` (``{"type": "output", "inner": "silu" | "softplus"
 | "identity", "output": <QActivation spec>, "input": null | <QActivation spec>}``). The optional ``input`` quantizer
@@ -21,19 +23,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import causal_conv1d
 from ..primitives import unpack_signed
 from .activation import QActivation
 from .base import QModule, register_qmodule
-from .float import TokenConv1d
+from .float import TokenConv1d, token_conv1d
 from .spec import Conv1dSpec, OutputSpec
 
 
 @register_qmodule("conv1d")
 class QConv1d(QModule):
-    """Quantized depthwise (anti-)causal conv over tokens: (batch, L, E) -> (batch, L, E)."""
+    """Quantized depthwise token conv ((anti-)causal or "same"): (batch, L, E) -> (batch, L, E)."""
 
     SPEC = Conv1dSpec
+    OPTIONAL_BUFFERS = ("bias",)
 
     def __init__(self, spec: Conv1dSpec | dict):
         super().__init__(spec)
@@ -43,10 +45,12 @@ class QConv1d(QModule):
         self.output_quantizer = QActivation(self.spec.output) if self.spec.output is not None else None
 
     def _float_module(self, use_mamba_kernels: bool) -> nn.Module:
-        new = TokenConv1d(self.spec.channels, self.spec.kernel_size, reverse=self.reverse)
+        new = TokenConv1d(self.spec.channels, self.spec.kernel_size, reverse=self.reverse, padding=self.spec.padding,
+                          bias=self.spec.bias)
         with torch.no_grad():
             new.weight.copy_(self.dequantized_weight())
-            new.bias.copy_(self.bias)
+            if self.bias is not None:
+                new.bias.copy_(self.bias)
         return new
 
     def num_weight_parameters(self) -> int:
@@ -62,7 +66,8 @@ class QConv1d(QModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        y = causal_conv1d(x, self.dequantized_weight().to(x.dtype), self.bias, reverse=self.reverse)
+        y = token_conv1d(x, self.dequantized_weight().to(x.dtype), self.bias, reverse=self.reverse,
+                         padding=self.spec.padding)
         if self.output_quantizer is not None:
             y = self.output_quantizer(y)
         return y

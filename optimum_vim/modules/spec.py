@@ -433,7 +433,9 @@ class LinearSpec(ModuleSpec):
 
 @dataclass(frozen=True)
 class Conv1dSpec(ModuleSpec):
-    """Vim's quantized depthwise (anti-)causal token convolution (:class:`~optimum_vim.modules.QConv1d`)."""
+    """A quantized depthwise token convolution (:class:`~optimum_vim.modules.QConv1d`): (anti-)causal as Vim's
+    (``padding="causal"``, with bias: the defaults, absent from a v1 dict) or non-causal without bias as MambaVision's
+    (``padding="same"``, ``bias=False``)."""
 
     KIND: ClassVar[str] = "conv1d"
     TAG: ClassVar[tuple[str, str]] = ("type", "conv1d")
@@ -446,6 +448,8 @@ class Conv1dSpec(ModuleSpec):
     reverse: bool = False
     input: ActivationSpec | None = None
     output: ActivationSpec | None = None
+    padding: Literal["causal", "same"] = "causal"
+    bias: bool = True
 
     @classmethod
     def _parse_field(cls, name, value):
@@ -453,22 +457,35 @@ class Conv1dSpec(ModuleSpec):
             return ConvWeightSpec.from_dict(value)
         return _activation_or_none(value) if name in ("input", "output") else value
 
+    @classmethod
+    def like(cls, conv, weight: ConvWeightSpec, **kwargs) -> Conv1dSpec:
+        """The spec of a quantized twin of the float token conv ``conv`` (a
+        :class:`~optimum_vim.modules.float.TokenConv1d`): its channels, width, direction, padding and bias."""
+        return cls(conv.weight.shape[0], conv.weight.shape[-1], weight, reverse=bool(conv.reverse),
+                   padding=conv.token_padding, bias=conv.bias is not None, **kwargs)
+
     def validate(self) -> None:
         if not isinstance(self.weight, ConvWeightSpec):
             raise ValueError(f"conv1d weight must be a ConvWeightSpec; got {self.weight!r}")
+        if self.padding not in ("causal", "same"):
+            raise ValueError(f"conv1d padding must be 'causal' or 'same'; got {self.padding!r}")
+        if self.padding == "same" and self.reverse:
+            raise ValueError("a conv1d with padding 'same' has no reversed form; use reverse=False")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"conv1d bias must be true or false; got {self.bias!r}")
 
     def buffers(self) -> tuple[BufferSpec, ...]:
         e, k, bits = self.channels, self.kernel_size, self.weight.bits
         codes = (BufferSpec("qweight", torch.int8, (e, k)) if bits == 8
                  else BufferSpec("qweight", torch.uint8, (e, packed_row_bytes(k, bits))))
-        return (codes, BufferSpec("weight_scale", torch.float32, (e if self.weight.granularity == "channel" else 1,)),
-                BufferSpec("bias", torch.float32, (e,)))
+        scale = BufferSpec("weight_scale", torch.float32, (e if self.weight.granularity == "channel" else 1,))
+        return (codes, scale, BufferSpec("bias", torch.float32, (e,))) if self.bias else (codes, scale)
 
     def activations(self) -> dict[str, ActivationSpec]:
         return _present(self, ("input", "output"))
 
     def num_float_parameters(self) -> int:
-        return self.channels * (self.kernel_size + 1)
+        return self.channels * (self.kernel_size + int(self.bias))
 
 
 @dataclass(frozen=True)

@@ -330,16 +330,18 @@ class KScaleRecipe(Recipe):
             """k-scaled quantizer of ``x`` (b, L, C): spec and buffers. ``stats``: the tensor whose magnitudes give
             the cluster labels and initial scales (default ``x``)."""
             channels = x.shape[-1]
-            labels = cluster_labels(x if stats is None else stats, axis, k, seed=seed, channel_factor=factor)
+            # no more clusters than token positions / channels (a window of one token has one token scale)
+            kk = min(k, x.shape[1] if axis == "token" else channels)
+            labels = cluster_labels(x if stats is None else stats, axis, kk, seed=seed, channel_factor=factor)
             ref = x if ref is None else ref
             scales = search_cluster_scales(self._view(ref), self._view(x), labels, axis, factors, _QMIN, _QMAX,
                                            rounds=rounds, power_of_two=power_of_two, channel_factor=factor,
-                                           search=search, num_clusters=k,
+                                           search=search, num_clusters=kk,
                                            snap_after=self.args.power_of_two == "snap_after",
                                            init_from=None if stats is None else self._view(stats))
-            spec = _cluster_spec(axis, k, length, channels, factor is not None)
+            spec = _cluster_spec(axis, kk, length, channels, factor is not None)
             tensors = {"scale": scales.reshape(-1).float()}
-            if k > 1:
+            if kk > 1:
                 tensors["labels"] = labels.to(torch.int32)
             if factor is not None:
                 tensors["factor"] = factor.float().cpu()
@@ -367,7 +369,7 @@ class KScaleRecipe(Recipe):
             add(layout.gate, OutputSpec("silu", input=_tensor_spec(), output=g_spec),
                 {"input_quantizer.scale": s_xz_t.clone(), **prefixed("output_quantizer", g_t)})
         if layout.z_conv is not None:  # a concatenated z branch: its conv as the directions' convs
-            self._calibrate_conv(family, module, layout.z_conv, z, caps[layout.z_conv], False, s_xz_t, add,
+            self._calibrate_conv(family, module, layout.z_conv, z, caps[layout.z_conv], s_xz_t, add,
                                  cluster, prefixed)
         if layout.z_act is not None:  # ... and its activation's output channel k-scaled
             za_spec, za_t = cluster(caps[layout.z_act], "channel")
@@ -380,7 +382,7 @@ class KScaleRecipe(Recipe):
         # ---- out_proj: input (gated average of the directions) token k-scaled 2^n; weight searched on its output
         x_o, y_o = caps[layout.out_proj + ".in"], caps[layout.out_proj]
         o_spec, o_t = cluster(x_o, "token", power_of_two=True)
-        scale_rows = o_t["scale"][o_t["labels"].long()] if k > 1 else o_t["scale"]
+        scale_rows = o_t["scale"][o_t["labels"].long()] if "labels" in o_t else o_t["scale"]
         x_o_hat = fake_quant(x_o, scale_rows.to(x_o.device).view(1, -1, 1), _QMIN, _QMAX)
         xs, ys, xh = self._rows(x_o, y_o, x_o_hat)
         s_w, _ = search_linear_scales(xs, out_proj.weight, None, ys, factors, out_range=None, rounds=rounds,
@@ -389,7 +391,7 @@ class KScaleRecipe(Recipe):
             {**_weight_tensors(out_proj.weight, s_w), **prefixed("input_quantizer", o_t)})
 
     @staticmethod
-    def _calibrate_conv(family: ModelFamily, mixer, path: str, x, y_float, reverse: bool, s_xz_t, add, cluster,
+    def _calibrate_conv(family: ModelFamily, mixer, path: str, x, y_float, s_xz_t, add, cluster,
                         prefixed) -> None:
         """A mixer conv: weight max-abs per tensor; input = in_proj's output scale; output channel k-scaled (labels
         and scales from the output of the conv with 8-bit weights, scored against the float output)."""
@@ -400,10 +402,12 @@ class KScaleRecipe(Recipe):
         y_conv_q = family.conv(conv, x, (codes * s_wc).to(x.dtype))
         c_spec, c_t = cluster(y_conv_q, "channel", ref=y_float)
         e, ksz = conv.weight.shape[0], conv.weight.shape[-1]
-        add(path, Conv1dSpec(e, ksz, ConvWeightSpec(8, "tensor"), reverse=reverse, input=_tensor_spec(), output=c_spec),
+        # the conv's own direction, padding and bias (a "same" conv without bias in MambaVision-style mixers)
+        bias = {} if conv.bias is None else {"bias": conv.bias.detach().float().cpu().clone()}
+        add(path, Conv1dSpec.like(conv, ConvWeightSpec(8, "tensor"), input=_tensor_spec(), output=c_spec),
             {"qweight": codes.reshape(e, ksz).to(torch.int8).cpu(),
              "weight_scale": torch.tensor([s_wc], dtype=torch.float32),
-             "bias": conv.bias.detach().float().cpu().clone(), "input_quantizer.scale": s_xz_t.clone(),
+             **bias, "input_quantizer.scale": s_xz_t.clone(),
              **prefixed("output_quantizer", c_t)})
 
     def _calibrate_direction(self, family: ModelFamily, mixer, d: ScanPath, caps, x_half, s_xz_t, add, cluster,
@@ -429,7 +433,7 @@ class KScaleRecipe(Recipe):
             dbc = torch.cat([dt, Bm, Cm], dim=-1)
             r_c, r_l = r_c.to(u.device), r_l.to(u.device)
 
-        self._calibrate_conv(family, mixer, d.conv, x_half, caps[d.conv], reverse, s_xz_t, add, cluster, prefixed)
+        self._calibrate_conv(family, mixer, d.conv, x_half, caps[d.conv], s_xz_t, add, cluster, prefixed)
 
         # ---- SiLU output u: channel k-scaled (x_proj and the scan read it already quantized)
         u_spec, u_t = cluster(u, "channel")
@@ -445,13 +449,20 @@ class KScaleRecipe(Recipe):
         # ---- dt_proj: input = x_proj's output scale; weight and output searched; bias corrected
         dt_out = caps[d.dt_proj]
         w_dt, b_dt = dt_proj.weight.detach().float(), dt_proj.bias.detach().float()
+        # a mixer that adds dt_proj's bias again before softplus (``dt_bias_repeats``): the output scale (softplus's
+        # input) and the bias correction are those of the effective linear x W^T + repeats * b
+        reps = d.dt_bias_repeats
+        b_eff = b_dt if reps == 1 else reps * b_dt
+        if reps != 1:
+            dt_out = dt_out + (reps - 1) * b_dt.to(dt_out.device)
         xs, ys = self._rows(dt, dt_out)
-        s_wdt, s_dto = search_linear_scales(xs, w_dt, b_dt, ys, factors, rounds=rounds, search=search)
+        s_wdt, s_dto = search_linear_scales(xs, w_dt, b_eff, ys, factors, rounds=rounds, search=search)
         bias = b_dt.clone()
-        if search:  # b <- b - mean_rows(x_hat (W_hat - W)^T)
+        if search:  # b <- b - mean_rows(x_hat (W_hat - W)^T) (spread over the bias's repeats)
             x_hat = fake_quant(dt.reshape(-1, r), s_dbc, _QMIN, _QMAX)
             w_hat = torch.round(w_dt / s_wdt).clamp_(_WMIN, _WMAX) * s_wdt
-            bias = bias - (x_hat @ (w_hat - w_dt).t()).mean(0)
+            correction = (x_hat @ (w_hat - w_dt).t()).mean(0)
+            bias = bias - (correction if reps == 1 else correction / reps)
         add(d.dt_proj, _int8_linear((r, e), bias=True, input=_tensor_spec()),
             {**_weight_tensors(w_dt, s_wdt), "bias": bias.cpu(), "input_quantizer.scale": s_dbc_t.clone()})
 

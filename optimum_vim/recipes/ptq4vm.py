@@ -152,6 +152,8 @@ class PTQ4VMBlocks(SelectableBlockLoss):
                 groups[kind].extend(params)
         lrs = {"weight_step": a.lr_step, "act_step": a.lr_step, "smooth": a.lr_smooth}
         param_groups = [{"params": p, "lr": lrs[k], "name": k} for k, p in groups.items() if p]
+        if not param_groups:  # a block with nothing to quantize (a hierarchical model's conv block, a downsampler)
+            return None
         return torch.optim.AdamW(param_groups, weight_decay=a.weight_decay)
 
     def block_schedule(self, ctx: BlockContext) -> tuple[int, int]:

@@ -96,8 +96,14 @@ class Targets:
     def linear_refs(self, model: nn.Module, roles: Iterable[str] | None = None) -> list[LinearRef]:
         """Like :meth:`linears`, the :class:`~optimum_vim.models.family.LinearRef` of each (role, scan order)."""
         family = family_of(model)
+        refs = family.linears(model)
+        if roles is not None:  # the config check accepts the roles of every family; this model has its own
+            missing = sorted(set(roles) - {ref.role for ref in refs})
+            if missing:
+                raise ValueError(f"targets {missing} name no linear of this {family.model_type} model; its linear "
+                                 f"roles: {', '.join(dict.fromkeys(ref.role for ref in refs))}")
         roles = set(family.default_linear_roles if roles is None else roles)
-        return [ref for ref in family.linears(model) if ref.role in roles and not self.skipped(ref.name)]
+        return [ref for ref in refs if ref.role in roles and not self.skipped(ref.name)]
 
     def mixers(self, model: nn.Module) -> list[MixerRef]:
         """The model's mixers that are not skipped as a whole."""

@@ -1,6 +1,9 @@
-"""Writes the golden checkpoints: one tiny quantized Vim per recipe and weight format, saved as users save them.
+"""Writes the golden checkpoints: one tiny quantized Vim per recipe and weight format, and tiny quantized MambaVisions
+(cases ``mambavision-*``: its "same" convs without bias, one scan direction, attention / MLP linears), saved as users
+save them.
 
     python tests/golden/make_golden.py            # (re)writes tests/golden/<case>/ for every case below
+    python tests/golden/make_golden.py CASE ...   # (re)writes only the named cases (a new case: a new folder only)
 
 Each folder holds what ``save_pretrained`` wrote (config.json with the quantization config, packed
 model.safetensors) plus ``expected.safetensors``: a fixed input batch and the logits the saved model gave for it
@@ -21,6 +24,11 @@ from safetensors.torch import save_file
 
 import optimum_vim  # noqa: F401
 from optimum_vim import VimConfig, VimForImageClassification, VimImageProcessor, ViMQuantizationConfig
+from optimum_vim.models.mambavision import (
+    MambaVisionConfig,
+    MambaVisionForImageClassification,
+    MambaVisionImageProcessor,
+)
 from optimum_vim.ops.dispatch import use_kernels
 
 HERE = Path(__file__).resolve().parent
@@ -43,6 +51,21 @@ CASES = {
                             recipe_args={"kmeans_iterations": 5, "convex": False, "incremental": False}),
 }
 
+# the same recipes on a tiny MambaVision (folders named "mambavision-<case>")
+MAMBAVISION_CASES = {
+    "mambavision-rtn-w4a8-scan8": dict(recipe="rtn", weight_bits=4, act_bits=8, recipe_args={"scan_act_bits": 8}),
+    "mambavision-kscale-w8a8": dict(recipe="kscale", weight_bits=8, act_bits=8,
+                                    recipe_args={"search_candidates": 5, "search_rounds": 1}),
+    "mambavision-ptq4vm-w4a4": dict(recipe="ptq4vm", weight_bits=4, act_bits=4,
+                                    recipe_args={"steps": 2, "batch_size": 8}),
+}
+ALL_CASES = {**CASES, **MAMBAVISION_CASES}
+
+
+def family(case: str) -> str:
+    """The model family a case quantizes."""
+    return "mambavision" if case in MAMBAVISION_CASES else "vim"
+
 
 def tiny_float() -> VimForImageClassification:
     torch.manual_seed(1234)
@@ -57,11 +80,21 @@ def inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 1, 28, 28, generator=g), torch.randn(4, 1, 28, 28, generator=g)
 
 
-def write_float(folder: Path) -> Path:
-    """Saves the tiny float Vim and its image processor to ``folder`` (the checkpoint every case quantizes)."""
-    tiny_float().save_pretrained(folder)
-    VimImageProcessor(size={"height": 28, "width": 28}, do_center_crop=False, image_mean=[0.286], image_std=[0.353],
-                      color_mode="L").save_pretrained(folder)
+def tiny_mambavision() -> MambaVisionForImageClassification:
+    torch.manual_seed(1234)
+    config = MambaVisionConfig(dim=4, in_dim=4, depths=[1, 1, 2, 2], num_heads=[1, 1, 2, 2], window_size=[8, 8, 2, 1],
+                               d_state=4, mlp_ratio=2.0, image_size=28, num_channels=1, num_labels=10)
+    return MambaVisionForImageClassification(config).eval()
+
+
+def write_float(folder: Path, model_family: str = "vim") -> Path:
+    """Saves the tiny float model of ``model_family`` and its image processor to ``folder`` (the checkpoint the
+    family's cases quantize)."""
+    model, processor = ((tiny_float(), VimImageProcessor) if model_family == "vim"
+                        else (tiny_mambavision(), MambaVisionImageProcessor))
+    model.save_pretrained(folder)
+    processor(size={"height": 28, "width": 28}, do_center_crop=False, image_mean=[0.286], image_std=[0.353],
+              color_mode="L").save_pretrained(folder)
     return folder
 
 
@@ -73,16 +106,24 @@ def isa_tag() -> str:
     return f"{f.model} | {f.isa} | {f.torch_capability}"
 
 
-def main() -> None:
+def main(names: list[str] | None = None) -> None:
     from transformers import AutoModelForImageClassification
 
+    names = names or list(ALL_CASES)
+    unknown = [n for n in names if n not in ALL_CASES]
+    if unknown:
+        raise SystemExit(f"unknown case(s) {unknown}; cases: {list(ALL_CASES)}")
     calib, x = inputs()
-    float_dir = write_float(HERE / "_float_tmp")
+    float_dirs = {f: write_float(HERE / f"_float_tmp_{f}", f) for f in dict.fromkeys(family(n) for n in names)}
+    if (HERE / "ISA").is_file() and (HERE / "ISA").read_text().strip() != isa_tag() and len(names) < len(ALL_CASES):
+        raise SystemExit(f"tests/golden/ISA names another CPU kind ({(HERE / 'ISA').read_text().strip()}); rewrite "
+                         "every case (no arguments) so that they all come from one CPU kind")
     (HERE / "ISA").write_text(isa_tag() + "\n")
     try:
-        for name, settings in CASES.items():
-            cfg = ViMQuantizationConfig(calibration_dataset=calib, num_calibration_samples=16, seed=0, **settings)
-            model = AutoModelForImageClassification.from_pretrained(float_dir, quantization_config=cfg)
+        for name in names:
+            cfg = ViMQuantizationConfig(calibration_dataset=calib, num_calibration_samples=16, seed=0,
+                                        **ALL_CASES[name])
+            model = AutoModelForImageClassification.from_pretrained(float_dirs[family(name)], quantization_config=cfg)
             out = HERE / name
             shutil.rmtree(out, ignore_errors=True)
             model.save_pretrained(out)
@@ -95,8 +136,11 @@ def main() -> None:
             size = sum(f.stat().st_size for f in out.iterdir())
             print(f"{name}: {size:,} bytes")
     finally:
-        shutil.rmtree(float_dir, ignore_errors=True)
+        for folder in float_dirs.values():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])

@@ -10,7 +10,9 @@ only the classifier ``head`` sits at the top here, the Hub files keep it at ``mo
 submodules, so that quantizers can wrap each one: ``in_proj -> (x, z)``; ``x: conv1d_x -> act_x -> x_proj ->
 (dt, B, C)``, ``delta = softplus(dt_proj(dt) + dt_proj.bias)`` (the official mixer adds the delta bias twice: once in
 ``dt_proj`` and once as the scan's ``delta_bias``), ``ssm`` (selective scan, no gate); ``z: conv1d_z -> act_z``;
-``out_proj(concat(y, z))``. The convolutions are depthwise and non-causal (``padding="same"``).
+``out_proj(concat(y, z))``. The convolutions are depthwise and non-causal (``padding="same"``, no bias): the shared
+float :class:`~optimum_vim.modules.float.TokenConv1d` and :class:`~optimum_vim.modules.float.SelectiveScan` that the
+quantized modules dequantize to.
 """
 
 from __future__ import annotations
@@ -26,50 +28,10 @@ from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 
-from ...ops import causal_conv1d, selective_scan
+from ...modules.float import SelectiveScan, TokenConv1d
 from ...pretrained import QuantizableModelMixin
 from ..outputs import classifier_output
 from .configuration_mambavision import MambaVisionConfig
-
-
-class MambaVisionConv1d(nn.Conv1d):
-    """Depthwise convolution over tokens with ``padding="same"`` (non-causal: a centred window for odd widths), as the
-    official ``conv1d_x`` / ``conv1d_z``. Stores ``weight`` (E, 1, K) (and ``bias`` when built with one).
-    Input and output are token-major: (batch, L, E).
-
-    Runs on optimum-vim's depthwise conv op (the fused CPU kernel on CPU inference): a "same" convolution is the
-    causal one of the input followed by ``K - 1 - (K - 1) // 2`` zero tokens, read from that offset on."""
-
-    def __init__(self, channels: int, kernel_size: int, bias: bool = False):
-        super().__init__(channels, channels, kernel_size, groups=channels, bias=bias, padding="same")
-
-    @property
-    def right_pad(self) -> int:
-        """Zero tokens after the sequence (PyTorch's "same" puts ``(K - 1) // 2`` before, the rest after)."""
-        k = self.kernel_size[0]
-        return k - 1 - (k - 1) // 2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        right = self.right_pad
-        if right:
-            x = F.pad(x, (0, 0, 0, right))
-        out = causal_conv1d(x, self.weight, self.bias)
-        return out[:, right:] if right else out
-
-
-class MambaVisionSelectiveScan(nn.Module):
-    """The mixer's selective scan, a parameter-free module so that quantizers can wrap it (same call as the Vim scan
-    module): ``forward(u, delta, A, B, C, D=None, z=None)`` with u, delta (batch, L, E); A (E, N); B, C (batch, L, N);
-    D (E,) -> (batch, L, E). ``delta`` is already soft-plussed; MambaVision passes no gate."""
-
-    reverse = False
-
-    def __init__(self, use_mamba_kernels: bool = True):
-        super().__init__()
-        self.backend = "auto" if use_mamba_kernels else "torch"
-
-    def forward(self, u, delta, A, B, C, D=None, z=None):
-        return selective_scan(u, delta, A, B, C, D, z, reverse=False, backend=self.backend)
 
 
 class MambaVisionMixer(nn.Module):
@@ -84,14 +46,14 @@ class MambaVisionMixer(nn.Module):
         self.d_state = config.d_state
         self.dt_rank = config.time_step_rank(width)
         self.in_proj = nn.Linear(width, d_inner, bias=False)
-        self.conv1d_x = MambaVisionConv1d(self.d_half, config.d_conv)
-        self.conv1d_z = MambaVisionConv1d(self.d_half, config.d_conv)
+        self.conv1d_x = TokenConv1d(self.d_half, config.d_conv, padding="same", bias=False)
+        self.conv1d_z = TokenConv1d(self.d_half, config.d_conv, padding="same", bias=False)
         self.act_x = nn.SiLU()
         self.act_z = nn.SiLU()
         self.x_proj = nn.Linear(self.d_half, self.dt_rank + 2 * self.d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_half, bias=True)
         self.softplus = nn.Softplus()
-        self.ssm = MambaVisionSelectiveScan(use_mamba_kernels=config.use_mamba_kernels)
+        self.ssm = SelectiveScan(use_mamba_kernels=config.use_mamba_kernels)
         self.A_log = nn.Parameter(torch.empty(self.d_half, self.d_state))
         self.D = nn.Parameter(torch.empty(self.d_half))
         self.out_proj = nn.Linear(d_inner, width, bias=False)
@@ -165,6 +127,7 @@ class MambaVisionTokenBlock(GradientCheckpointingLayer):
         super().__init__()
         width = config.stage_dims[stage]
         self.is_mixer = index in config.mixer_blocks(stage)
+        self.window_size = config.window_size[stage]  # the stage's windows (the block itself runs on their tokens)
         self.norm1 = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.mixer = (MambaVisionMixer(config, width) if self.is_mixer
                       else MambaVisionAttention(config, width, config.num_heads[stage]))
@@ -240,6 +203,19 @@ def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 3, 5, 1).reshape(-1, window * window, c)
 
 
+def pad_to_windows(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(batch, C, H, W) zero-padded on the right / bottom to multiples of ``window`` (unchanged when they are)."""
+    height, width = x.shape[2:]
+    pad_r, pad_b = (window - width % window) % window, (window - height % window) % window
+    return F.pad(x, (0, pad_r, 0, pad_b)) if pad_r or pad_b else x
+
+
+def run_on_windows(block: nn.Module, x: torch.Tensor, window: int) -> torch.Tensor:
+    """``block`` applied to the tokens of every ``window`` x ``window`` window of a (batch, C, H, W) map whose sides
+    are multiples of ``window``; returns the map."""
+    return window_reverse(block(window_partition(x, window)), window, *x.shape[2:])
+
+
 def window_reverse(windows: torch.Tensor, window: int, height: int, width: int) -> torch.Tensor:
     """Inverse of :func:`window_partition`: (batch * windows, window**2, C) -> (batch, C, height, width)."""
     c = windows.shape[-1]
@@ -270,15 +246,12 @@ class MambaVisionStage(nn.Module):
         else:
             height, width = x.shape[2:]
             ws = self.window_size
-            pad_r, pad_b = (ws - width % ws) % ws, (ws - height % ws) % ws
-            if pad_r or pad_b:
-                x = F.pad(x, (0, pad_r, 0, pad_b))
-            padded_h, padded_w = x.shape[2:]
-            tokens = window_partition(x, ws)
+            padded = pad_to_windows(x, ws)
+            tokens = window_partition(padded, ws)
             for block in self.blocks:
                 tokens = block(tokens)
-            x = window_reverse(tokens, ws, padded_h, padded_w)
-            if pad_r or pad_b:
+            x = window_reverse(tokens, ws, *padded.shape[2:])
+            if padded.shape[2:] != (height, width):
                 x = x[:, :, :height, :width].contiguous()
         return x, (self.downsample(x) if self.downsample is not None else x)
 

@@ -20,7 +20,8 @@ def register() -> None:
 
     register_model_family(MambaVisionConfig, model=MambaVisionModel,
                           image_classification=MambaVisionForImageClassification, backbone=MambaVisionBackbone,
-                          image_processors={"pil": MambaVisionImageProcessor})
+                          image_processors={"pil": MambaVisionImageProcessor},
+                          adapter="optimum_vim.models.mambavision.family:MambaVisionFamily")
     register_checkpoint_conversion_mapping(
         MambaVisionForImageClassification.__name__,
         [WeightRenaming(source_patterns=HUB_HEAD_RENAMING[0], target_patterns=HUB_HEAD_RENAMING[1])],

@@ -9,8 +9,6 @@ patch grid with the class token in the middle (``num_patches // 2``).
 
 from __future__ import annotations
 
-from torch import nn
-
 from ...ops import causal_conv1d
 from ..family import MixerLayout, MixerRef, ModelFamily, ScanPath, TokenLayout
 from .modeling_vim import VimConv1d, VimForImageClassification, VimMixer, VimModel, VimSelectiveScan
@@ -35,21 +33,16 @@ class VimFamily(ModelFamily):
     default_linear_roles = ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj")
     float_scan_class = VimSelectiveScan
     float_conv_class = VimConv1d
-
-    @staticmethod
-    def _backbone(model: nn.Module) -> tuple[str, VimModel]:
-        for name, mod in model.named_modules():
-            if isinstance(mod, VimModel):
-                return name, mod
-        raise TypeError(f"expected a Vim model (VimModel inside); got {type(model).__name__}")
+    base_model_class = VimModel
+    classifier_class = VimForImageClassification
 
     def blocks(self, model):
-        prefix, vim = self._backbone(model)
+        prefix, vim = self.backbone(model)
         head = f"{prefix}.layers" if prefix else "layers"
         return [(f"{head}.{i}", block) for i, block in enumerate(vim.layers)]
 
     def embed(self, model, pixel_values):
-        return self._backbone(model)[1].embed(pixel_values).float(), None
+        return self.backbone(model)[1].embed(pixel_values).float(), None
 
     def run_block(self, block, state):
         return block(*state)
@@ -65,7 +58,7 @@ class VimFamily(ModelFamily):
         return causal_conv1d(x, weight, conv.bias, reverse=conv.reverse)
 
     def token_layout(self, model):
-        cfg = self._backbone(model)[1].config
+        cfg = self.backbone(model)[1].config
         return TokenLayout(length=cfg.sequence_length, grid=(cfg.grid_size, cfg.grid_size),
                            class_token=cfg.token_position)
 
@@ -75,15 +68,6 @@ class VimFamily(ModelFamily):
 
     def patch_stride(self, model):
         return model.config.stride
-
-    def num_labels(self, model):
-        return model.config.num_labels if isinstance(model, VimForImageClassification) else 0
-
-    def logits(self, model, pixel_values):
-        if isinstance(model, VimForImageClassification):
-            return model(pixel_values=pixel_values).logits
-        model(pixel_values=pixel_values)
-        return None
 
     def check_float(self, model, what):
         if not isinstance(model, (VimForImageClassification, VimModel)):

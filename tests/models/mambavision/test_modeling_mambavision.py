@@ -26,8 +26,8 @@ from optimum_vim.models.mambavision.convert_mambavision_checkpoint import (
     infer_mambavision_config,
     official_to_hf_state_dict,
 )
-from optimum_vim.models.mambavision.modeling_mambavision import MambaVisionConv1d, MambaVisionSelectiveScan
 from optimum_vim.models.vim.convert_vim_checkpoint import CheckpointConversionError
+from optimum_vim.modules.float import SelectiveScan, TokenConv1d
 from optimum_vim.ops.dispatch import KernelBackend, use_kernels
 
 register_mambavision_with_transformers()
@@ -265,7 +265,7 @@ def test_image_processor_reads_the_model_crop():
 
 @pytest.mark.parametrize("kernel_size", [3, 4])
 def test_same_conv_on_the_causal_op(kernel_size):
-    conv = MambaVisionConv1d(6, kernel_size)
+    conv = TokenConv1d(6, kernel_size, padding="same", bias=False)
     torch.nn.init.normal_(conv.weight)
     x = torch.randn(2, 9, 6)
     ref = F.conv1d(x.transpose(1, 2), conv.weight, None, padding="same", groups=6).transpose(1, 2)
@@ -281,7 +281,7 @@ def test_scan_goes_through_the_dispatch_and_trains():
     config = MambaVisionConfig(**{k: v for k, v in SMALL.items() if k != "num_classes"}, num_labels=3)
     torch.manual_seed(0)
     model = MambaVisionForImageClassification(config).eval()
-    scans = [m for m in model.modules() if isinstance(m, MambaVisionSelectiveScan)]
+    scans = [m for m in model.modules() if isinstance(m, SelectiveScan)]
     assert len(scans) == sum(len(config.mixer_blocks(s)) for s in (2, 3))
     calls = []
     for m in scans:
