@@ -18,20 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from train_fashion_mnist import MEAN, STD, augment, evaluate, to_tensor  # noqa: E402
+from train_fashion_mnist import MEAN, STD, evaluate, load_splits, train  # noqa: E402
 
-from optimum_vim.data import FASHION_MNIST_LABELS, load_fashion_mnist_arrays  # noqa: E402
+from optimum_vim.data import FASHION_MNIST_LABELS  # noqa: E402
 from optimum_vim.models.mambavision import (  # noqa: E402
     MambaVisionConfig,
     MambaVisionForImageClassification,
@@ -71,12 +68,7 @@ def main(argv=None) -> int:
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    train_x, train_y = load_fashion_mnist_arrays("train", args.data_dir)
-    test_x, test_y = load_fashion_mnist_arrays("test", args.data_dir)
-    if args.limit:
-        train_x, train_y = train_x[: args.limit], train_y[: args.limit]
-    xtr, ytr = to_tensor(train_x), torch.from_numpy(train_y)
-    xte, yte = to_tensor(test_x), torch.from_numpy(test_y)
+    xtr, ytr, xte, yte = load_splits(args)
 
     config = MambaVisionConfig(
         dim=args.dim, in_dim=args.in_dim, depths=args.depths, num_heads=args.num_heads, window_size=args.window_size,
@@ -87,46 +79,8 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters", flush=True)
 
-    def decays(name: str, p) -> bool:
-        return p.dim() >= 2 and not name.endswith("A_log")
-
-    params = list(model.named_parameters())
-    opt = torch.optim.AdamW([
-        {"params": [p for n, p in params if decays(n, p)], "weight_decay": args.weight_decay},
-        {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0},
-    ], lr=args.lr)
-    steps_per_epoch = math.ceil(len(xtr) / args.batch_size)
-    total = steps_per_epoch * args.epochs
-
-    def lr_at(step: int) -> float:
-        if step < args.warmup_steps:
-            return args.lr * (step + 1) / args.warmup_steps
-        progress = (step - args.warmup_steps) / max(1, total - args.warmup_steps)
-        return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-    gen = torch.Generator().manual_seed(args.seed)
-    start, step, epoch_seconds = time.time(), 0, []
-    for epoch in range(args.epochs):
-        model.train()
-        perm = torch.randperm(len(xtr), generator=gen)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", mininterval=10)
-        running = 0.0
-        for i in bar:
-            idx = perm[i * args.batch_size : (i + 1) * args.batch_size]
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step)
-            logits = model(augment(xtr[idx], gen)).logits
-            loss = F.cross_entropy(logits, ytr[idx], label_smoothing=args.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            step += 1
-            running = 0.98 * running + 0.02 * loss.item() if i else loss.item()
-            bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr_at(step):.2e}", refresh=False)
-        epoch_seconds.append(round(time.time() - start - sum(epoch_seconds), 1))
-        print(f"epoch {epoch + 1}: loss {running:.4f}, {time.time() - start:.0f}s elapsed", flush=True)
-
+    start = time.time()
+    epoch_seconds = train(model, xtr, ytr, args)
     train_seconds = time.time() - start
     accuracy = evaluate(model, xte, yte)
     print(f"test accuracy (10,000 images): {accuracy:.4f}; training wall time {train_seconds:.0f}s", flush=True)

@@ -91,36 +91,30 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> 
     return correct / len(x)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
+def load_splits(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST train / test images (normalised, (N, 1, 28, 28)) and labels; ``args.limit`` cuts the train split."""
     train_x, train_y = load_fashion_mnist_arrays("train", args.data_dir)
     test_x, test_y = load_fashion_mnist_arrays("test", args.data_dir)
     if args.limit:
         train_x, train_y = train_x[: args.limit], train_y[: args.limit]
     xtr, ytr = to_tensor(train_x), torch.from_numpy(train_y)
     xte, yte = to_tensor(test_x), torch.from_numpy(test_y)
+    return xtr, ytr, xte, yte
 
-    config = VimConfig(
-        hidden_size=args.hidden_size, num_hidden_layers=args.depth, d_state=args.d_state, expand=args.expand,
-        patch_size=args.patch_size, stride=args.stride, image_size=28, num_channels=1,
-        num_labels=10, id2label=dict(enumerate(FASHION_MNIST_LABELS)),
-        label2id={name: i for i, name in enumerate(FASHION_MNIST_LABELS)},
-    )
-    model = VimForImageClassification(config)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params:,} parameters, {config.sequence_length} tokens", flush=True)
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "A_log" not in n and "A_b_log" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "A_log" not in n and "A_b_log" not in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
-    )
+def train(model, xtr: torch.Tensor, ytr: torch.Tensor, args) -> list[float]:
+    """The fixtures' training loop: AdamW (no weight decay on biases, norms, ``A_log`` and D), linear warm-up then
+    cosine decay, seeded shuffles and augmentation, label smoothing, gradient clipping at 1. Returns the wall seconds
+    of each epoch."""
+
+    def decays(name: str, p) -> bool:
+        return p.dim() >= 2 and "A_log" not in name and "A_b_log" not in name
+
+    params = list(model.named_parameters())
+    opt = torch.optim.AdamW([
+        {"params": [p for n, p in params if decays(n, p)], "weight_decay": args.weight_decay},
+        {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0},
+    ], lr=args.lr)
     steps_per_epoch = math.ceil(len(xtr) / args.batch_size)
     total = steps_per_epoch * args.epochs
 
@@ -131,8 +125,7 @@ def main(argv=None) -> int:
         return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
     gen = torch.Generator().manual_seed(args.seed)
-    start = time.time()
-    step = 0
+    start, step, epoch_seconds = time.time(), 0, []
     for epoch in range(args.epochs):
         model.train()
         perm = torch.randperm(len(xtr), generator=gen)
@@ -152,8 +145,33 @@ def main(argv=None) -> int:
             step += 1
             running = 0.98 * running + 0.02 * loss.item() if i else loss.item()
             bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr_at(step):.2e}", refresh=False)
+        epoch_seconds.append(round(time.time() - start - sum(epoch_seconds), 1))
         print(f"epoch {epoch + 1}: loss {running:.4f}, {time.time() - start:.0f}s elapsed", flush=True)
+    return epoch_seconds
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    xtr, ytr, xte, yte = load_splits(args)
+
+    config = VimConfig(
+        hidden_size=args.hidden_size, num_hidden_layers=args.depth, d_state=args.d_state, expand=args.expand,
+        patch_size=args.patch_size, stride=args.stride, image_size=28, num_channels=1,
+        num_labels=10, id2label=dict(enumerate(FASHION_MNIST_LABELS)),
+        label2id={name: i for i, name in enumerate(FASHION_MNIST_LABELS)},
+    )
+    model = VimForImageClassification(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params:,} parameters, {config.sequence_length} tokens", flush=True)
+
+    start = time.time()
+    train(model, xtr, ytr, args)
     train_seconds = time.time() - start
     accuracy = evaluate(model, xte, yte)
     print(f"test accuracy (10,000 images): {accuracy:.4f}; training wall time {train_seconds:.0f}s", flush=True)
