@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ...serialization import atomic_save
-from ..vim.convert_vim_checkpoint import SAFE_GLOBALS, CheckpointConversionError, _unpickling_reason
+from ..vim.convert_vim_checkpoint import CheckpointConversionError, read_weights_only
 from .configuration_mambavision import MAMBAVISION_PRESETS, MambaVisionConfig, preset_name
 
 logger = logging.getLogger(__name__)
@@ -40,19 +40,7 @@ _HUB_ARCH_FIELDS = ("depths", "num_heads", "window_size", "dim", "in_dim", "mlp_
 def load_official_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], str | None]:
     """Reads an official ``.pth.tar`` safely: ``(state dict with official keys, arch name or None)``."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch names the refused global in its message
-        raise CheckpointConversionError(
-            f"could not read {path} as a weights-only checkpoint ({_unpickling_reason(err)}). optimum-vim only "
-            "unpickles tensors, plain containers and argparse.Namespace; a file that needs anything else is not an "
-            "official MambaVision checkpoint, and loading it with full unpickling could run arbitrary code."
-        ) from err
-    if not isinstance(obj, dict):
-        raise CheckpointConversionError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
+    obj = read_weights_only(path, "MambaVision")
     keys = ("state_dict_ema", "model_ema") if use_ema else ("state_dict", "model")
     state = next((obj[k] for k in keys if k in obj), None)
     if state is None:

@@ -46,9 +46,9 @@ def imagenet1k_labels() -> list[str]:
     return data["labels"]
 
 
-def load_official_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> dict[str, torch.Tensor]:
-    """Reads an official ``.pth`` safely and returns its model state dict (``model``, or ``model_ema``)."""
-    path = Path(path)
+def read_weights_only(path: Path, family: str) -> dict:
+    """The dict an official ``family`` checkpoint file holds, unpickled with the allow-list only (tensors, plain
+    containers, ``argparse.Namespace``); a missing file, a refused global or a non-dict is a clear error."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -58,10 +58,17 @@ def load_official_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> 
         raise CheckpointConversionError(
             f"could not read {path} as a weights-only checkpoint ({_unpickling_reason(err)}). optimum-vim only "
             "unpickles tensors, plain containers and argparse.Namespace; a file that needs anything else is not an "
-            "official Vim checkpoint, and loading it with full unpickling could run arbitrary code."
+            f"official {family} checkpoint, and loading it with full unpickling could run arbitrary code."
         ) from err
     if not isinstance(obj, dict):
         raise CheckpointConversionError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
+    return obj
+
+
+def load_official_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """Reads an official ``.pth`` safely and returns its model state dict (``model``, or ``model_ema``)."""
+    path = Path(path)
+    obj = read_weights_only(path, "Vim")
     key = "model_ema" if use_ema else "model"
     if key in obj:
         state = obj[key]
