@@ -221,8 +221,8 @@ _METRICS = ("top1", "ratio_to_fp", "sqnr_db", "agreement")
 
 
 # every recipe beside RTN on the MambaVision fixture (default linears: the mixers' four and the token blocks' attention
-# and MLP linears; kscale: the mixers). OuroMamba runs on real images here: OuroMamba-Gen reads the implicit attention
-# towards a class token, which MambaVision does not have (its data-free rows are refused with that message).
+# and MLP linears; kscale: the mixers). OuroMamba data-free: OuroMamba-Gen reads the implicit attention of the pooled
+# output (MambaVision has no class token), and beside it on 128 real images.
 SUITES["mambavision"] = [
     row("RTN W8A8", "rtn", 8, 8),
     row("RTN W4A8", "rtn", 4, 8),
@@ -238,6 +238,12 @@ SUITES["mambavision"] = [
     row("PTQ4VM W4A4 PTS + smoothing (no JLSS)", "ptq4vm", 4, 4, recipe_args={"jlss": False}),
     row("PTQ4VM W4A4 loss=nmse", "ptq4vm", 4, 4, recipe_args={"loss": "nmse"}),
     row("kscale W8A8", "kscale", 8, 8),
+    row("OuroMamba W4A8O16 (128 synthetic)", "ouromamba", 4, 8, calibration_dataset=None),
+    row("OuroMamba W4A4O8 (128 synthetic)", "ouromamba", 4, 4, calibration_dataset=None),
+    row("OuroMamba W4A4O8 paper preset (128 synthetic)", "ouromamba", 4, 4, calibration_dataset=None,
+        recipe_args={"preset": "paper"}),
+    row("OuroMamba W4A4O8 no InfoNCE (class loss only)", "ouromamba", 4, 4, calibration_dataset=None,
+        recipe_args={"contrastive_weight": 0.0}),
     row("OuroMamba W4A8O16 real data (128 images)", "ouromamba", 4, 8),
     row("OuroMamba W4A4O8 real data (128 images)", "ouromamba", 4, 4),
     row("OuroMamba W4A4O8 real data, loss=nmse", "ouromamba", 4, 4, recipe_args={"loss": "nmse"}),

@@ -12,7 +12,9 @@ A family adapter names
 * the **mixers** and their dataflow per scan direction (:class:`MixerLayout`, :class:`ScanPath`): conv -> act ->
   x_proj -> (dt | B | C) -> dt_proj -> softplus -> scan, whether a gate multiplies the scan output or the z branch is
   concatenated, which directions walk the tokens in reverse (k-scale and OuroMamba read this);
-* the **token layout** (:class:`TokenLayout`: class-token position or none, the patch grid) and the input geometry;
+* the **token layout** (:class:`TokenLayout`: class-token position or none, the patch grid), where each block's scan
+  tokens lie on its feature map (:class:`ScanGrid`, :meth:`ModelFamily.scan_grid`: whole-map sequences or windows)
+  and the input geometry;
 * the float scan and conv classes (a float model is recognised by them).
 
 A hierarchical family (MambaVision: conv stages, then mixer and attention blocks per stage, downsamplers between)
@@ -137,6 +139,88 @@ class TokenLayout:
         return self.grid[0] * self.grid[1]
 
 
+@dataclass(frozen=True)
+class ScanGrid:
+    """Where the tokens one block's scans see lie on that block's feature map, for readouts that need the 2-D layout
+    (OuroMamba-Gen's Δ-weighted patching and patch InfoNCE).
+
+    ``rows`` x ``cols``: the block's token map (its real positions, row-major). ``window``: None when each image is one
+    sequence (the map's tokens in row-major order, the class token at ``class_token`` when there is one); else the
+    scans run on the tokens of each ``window`` x ``window`` window of the map zero-padded on the right / bottom to
+    whole windows, windows row-major, tokens row-major inside each (no class token), so the scan batch is
+    ``images * windows``.
+    """
+
+    rows: int
+    cols: int
+    window: int | None = None
+    class_token: int | None = None
+
+    def __post_init__(self):
+        if self.window is not None and self.class_token is not None:
+            raise ValueError("a windowed token layout has no class token")
+
+    @property
+    def num_patches(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def _padded(self) -> tuple[int, int]:
+        w = self.window
+        return -(-self.rows // w) * w, -(-self.cols // w) * w
+
+    @property
+    def scans_per_image(self) -> int:
+        """Scan sequences per image: its windows (1 without windows)."""
+        if self.window is None:
+            return 1
+        hp, wp = self._padded
+        return (hp // self.window) * (wp // self.window)
+
+    @property
+    def sequence_length(self) -> int:
+        """Tokens per scan sequence (a window's, or the whole map's with its class token)."""
+        if self.window is not None:
+            return self.window * self.window
+        return self.num_patches + (self.class_token is not None)
+
+    def to_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """(scan batch, L, *f) in scan layout -> (images, rows * cols, *f) on the map: windows put back, padding and
+        class token dropped."""
+        if self.window is None:
+            if self.class_token is None:
+                return x
+            return torch.cat([x[:, : self.class_token], x[:, self.class_token + 1 :]], dim=1)
+        w, (hp, wp) = self.window, self._padded
+        feat = x.shape[2:]
+        images = x.shape[0] // self.scans_per_image
+        x = x.reshape(images, hp // w, wp // w, w, w, *feat).transpose(2, 3).reshape(images, hp, wp, *feat)
+        return x[:, : self.rows, : self.cols].reshape(images, self.num_patches, *feat)
+
+    def from_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_grid`: (images, rows * cols, *f) -> (scan batch, L, *f), zeros at the padding and the
+        class token."""
+        if self.window is None:
+            if self.class_token is None:
+                return x
+            pad = x.new_zeros(x.shape[0], 1, *x.shape[2:])
+            return torch.cat([x[:, : self.class_token], pad, x[:, self.class_token :]], dim=1)
+        w, (hp, wp) = self.window, self._padded
+        images, feat = x.shape[0], x.shape[2:]
+        x = x.reshape(images, self.rows, self.cols, *feat)
+        if (hp, wp) != (self.rows, self.cols):
+            full = x.new_zeros(images, hp, wp, *feat)
+            full[:, : self.rows, : self.cols] = x
+            x = full
+        x = x.reshape(images, hp // w, w, wp // w, w, *feat).transpose(2, 3)
+        return x.reshape(images * self.scans_per_image, w * w, *feat)
+
+    def real_tokens(self, images: int, device=None) -> torch.Tensor:
+        """(scan batch, L) bool: the tokens that are map positions (not padding, not the class token)."""
+        ones = torch.ones(images, self.num_patches, dtype=torch.bool, device=device)
+        return self.from_grid(ones)
+
+
 class ModelFamily:
     """Base class of model-family adapters (see the module docstring). A family implements the methods that raise
     ``NotImplementedError``; the rest derive from them."""
@@ -237,6 +321,12 @@ class ModelFamily:
     # ---------------------------------------------------------------------------------------------- inputs / outputs
     def token_layout(self, model: nn.Module) -> TokenLayout:
         raise NotImplementedError
+
+    def scan_grid(self, model: nn.Module, block_index: int) -> ScanGrid:
+        """Where the scan tokens of block ``block_index`` (of :meth:`blocks`) lie on its map, at the model's input
+        size (default: one sequence per image with the :meth:`token_layout`'s grid and class token)."""
+        layout = self.token_layout(model)
+        return ScanGrid(*layout.grid, class_token=layout.class_token)
 
     def input_shape(self, model: nn.Module) -> tuple[int, int, int]:
         """``(channels, height, width)`` of the images the model takes."""

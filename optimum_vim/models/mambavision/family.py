@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ...modules.float import SelectiveScan, TokenConv1d, token_conv1d
-from ..family import MixerLayout, MixerRef, ModelFamily, ScanPath, TokenLayout
+from ..family import MixerLayout, MixerRef, ModelFamily, ScanGrid, ScanPath, TokenLayout
 from .modeling_mambavision import (
     MambaVisionBackbone,
     MambaVisionDownsample,
@@ -115,6 +115,19 @@ class MambaVisionFamily(ModelFamily):
         cfg = self.backbone(model)[1].config
         ws = cfg.window_size[2]
         return TokenLayout(length=ws * ws, grid=(ws, ws), class_token=None)
+
+    def scan_grid(self, model, block_index):
+        """A token block's windows on its stage's map at the configured image size: the stem and every downsampler
+        are 3x3 stride-2 convs with padding 1 (a side s becomes ``(s - 1) // 2 + 1``)."""
+        name, block = self.blocks(model)[block_index]
+        if not isinstance(block, MambaVisionTokenBlock):
+            raise ValueError(f"block {block_index} ({name}) is not a token block: it has no scan tokens")
+        cfg = self.backbone(model)[1].config
+        stage = int(name.split("levels.", 1)[1].split(".", 1)[0])
+        side = cfg.image_size
+        for _ in range(2 + stage):  # the stem's two convs, then one downsampler per earlier stage
+            side = (side - 1) // 2 + 1
+        return ScanGrid(side, side, window=block.window_size)
 
     def input_shape(self, model):
         cfg = model.config

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...models.family import family_of
+from ...models.family import ScanGrid, family_of
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,29 @@ def _scan_modules(family, model: nn.Module, layers: Sequence[int] | None) -> lis
     if not out:
         raise ValueError("layers selects no block; pass None (all blocks) or a non-empty list of block indices")
     return out
+
+
+def _contrastive_scans(family, model: nn.Module, layers: Sequence[int] | None):
+    """The scans feeding ``L_C`` and, per block, where its scan tokens lie (:class:`ScanGrid`). With a class token
+    every chosen block's scans (the layout's grid, at least 3 patches); without one, the chosen blocks whose maps
+    have at least 3 patches (``layers=None`` skips the others, naming one of them is refused)."""
+    modules = _scan_modules(family, model, layers)
+    layout = family.token_layout(model)
+    if layout.class_token is not None:
+        if layout.num_patches < 3:
+            raise ValueError(f"the patch InfoNCE needs at least 3 patches; this model has {layout.num_patches}")
+        return modules, {}
+    grids = {i: family.scan_grid(model, i) for i in sorted({i for i, _, _ in modules})}
+    small = {i: g for i, g in grids.items() if g.num_patches < 3}
+    if layers is not None and small:
+        i, g = next(iter(small.items()))
+        raise ValueError(f"the patch InfoNCE needs at least 3 patches per image; block {i}'s scans see a "
+                         f"{g.rows}x{g.cols} map: leave it out of layers")
+    chosen = [m for m in modules if m[0] not in small]
+    if not chosen:
+        raise ValueError("the patch InfoNCE needs at least 3 patches per image, and no block's scans see that many "
+                         "at this image size: pass contrastive_weight=0 (the class output loss only)")
+    return chosen, grids
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,16 +200,7 @@ def class_token_state_attention(u: torch.Tensor, delta: torch.Tensor, A: torch.T
     b, length, e = delta.shape
     u, delta, A, B, C = u.float(), delta.float(), A.float(), B.float(), C.float()
     n = A.shape[1]
-    # per-token views by unbind (its backward is one stack; indexing decay[:, t] would allocate a full-size gradient
-    # per token in the backward pass)
-    decay = torch.exp(delta.unsqueeze(-1) * A).unbind(1)  # L x (b, E, N)
-    write = ((delta * u).unsqueeze(-1) * B.unsqueeze(2)).unbind(1)  # Δ_t u_t B_t
-    h = delta.new_zeros(b, e, n)
-    states = [None] * length
-    for t in (range(length - 1, -1, -1) if reverse else range(length)):
-        h = decay[t] * h + write[t]
-        states[t] = h
-    states = torch.stack(states, 1)  # (b, L, E, N)
+    states = scan_states(u, delta, A, B, reverse)
     patches = torch.cat([states[:, :cls_pos], states[:, cls_pos + 1 :]], dim=1).reshape(b, length - 1, e * n)
     patched = patch_neighbourhood(patches, patch_weights(delta, cls_pos), grid, patch_size).reshape(b, -1, e, n)
     patched = torch.cat([patched[:, :cls_pos], patched.new_zeros(b, 1, e, n), patched[:, cls_pos:]], dim=1)
@@ -199,29 +213,117 @@ def class_token_state_attention(u: torch.Tensor, delta: torch.Tensor, A: torch.T
     return torch.cat([out[:, :cls_pos], out[:, cls_pos + 1 :]], dim=1)
 
 
-def patch_weights(delta: torch.Tensor, cls_pos: int) -> torch.Tensor:
-    """(b, L, E) Δ -> (b, P) patching weights: Σ_e Δ per patch token, min-max normalised per image (class token
-    excluded). A constant Δ map gives all-ones weights (plain neighbourhood sum)."""
+def scan_states(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                reverse: bool) -> torch.Tensor:
+    """The hidden states ``h_t = exp(Δ_t A) h_(t-1) + Δ_t u_t B_t`` of one scan direction, fp32 (b, L, E, N) in token
+    order (``reverse``: the scan walks the tokens from the last)."""
+    b, length, e = delta.shape
+    u, delta, A, B = u.float(), delta.float(), A.float(), B.float()
+    # per-token views by unbind (its backward is one stack; indexing decay[:, t] would allocate a full-size gradient
+    # per token in the backward pass)
+    decay = torch.exp(delta.unsqueeze(-1) * A).unbind(1)  # L x (b, E, N)
+    write = ((delta * u).unsqueeze(-1) * B.unsqueeze(2)).unbind(1)  # Δ_t u_t B_t
+    h = delta.new_zeros(b, e, A.shape[1])
+    states = [None] * length
+    for t in (range(length - 1, -1, -1) if reverse else range(length)):
+        h = decay[t] * h + write[t]
+        states[t] = h
+    return torch.stack(states, 1)
+
+
+def pooled_readout(delta: torch.Tensor, A: torch.Tensor, C: torch.Tensor, real: torch.Tensor,
+                   reverse: bool) -> torch.Tensor:
+    """How the pooled output of one scan direction reads each token's state (families without a class token).
+
+    ``R_j[e, n] = Σ_i real_i · C_i[n] · exp(A[e, n] · Σ_{k between j and i} Δ_k[e])`` over the outputs ``i`` the scan
+    carries token ``j`` to (``i >= j``; ``i <= j`` for ``reverse``), by the recurrence
+    ``R_j = real_j C_j + exp(Δ_(j+1) A) R_(j+1)``. ``real`` (b, L) bool masks padding out of the pool.
+
+    Returns: (b, L, E, N) fp32.
+    """
+    delta, A, C = delta.float(), A.float(), C.float()
+    read = C * real.unsqueeze(-1).to(C.dtype)
+    if reverse:
+        delta, read = delta.flip(1), read.flip(1)
+    length, e = delta.shape[1], delta.shape[2]
+    decay = torch.exp(delta.unsqueeze(-1) * A).unbind(1)  # L x (b, E, N)
+    read = read.unsqueeze(2).unbind(1)  # L x (b, 1, N)
+    r = read[length - 1].expand(-1, e, -1)
+    out = [None] * length
+    out[length - 1] = r
+    for j in range(length - 2, -1, -1):
+        r = read[j] + decay[j + 1] * r
+        out[j] = r
+    out = torch.stack(out, 1)
+    return out.flip(1) if reverse else out
+
+
+def pooled_attention(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, real: torch.Tensor,
+                     reverse: bool) -> torch.Tensor:
+    """Implicit attention of the pooled output to every token of one scan direction (families without a class token,
+    whose head reads the mean of the tokens): ``Σ_i real_i α[i, j, e]`` = ``Σ_n R_j[e, n] Δ_j[e] B_j[n]``
+    (:func:`pooled_readout`), the derivative of the sum of the real outputs by ``u_j`` less the skip term. The mean
+    the head reads divides it by the map's positions, a constant the InfoNCE's cosine ignores.
+
+    Args: delta (b, L, E); A (E, N); B, C (b, L, N); real (b, L) bool. Returns: (b, L, E) fp32.
+    """
+    readout = pooled_readout(delta, A, C, real, reverse)
+    return torch.einsum("bjen,bjn->bje", readout, B.float()) * delta.float()
+
+
+def pooled_state_attention(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                           grid: ScanGrid, reverse: bool, patch_size: int) -> torch.Tensor:
+    """``patching="state"`` without a class token: the scan's hidden states are Δ-weighted p×p patched on the map
+    (:class:`~optimum_vim.models.family.ScanGrid`), then read out by the pooled output (:func:`pooled_readout`).
+
+    Args: u, delta (scan batch, L, E); A (E, N); B, C (scan batch, L, N). Returns: (images, P, E) fp32 per map position.
+    """
+    e, n = delta.shape[2], A.shape[1]
+    states = grid.to_grid(scan_states(u, delta, A, B, reverse))  # (images, P, E, N)
+    images = states.shape[0]
+    patched = patch_neighbourhood(states.reshape(images, grid.num_patches, e * n), patch_weights(delta, grid=grid),
+                                  (grid.rows, grid.cols), patch_size)
+    patched = grid.from_grid(patched.reshape(images, grid.num_patches, e, n))
+    readout = pooled_readout(delta, A, C, grid.real_tokens(images, delta.device), reverse)
+    return grid.to_grid(torch.einsum("bjen,bjen->bje", readout, patched))
+
+
+def patch_weights(delta: torch.Tensor, cls_pos: int | None = None, grid: ScanGrid | None = None) -> torch.Tensor:
+    """(b, L, E) Δ -> (images, P) patching weights: Σ_e Δ per patch token, min-max normalised per image. Give one of
+    ``cls_pos`` (the class-token index: the other tokens are the patches) or ``grid`` (where the scan tokens lie on
+    the map, :class:`ScanGrid`). A constant Δ map gives all-ones weights (plain neighbourhood sum)."""
+    if (cls_pos is None) == (grid is None):
+        raise TypeError("patch_weights takes one of cls_pos or grid")
     w = delta.float().sum(-1)
-    w = torch.cat([w[:, :cls_pos], w[:, cls_pos + 1 :]], dim=1)
+    if grid is not None:
+        w = grid.to_grid(w)
+    else:
+        w = torch.cat([w[:, :cls_pos], w[:, cls_pos + 1 :]], dim=1)
     lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
     span = hi - lo
     return torch.where(span > 0, (w - lo) / span.clamp_min(torch.finfo(w.dtype).tiny), torch.ones_like(w))
 
 
-def patch_neighbourhood(features: torch.Tensor, weights: torch.Tensor, grid: int, patch_size: int) -> torch.Tensor:
+def patch_neighbourhood(features: torch.Tensor, weights: torch.Tensor, grid: int | tuple[int, int],
+                        patch_size: int) -> torch.Tensor:
     """Δ-weighted p×p aggregation on the patch grid: ``f_p(τ) = Σ_{k∈N_p(τ)} w_k f(k)``, replicate padding.
 
     Args:
-        features: (b, P, E) per-patch vectors in row-major grid order (P = grid²). weights: (b, P).
+        features: (b, P, E) per-patch vectors in row-major grid order (P = rows * cols). weights: (b, P).
+        grid: patches per side, or ``(rows, cols)``.
+        patch_size: p, capped at the largest odd size that fits the map's shorter side.
 
     Returns:
         (b, P, E).
     """
     b, p_count, e = features.shape
-    if p_count != grid * grid:
-        raise ValueError(f"expected {grid * grid} patches for a {grid}x{grid} grid; got {p_count}")
-    x = (features * weights.unsqueeze(-1)).transpose(1, 2).reshape(b, e, grid, grid)
+    rows, cols = (grid, grid) if isinstance(grid, int) else grid
+    if p_count != rows * cols:
+        raise ValueError(f"expected {rows * cols} patches for a {rows}x{cols} grid; got {p_count}")
+    x = (features * weights.unsqueeze(-1)).transpose(1, 2).reshape(b, e, rows, cols)
+    # [open] a neighbourhood no larger than the map: on a map shorter than p a p x p window covers every patch (all
+    # replicate padding beyond the map), every patch gets the same features and the InfoNCE has no gradient
+    patch_size = min(patch_size, (min(rows, cols) - 1) // 2 * 2 + 1)
     if patch_size > 1:
         half = patch_size // 2
         x = F.pad(x, (half, half, half, half), mode="replicate")
@@ -285,8 +387,10 @@ def generation_loss(model: nn.Module, pixel_values: torch.Tensor, targets: torch
     if class_weight and not family.num_labels(model):
         raise ValueError("the class output loss needs a classifier head: pass an image classifier, or "
                          "class_weight=0 for the contrastive loss only")
-    modules = _scan_modules(family, model, layers)
-    cls_pos, grid = _class_token(family, model)
+    if contrastive_weight:
+        modules, grids = _contrastive_scans(family, model, layers)
+    else:  # the class output loss alone reads no scan
+        modules, grids = [], {}
     with _ScanCapture(modules) as cap:
         logits = family.logits(model, pixel_values)
     parts = {}
@@ -294,12 +398,10 @@ def generation_loss(model: nn.Module, pixel_values: torch.Tensor, targets: torch
     if contrastive_weight:
         per_layer: dict[int, torch.Tensor] = {}
         for (layer, _reverse), (u, delta, A, B, C) in sorted(cap.captured.items()):
-            if patching == "state":
-                patched = class_token_state_attention(u, delta, A, B, C, cls_pos, _reverse, grid, patch_size)
+            if layer in grids:  # no class token: the pooled output's attention on the block's map
+                patched = _pooled_features(u, delta, A, B, C, grids[layer], _reverse, patch_size, patching)
             else:
-                attn = class_token_attention(delta, A, B, C, cls_pos, _reverse)
-                attn = torch.cat([attn[:, :cls_pos], attn[:, cls_pos + 1 :]], dim=1)  # (b, P, E) patch tokens only
-                patched = patch_neighbourhood(attn, patch_weights(delta, cls_pos), grid, patch_size)
+                patched = _class_token_features(family, model, u, delta, A, B, C, _reverse, patch_size, patching)
             per_layer[layer] = per_layer[layer] + patched if layer in per_layer else patched
         l_c = torch.stack([patch_info_nce(f, positives, temperature) for f in per_layer.values()]).mean()
         total = total + contrastive_weight * l_c
@@ -312,6 +414,28 @@ def generation_loss(model: nn.Module, pixel_values: torch.Tensor, targets: torch
         parts["class"] = float(l_o.detach())
     parts["loss"] = float(total.detach())
     return total, parts
+
+
+def _class_token_features(family, model, u, delta, A, B, C, reverse: bool, patch_size: int,
+                          patching: str) -> torch.Tensor:
+    """(b, P, E) enhanced attention towards the class token of one scan direction (module docstring, steps 1-2)."""
+    cls_pos, grid = _class_token(family, model)
+    if patching == "state":
+        return class_token_state_attention(u, delta, A, B, C, cls_pos, reverse, grid, patch_size)
+    attn = class_token_attention(delta, A, B, C, cls_pos, reverse)
+    attn = torch.cat([attn[:, :cls_pos], attn[:, cls_pos + 1 :]], dim=1)  # (b, P, E) patch tokens only
+    return patch_neighbourhood(attn, patch_weights(delta, cls_pos), grid, patch_size)
+
+
+def _pooled_features(u, delta, A, B, C, grid: ScanGrid, reverse: bool, patch_size: int,
+                     patching: str) -> torch.Tensor:
+    """(images, P, E) enhanced attention of the pooled output of one scan direction on its block's map (module
+    docstring, "Without a class token")."""
+    if patching == "state":
+        return pooled_state_attention(u, delta, A, B, C, grid, reverse, patch_size)
+    images = delta.shape[0] // grid.scans_per_image
+    attn = grid.to_grid(pooled_attention(delta, A, B, C, grid.real_tokens(images, delta.device), reverse))
+    return patch_neighbourhood(attn, patch_weights(delta, grid=grid), (grid.rows, grid.cols), patch_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -485,9 +609,8 @@ def generate_calibration_images(
         raise ValueError("the class output loss needs a classifier head: pass an image classifier, or "
                          "class_weight=0")
     _scan_modules(family, model, layers)  # validates the block selection before any work
-    layout = family.token_layout(model)
-    if contrastive_weight and layout.num_patches < 3:
-        raise ValueError(f"the patch InfoNCE needs at least 3 patches; this model has {layout.num_patches}")
+    if contrastive_weight:
+        _contrastive_scans(family, model, layers)
     param = next(model.parameters())
     device = param.device
     gen = torch.Generator().manual_seed(seed)
@@ -593,6 +716,10 @@ __all__ = [
     "to_pil_images",
     "class_token_attention",
     "class_token_state_attention",
+    "pooled_attention",
+    "pooled_readout",
+    "pooled_state_attention",
+    "scan_states",
     "generate_calibration_images",
     "generation_loss",
     "patch_info_nce",
