@@ -157,3 +157,15 @@ def test_every_recipe_calibrates_a_second_family_through_its_adapter(toy, recipe
         ref, out = toy(pixels), quantized(pixels)
     sqnr = 10 * math.log10(ref.pow(2).sum() / (ref - out).pow(2).sum())
     assert sqnr > min_sqnr, f"{recipe}: logit SQNR {sqnr:.1f} dB"
+
+
+def test_ouromamba_gen_runs_on_a_family_without_a_class_token(toy):
+    """The toy's tokens are one 7x7 sequence per image without a class token (the adapter's default scan grid):
+    OuroMamba-Gen reads the pooled output's attention there, seeded."""
+    from optimum_vim import generate_calibration_images
+
+    kw = dict(iterations=3, patch_size=3, seed=1, progress=False)
+    parts = []
+    images = generate_calibration_images(toy, 2, callback=lambda it, ci, p: parts.append(p), **kw)
+    assert images.shape == (2, 1, 28, 28) and parts[0]["contrastive"] > 0
+    assert torch.equal(images, generate_calibration_images(toy, 2, **kw))

@@ -277,3 +277,155 @@ def test_state_patching_generates_seeded_images_other_than_the_attention_ones():
     assert not torch.equal(state, optimum_vim.generate_calibration_images(model, 3, **kw))
     with pytest.raises(ValueError, match="'patching' must be one of"):
         optimum_vim.generate_calibration_images(model, 3, patching="tokens", **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# families without a class token (MambaVision): the pooled output's attention on each block's map
+def _tiny_mambavision(image_size=40, seed=0):
+    """Stage 3 sees a 3x3 map in 2x2 windows (padded to 4x4), stage 4 a 2x2 map in one window at 40x40."""
+    from optimum_vim.models.mambavision import MambaVisionConfig, MambaVisionForImageClassification
+
+    torch.manual_seed(seed)
+    cfg = MambaVisionConfig(dim=8, in_dim=4, depths=[1, 1, 2, 2], num_heads=[1, 1, 2, 2], window_size=[8, 8, 2, 2],
+                            d_state=4, mlp_ratio=2.0, image_size=image_size, num_channels=1, num_labels=5)
+    return MambaVisionForImageClassification(cfg).eval()
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_pooled_attention_is_the_jacobian_of_the_pooled_scan(reverse):
+    # Σ_i real_i y_i = Σ_j (Σ_i real_i α[i, j]) u_j (+ D terms): the pooled attention is its derivative by u_j, the
+    # padded outputs left out of the pool
+    from optimum_vim.recipes.ouromamba.generation import pooled_attention
+
+    torch.manual_seed(0)
+    b, length, e, n = 2, 7, 3, 4
+    delta = torch.rand(b, length, e) * 0.8 + 0.05
+    A = -torch.rand(e, n) * 2 - 0.1
+    B, C = torch.randn(b, length, n), torch.randn(b, length, n)
+    real = torch.ones(b, length, dtype=torch.bool)
+    real[:, -2:] = False  # a window's padding
+    u = torch.randn(b, length, e, requires_grad=True)
+    pooled = (selective_scan_torch(u, delta, A, B, C, None, reverse=reverse) * real.unsqueeze(-1)).sum(1)
+    jac = torch.zeros(b, length, e)
+    for ch in range(e):
+        g, = torch.autograd.grad(pooled[:, ch].sum(), u, retain_graph=True)
+        jac[:, :, ch] = g[:, :, ch]
+    attn = pooled_attention(delta, A, B, C, real, reverse)
+    torch.testing.assert_close(attn, jac, rtol=1e-5, atol=1e-6)
+    # forward, the padding at the end reaches no real output; backward it reaches all of them
+    assert (torch.count_nonzero(attn[:, -2:]) > 0) == reverse
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_state_patching_without_a_class_token_reads_the_patched_states_out_by_the_pool(reverse):
+    """patching="state" on a windowed map: states patched on the 3x3 map (windows of 2x2, padded to 4x4), then read
+    out by every real output of their window the scan carries them to; checked position by position."""
+    from optimum_vim_kernels.reference import selective_scan_q_ref
+
+    from optimum_vim.models.family import ScanGrid
+    from optimum_vim.recipes.ouromamba.generation import pooled_state_attention
+
+    torch.manual_seed(1)
+    images, side, ws, e, n = 2, 3, 2, 3, 4
+    grid = ScanGrid(side, side, window=ws)
+    scans, length = images * 4, ws * ws
+    delta = torch.rand(scans, length, e) * 0.8 + 0.05
+    A = -torch.rand(e, n) * 2 - 0.1
+    B, C, u = torch.randn(scans, length, n), torch.randn(scans, length, n), torch.randn(scans, length, e)
+    states = torch.zeros(scans, length, e, n)
+
+    def keep(t, h, _scale):
+        states[:, t] = h
+
+    selective_scan_q_ref(u, delta, A, B, C, reverse=reverse, state_callback=keep)
+
+    def where(img, r, c):  # (scan row, token) of a map position: 2 windows per side, row-major
+        return img * 4 + (r // ws) * 2 + c // ws, (r % ws) * ws + c % ws
+
+    pos = [(r, c) for r in range(side) for c in range(side)]
+    at = {(img, p): where(img, *rc) for img in range(images) for p, rc in enumerate(pos)}
+    weights = torch.stack([torch.stack([delta[at[img, p]].sum() for p in range(9)]) for img in range(images)])
+    weights = (weights - weights.amin(1, keepdim=True)) / (weights.amax(1, keepdim=True) - weights.amin(1, keepdim=True))
+    feats = torch.stack([torch.stack([states[at[img, p]].reshape(-1) for p in range(9)]) for img in range(images)])
+    patched = patch_neighbourhood(feats, weights, (side, side), 3).reshape(images, 9, e, n)
+    want = torch.zeros(images, 9, e)
+    for img in range(images):
+        for p in range(9):
+            s, j = at[img, p]
+            real_tokens = {at[img, q][1] for q in range(9) if at[img, q][0] == s}
+            for i in real_tokens:
+                if (i < j) if not reverse else (i > j):
+                    continue  # the scan does not carry token j to output i
+                between = range(j + 1, i + 1) if i >= j else range(i, j)
+                gap = sum((delta[s, k] for k in between), torch.zeros(e))
+                want[img, p] += torch.einsum("en,n->e", torch.exp(gap.unsqueeze(-1) * A) * patched[img, p], C[s, i])
+    got = pooled_state_attention(u, delta, A, B, C, grid, reverse, 3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_scan_grid_puts_the_windows_back_as_the_model_partitions_them():
+    from optimum_vim.models.family import ScanGrid
+    from optimum_vim.models.mambavision.modeling_mambavision import pad_to_windows, window_partition
+
+    for side, ws in ((5, 2), (4, 2), (7, 7), (3, 1)):
+        x = torch.randn(2, 3, side, side)
+        grid = ScanGrid(side, side, window=ws)
+        windows = window_partition(pad_to_windows(x, ws), ws)
+        assert windows.shape[0] == 2 * grid.scans_per_image and windows.shape[1] == grid.sequence_length
+        assert torch.equal(grid.to_grid(windows), x.flatten(2).transpose(1, 2))
+        assert torch.equal(grid.from_grid(x.flatten(2).transpose(1, 2)), windows)
+        real = grid.real_tokens(2)
+        assert int(real.sum()) == 2 * side * side and torch.equal(grid.to_grid(real), torch.ones(2, side * side) > 0)
+    cls = ScanGrid(2, 2, class_token=2)
+    tokens = torch.arange(10.0).reshape(2, 5)
+    assert torch.equal(cls.to_grid(tokens), torch.tensor([[0.0, 1, 3, 4], [5, 6, 8, 9]]))
+    assert torch.equal(cls.from_grid(cls.to_grid(tokens)), tokens.masked_fill(torch.arange(5) == 2, 0))
+    with pytest.raises(ValueError, match="no class token"):
+        ScanGrid(2, 2, window=2, class_token=1)
+
+
+def test_the_patch_neighbourhood_never_exceeds_the_map():
+    # a 5x5 neighbourhood on a 2x2 map covers every patch: all features equal, no InfoNCE gradient. Capped at the
+    # largest odd size that fits the shorter side (here 1; 3 on a 3x5 map); maps of 5 and more are unchanged
+    torch.manual_seed(0)
+    f, w = torch.randn(2, 4, 3), torch.rand(2, 4)
+    assert torch.equal(patch_neighbourhood(f, w, 2, 5), patch_neighbourhood(f, w, 2, 1))
+    f, w = torch.randn(2, 15, 3), torch.rand(2, 15)
+    assert torch.equal(patch_neighbourhood(f, w, (3, 5), 5), patch_neighbourhood(f, w, (3, 5), 3))
+    assert not torch.equal(patch_neighbourhood(f, w, (3, 5), 3), patch_neighbourhood(f, w, (3, 5), 1))
+
+
+def test_generation_without_a_class_token_is_seeded_and_lowers_its_loss():
+    from optimum_vim.models.family import family_of
+    from optimum_vim.models.mambavision.modeling_mambavision import MambaVisionTokenBlock
+
+    model = _tiny_mambavision()
+    family = family_of(model)
+    grids = {i: family.scan_grid(model, i) for i, (_, block) in enumerate(family.blocks(model))
+             if isinstance(block, MambaVisionTokenBlock)}
+    assert {(g.rows, g.window) for g in grids.values()} == {(3, 2), (2, 2)}
+    kw = dict(iterations=12, patch_size=3, positives=2, lr=0.2, seed=3, progress=False)
+    hist = []
+    images = optimum_vim.generate_calibration_images(model, 4, callback=lambda it, ci, p: hist.append(p), **kw)
+    assert images.shape == (4, 1, 40, 40) and torch.isfinite(images).all()
+    assert torch.equal(images, optimum_vim.generate_calibration_images(model, 4, **kw))
+    assert hist[0]["contrastive"] > 0 and hist[-1]["loss"] < hist[0]["loss"]
+    state = optimum_vim.generate_calibration_images(model, 4, patching="state", **kw)
+    assert torch.equal(state, optimum_vim.generate_calibration_images(model, 4, patching="state", **kw))
+    assert not torch.equal(state, images)
+    # the contrastive loss moves the pixels: without it the images differ
+    assert not torch.equal(images, optimum_vim.generate_calibration_images(model, 4, contrastive_weight=0.0, **kw))
+
+
+def test_generation_without_a_class_token_refuses_maps_too_small_for_the_infonce():
+    model = _tiny_mambavision(image_size=28)  # stage 3: a 2x2 map, stage 4: 1x1
+    kw = dict(iterations=1, patch_size=3, positives=2, progress=False)
+    optimum_vim.generate_calibration_images(model, 2, **kw)  # layers=None leaves the 1x1 map's blocks out
+    with pytest.raises(ValueError, match=r"block 7's scans see a 1x1 map: leave it out of layers"):
+        optimum_vim.generate_calibration_images(model, 2, layers=[4, 7], **kw)
+    with pytest.raises(ValueError, match="selects no block"):
+        optimum_vim.generate_calibration_images(model, 2, layers=[0], **kw)
+    tiny = _tiny_mambavision(image_size=16)  # every token stage sees a 1x1 map
+    with pytest.raises(ValueError, match="contrastive_weight=0"):
+        optimum_vim.generate_calibration_images(tiny, 2, **kw)
+    assert optimum_vim.generate_calibration_images(tiny, 2, contrastive_weight=0.0, **kw).shape == (2, 1, 16, 16)

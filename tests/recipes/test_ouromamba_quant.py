@@ -12,6 +12,7 @@ from optimum_vim import ViMQuantizationConfig, quantize_model
 from optimum_vim.evaluation import evaluate, load_named_dataset
 from optimum_vim.modules import QActivation
 from optimum_vim.recipes.ouromamba.generation import GenerationDivergedError
+from tests.support.helpers import forbid_real_data
 
 FAST = dict(num_synthetic=12, gen_iterations=8, epochs=2)
 
@@ -37,20 +38,7 @@ def subset():
 
 
 def test_is_data_free_for_real(fixture_dir, monkeypatch):
-    import optimum_vim.calibration as calibration
-    import optimum_vim.data.loaders as loaders
-    import optimum_vim.evaluation as evaluation
-    import optimum_vim.quantizer as quantizer
-
-    def unreachable(*a, **k):
-        raise AssertionError("a real data source was touched by the data-free recipe")
-
-    for mod, name in ((quantizer, "prepare_calibration_batches"), (calibration, "prepare_calibration_batches"),
-                      (evaluation, "load_named_dataset")):
-        monkeypatch.setattr(mod, name, unreachable)
-    for name in dir(loaders):
-        if name.startswith("load_"):
-            monkeypatch.setattr(loaders, name, unreachable)
+    forbid_real_data(monkeypatch)
     cfg = _config(num_synthetic=4, gen_iterations=2, epochs=1)
     assert not optimum_vim.recipes.get_recipe_class("ouromamba").requires_data(cfg)
     model = AutoModelForImageClassification.from_pretrained(fixture_dir, quantization_config=cfg)

@@ -38,3 +38,21 @@ def card_metadata(text: str) -> dict:
     """The YAML front matter of a model card."""
     assert text.startswith("---\n")
     return yaml.safe_load(text.split("---\n")[1])
+
+
+def forbid_real_data(monkeypatch) -> None:
+    """Makes every real-data source of the package raise (a data-free run must touch none of them)."""
+    import optimum_vim.calibration as calibration
+    import optimum_vim.data.loaders as loaders
+    import optimum_vim.evaluation as evaluation
+    import optimum_vim.quantizer as quantizer
+
+    def unreachable(*a, **k):
+        raise AssertionError("a real data source was touched by the data-free recipe")
+
+    for mod, name in ((quantizer, "prepare_calibration_batches"), (calibration, "prepare_calibration_batches"),
+                      (evaluation, "load_named_dataset")):
+        monkeypatch.setattr(mod, name, unreachable)
+    for name in dir(loaders):
+        if name.startswith("load_"):
+            monkeypatch.setattr(loaders, name, unreachable)

@@ -45,6 +45,17 @@ float scan modules the model's family adapter names (they stay in the autograd g
 
 ``L = contrastive_weight · mean_over_blocks(L_C) + class_weight · L_O (+ tv_weight · TV)``, minimised with Adam on the
 pixels.
+
+**Without a class token** ([open], ours; the paper reports MambaVision but releases no generation code for it). A
+family whose head reads the mean of the tokens (MambaVision) has no class-token row to read, so step 1 reads the row
+of the **pooled output** instead: ``Σ_i α[i, j, e]`` over the outputs ``i`` the scan carries token ``j`` to (padding
+left out), the derivative of the pooled scan output by ``u_j`` (:func:`pooled_attention`; with ``patching="state"``
+the patched states are read out the same way, :func:`pooled_state_attention`). Where the tokens lie comes from the
+family adapter (:class:`~optimum_vim.models.family.ScanGrid`: MambaVision's scans run on the windows of each stage's
+map, zero-padded to whole windows), so steps 2-3 work on each block's own map; blocks whose map has fewer than 3
+positions cannot feed the InfoNCE and are left out when ``layers`` is None. Every map, with or without a class
+token: the p×p neighbourhood is capped at the largest odd size that fits the map's shorter side ([open]: a larger one
+covers every patch and leaves nothing to contrast).
 Images never interact (no batch statistics), so they are optimised in independent chunks of ``batch_size``.
 """
 
@@ -559,9 +570,10 @@ def generate_calibration_images(
     """Generates ``n`` data-free calibration images with OuroMamba-Gen (see the module docstring for the loss).
 
     Args (the options of :class:`GenerationOptions` are keywords too, or given together as ``options``):
-        model: the float image classifier (for Vim ``VimForImageClassification``; its backbone with
-            ``class_weight=0``), of a family with an adapter (:mod:`optimum_vim.models.family`). It is not modified
-            (its parameters' ``requires_grad`` and train/eval mode are restored).
+        model: the float image classifier (``VimForImageClassification``, ``MambaVisionForImageClassification``;
+            a backbone with ``class_weight=0``), of a family with an adapter (:mod:`optimum_vim.models.family`). It is
+            not modified (its parameters' ``requires_grad`` and train/eval mode are restored). Without a class token
+            (MambaVision) the attention read is the pooled output's (module docstring).
         n: number of images (the paper: 128). iterations: Adam steps per image (the paper: 1000).
         patch_size: odd neighbourhood side p of the state patching (paper's best 5; 1 disables patching).
         positives: positives per anchor patch in the InfoNCE (paper: top 12).
@@ -571,7 +583,8 @@ def generate_calibration_images(
         contrastive_weight, class_weight: weights of ``L_C`` and ``L_O`` ([open] the paper sums them: 1 and 1;
             ``contrastive_weight=0`` is the "class loss only" ablation).
         targets: (n,) target classes; default class-balanced and shuffled with ``seed``.
-        layers: block indices whose scans feed ``L_C`` ([open] default all blocks, averaged).
+        layers: block indices whose scans feed ``L_C`` ([open] default all blocks, averaged; without a class token
+            the blocks whose map has at least 3 positions).
         jitter, flip: [open] image priors the paper does not mention (DeepInversion-style augmentation): at every
             iteration each image enters the model rolled by a random shift of up to ``jitter`` pixels per axis
             (``None``: half the patch stride, 2 pixels on the fixture) and, with ``flip``, mirrored left-right with

@@ -153,7 +153,8 @@ class OuroMambaArgs:
     calibration_threshold: Literal["inliers", "raw"] = "inliers"
     widen_to_zero: WidenToZero = "candidates"  # Δ's affine grid init, as PTQ4VM's option (official: "winner")
     # (gen_patching, from GenerationOptions: "attention" patches the class-token attention vectors (ours); "state"
-    # patches the hidden states as the official state_fusion and reads them out towards the class token)
+    # patches the hidden states as the official state_fusion and reads them out towards the class token; without a
+    # class token, MambaVision, both read the pooled output instead)
     # "ste": straight-through rounding, every linear's steps train; "official": what the official loop's gradients
     # reach: plain round() in the activation quantizers (no straight-through estimator) and only in_proj's and
     # out_proj's steps train (its custom autograd function gives x_proj / dt_proj of both directions none)

@@ -25,6 +25,7 @@ from optimum_vim.models.mambavision import MambaVisionForImageClassification
 from optimum_vim.modules import QConv1d, QLinear, QOutput, QSelectiveScan
 from optimum_vim.modules.float import SelectiveScan, TokenConv1d
 from optimum_vim.ops.dispatch import KernelBackend, use_kernels
+from tests.support.helpers import forbid_real_data
 from tests.support.hub_server import LoopbackHub
 
 FIXTURE = Path(__file__).resolve().parents[3] / "checkpoints" / "mambavision-fashion-mnist"
@@ -219,3 +220,20 @@ def test_targets_are_checked_against_the_model_family():
     model = AutoModelForImageClassification.from_pretrained(
         FIXTURE, quantization_config=ViMQuantizationConfig(weight_bits=4, recipe_args={"targets": ["fc1", "fc2"]}))
     assert {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, QLinear)} == {"fc1", "fc2"}
+
+
+def test_ouromamba_is_data_free_on_mambavision(images, float_logits, monkeypatch):
+    """OuroMamba without a calibration dataset generates its images on MambaVision (the pooled output's implicit
+    attention: no class token), touches no real data, and the same seed gives the same quantized model."""
+    forbid_real_data(monkeypatch)
+    config = ViMQuantizationConfig(recipe="ouromamba", weight_bits=4, act_bits=4, seed=5,
+                                   recipe_args={"num_synthetic": 8, "gen_iterations": 6, "epochs": 1})
+    model = AutoModelForImageClassification.from_pretrained(FIXTURE, quantization_config=config).eval()
+    assert model.config.quantization_config.calibration_source.startswith("calibrated on 8 synthetic images")
+    assert sum(isinstance(m, QSelectiveScan) for m in model.modules()) == 2
+    again = AutoModelForImageClassification.from_pretrained(FIXTURE, quantization_config=config).eval()
+    before, after = model.state_dict(), again.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        logits = model(images[1]).logits
+    assert (logits.argmax(-1) == float_logits.argmax(-1)).float().mean() >= 0.8
