@@ -17,7 +17,7 @@ from torch import nn
 from ..modules.plan import LayerPlan
 from ..modules.spec import ActivationSpec, OutputSpec, ScanSpec
 from ..primitives import int_range
-from ..primitives.outliers import detect_outlier_masks, extract_outliers
+from ..primitives.outliers import channel_std, detect_outlier_masks, extract_outliers
 
 _MIN_STEP = 1e-8
 
@@ -40,7 +40,7 @@ def calibration_outlier_masks(x: torch.Tensor, refresh: int, sigma: float, rever
     windows = -(-length // refresh)
     pad = windows * refresh - length
     aw = F.pad(a, (0, 0, 0, pad)).view(n, windows, refresh, c)
-    flags = aw > aw.mean(-1, keepdim=True) + sigma * aw.std(-1, keepdim=True)
+    flags = aw > aw.mean(-1, keepdim=True) + sigma * channel_std(aw)
     masks = flags.cumsum(2).bool().view(n, windows * refresh, c)[:, :length]
     return masks.flip(1) if reverse else masks
 
@@ -49,7 +49,7 @@ def calibration_outlier_masks(x: torch.Tensor, refresh: int, sigma: float, rever
 def static_outlier_channels(x: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
     """The static list (ablation): channels whose summed |x| over (n, L) exceeds mean + σ·std over channels."""
     total = x.detach().float().abs().sum(dim=(0, 1))
-    return total > total.mean() + sigma * total.std()
+    return total > total.mean() + sigma * channel_std(total).squeeze(-1)
 
 
 class LearnedOutlierActQuantizer(nn.Module):

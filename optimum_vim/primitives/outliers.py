@@ -59,6 +59,14 @@ class OutlierSplit:
         return q * self.scale + self.outlier_values
 
 
+def channel_std(a: torch.Tensor) -> torch.Tensor:
+    """Sample standard deviation over the last axis (keepdim); 0 for a single channel, which has no spread to be an
+    outlier against (``Tensor.std`` would give NaN with a warning; every comparison with either is False)."""
+    if a.shape[-1] < 2:
+        return torch.zeros_like(a[..., :1])
+    return a.std(-1, keepdim=True)
+
+
 def detect_outlier_masks(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *, refresh: int, sigma: float,
                          reverse: bool, trigger: str = "interval") -> torch.Tensor:
     """Outlier masks (b, L, C) bool of the windowed detection (steps 1-2 and 5 of the module docstring).
@@ -87,7 +95,7 @@ def detect_outlier_masks(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *,
             clips = (xi.amax(-1, keepdim=True) - xi.amin(-1, keepdim=True)) > (high[:, r] - low[:, r])[:, None]
         if bool(clips.any()):
             a = xi.abs()
-            theta = a.mean(-1, keepdim=True) + sigma * a.std(-1, keepdim=True)
+            theta = a.mean(-1, keepdim=True) + sigma * channel_std(a)
             mask = mask | ((a > theta) & clips)
         masks[:, :, r] = mask
     masks = masks.view(b, windows * refresh, c)[:, :length]
@@ -148,4 +156,4 @@ def extract_outliers(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | 
     return OutlierSplit(codes, s3, z3, masks, xo_hat)
 
 
-__all__ = ["TRIGGERS", "OutlierSplit", "detect_outlier_masks", "extract_outliers"]
+__all__ = ["TRIGGERS", "OutlierSplit", "channel_std", "detect_outlier_masks", "extract_outliers"]

@@ -272,3 +272,20 @@ def test_qoutput_with_only_an_input_quantizer():
     assert not torch.equal(q(x), torch.nn.functional.softplus(x))
     with pytest.raises(ValueError, match="input or an output"):
         build_qmodule({"type": "output", "inner": "softplus", "input": None, "output": None})
+
+
+def test_a_single_channel_is_never_an_outlier_and_warns_nothing():
+    """A one-channel input (a tiny model's dt_proj, dt_rank 1) has no spread to be an outlier against: every rule
+    flags nothing, without Tensor.std's degrees-of-freedom warning."""
+    import warnings
+
+    from optimum_vim.calibration.outlier_fakequant import calibration_outlier_masks, static_outlier_channels
+
+    x = torch.randn(3, 12, 1) * 50
+    lo, hi = torch.full((12,), -0.01), torch.full((12,), 0.01)  # every token clips
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not detect_outlier_masks(x, lo, hi, refresh=4, sigma=3.0, reverse=False).any()
+        for threshold in ("inliers", "raw"):
+            assert not calibration_outlier_masks(x, 4, 3.0, False, threshold).any()
+        assert not static_outlier_channels(x).any()
