@@ -58,6 +58,10 @@ MAMBAVISION_CASES = {
                                     recipe_args={"search_candidates": 5, "search_rounds": 1}),
     "mambavision-ptq4vm-w4a4": dict(recipe="ptq4vm", weight_bits=4, act_bits=4,
                                     recipe_args={"steps": 2, "batch_size": 8}),
+    # data-free: OuroMamba-Gen without a class token (the pooled output's attention on stage 3's 2x2 map)
+    "mambavision-ouromamba-w4a4o8-datafree": dict(recipe="ouromamba", weight_bits=4, act_bits=4,
+                                                  calibration_dataset=None,
+                                                  recipe_args={"epochs": 1, "num_synthetic": 4, "gen_iterations": 3}),
 }
 ALL_CASES = {**CASES, **MAMBAVISION_CASES}
 
@@ -85,6 +89,12 @@ def tiny_mambavision() -> MambaVisionForImageClassification:
     config = MambaVisionConfig(dim=4, in_dim=4, depths=[1, 1, 2, 2], num_heads=[1, 1, 2, 2], window_size=[8, 8, 2, 1],
                                d_state=4, mlp_ratio=2.0, image_size=28, num_channels=1, num_labels=10)
     return MambaVisionForImageClassification(config).eval()
+
+
+def config(case: str, calib: torch.Tensor) -> ViMQuantizationConfig:
+    """The seeded quantization config of a case (16 calibration images unless the case is data-free)."""
+    return ViMQuantizationConfig(**{"calibration_dataset": calib, "num_calibration_samples": 16, "seed": 0,
+                                    **ALL_CASES[case]})
 
 
 def write_float(folder: Path, model_family: str = "vim") -> Path:
@@ -121,9 +131,8 @@ def main(names: list[str] | None = None) -> None:
     (HERE / "ISA").write_text(isa_tag() + "\n")
     try:
         for name in names:
-            cfg = ViMQuantizationConfig(calibration_dataset=calib, num_calibration_samples=16, seed=0,
-                                        **ALL_CASES[name])
-            model = AutoModelForImageClassification.from_pretrained(float_dirs[family(name)], quantization_config=cfg)
+            model = AutoModelForImageClassification.from_pretrained(float_dirs[family(name)],
+                                                                    quantization_config=config(name, calib))
             out = HERE / name
             shutil.rmtree(out, ignore_errors=True)
             model.save_pretrained(out)

@@ -71,13 +71,10 @@ def test_recipes_recalibrate_to_the_golden_checkpoints(case, tmp_path):
         import make_golden
     finally:
         sys.path.remove(str(GOLDEN))
-    from optimum_vim import ViMQuantizationConfig
-
     float_dir = make_golden.write_float(tmp_path / "float", make_golden.family(case))
     calib, _ = make_golden.inputs()
-    cfg = ViMQuantizationConfig(calibration_dataset=calib, num_calibration_samples=16, seed=0,
-                                **make_golden.ALL_CASES[case])
-    model = AutoModelForImageClassification.from_pretrained(float_dir, quantization_config=cfg)
+    model = AutoModelForImageClassification.from_pretrained(float_dir,
+                                                            quantization_config=make_golden.config(case, calib))
     model.save_pretrained(tmp_path / "q")
     fresh = load_file(tmp_path / "q" / "model.safetensors")
     stored = load_file(GOLDEN / case / "model.safetensors")
