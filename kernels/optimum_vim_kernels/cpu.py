@@ -82,6 +82,7 @@ from .reference import (
     gemm_epilogue,
     group_bounds,
 )
+from .tensors import tensor_version
 
 logger = logging.getLogger(__name__)
 
@@ -101,13 +102,6 @@ _cache: dict[tuple, tuple] = {}
 _lock = threading.Lock()
 
 
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors keep no version counter; they cannot be written outside inference mode
-        return -1
-
-
 def _cached(tensor: torch.Tensor, kind: tuple, build, deps: tuple = ()):
     """``build()`` computed once per (tensor, kind) until ``tensor`` or one of the ``deps`` tensors it is built from
     is replaced, modified in place or freed.
@@ -118,7 +112,7 @@ def _cached(tensor: torch.Tensor, kind: tuple, build, deps: tuple = ()):
         return build()
     key = (id(tensor), kind)
     tensors = (tensor, *deps)
-    versions = tuple(_version(t) if t is not None else None for t in tensors)
+    versions = tuple(tensor_version(t) if t is not None else None for t in tensors)
     entry = _cache.get(key)
     if entry is not None and entry[1] == versions and all(
             (r() if r is not None else None) is t for r, t in zip(entry[0], tensors)):

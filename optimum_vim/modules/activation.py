@@ -38,6 +38,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from optimum_vim_kernels.tensors import tensor_version
 from torch import nn
 
 from ..primitives import dequantize, int_range, quantize, quantize_int8
@@ -59,13 +60,6 @@ class _RowConstants(NamedTuple):
     zero: torch.Tensor | None  # int32 (1,) or (L,)
     scale_rows: torch.Tensor  # the GEMM's row scales: (1,) or (batch * L,)
     zero_rows: torch.Tensor | None  # int32, same shape
-
-
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors keep no version counter (and cannot be written outside inference mode)
-        return -1
 
 
 @register_qmodule("activation")
@@ -191,7 +185,7 @@ class QActivation(QModule):
         compiling = torch.compiler.is_compiling()  # traced into the graph: an id()-keyed cache would guard per layer
         if not compiling:
             buffers = tuple(getattr(self, name, None) for name in ("scale", "zero_point", "labels"))
-            key = (batch, length, *((id(t), _version(t)) for t in buffers if t is not None))
+            key = (batch, length, *((id(t), tensor_version(t)) for t in buffers if t is not None))
             cache = self.__dict__.setdefault("_row_constants", {})
             hit = cache.get(key)
             if hit is not None:
