@@ -232,15 +232,11 @@ def test_a_diverging_generation_stops_with_the_iteration():
         optimum_vim.generate_calibration_images(model, 2, iterations=3, progress=False)
 
 
-@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-def test_state_patching_reads_the_patched_states_out_towards_the_class_token(reverse):
-    """patching="state" (the official state_fusion): the scan's states are Δ-weighted patched, then carried to the
-    class token and read out by C_cls; not the attention-vector patching, which depends on Δ_j B_j only."""
+def _scan_with_states(b, length, e, n, reverse, seed=1):
+    """Seeded scan inputs (Δ, A, B, C, u) and the reference scan's hidden states (b, L, E, N) in token order."""
     from optimum_vim_kernels.reference import selective_scan_q_ref
 
-    torch.manual_seed(1)
-    b, grid, e, n, cls = 2, 3, 3, 4, 4
-    length = grid * grid + 1
+    torch.manual_seed(seed)
     delta = torch.rand(b, length, e) * 0.8 + 0.05
     A = -torch.rand(e, n) * 2 - 0.1
     B, C, u = torch.randn(b, length, n), torch.randn(b, length, n), torch.randn(b, length, e)
@@ -250,6 +246,17 @@ def test_state_patching_reads_the_patched_states_out_towards_the_class_token(rev
         states[:, t] = h
 
     selective_scan_q_ref(u, delta, A, B, C, reverse=reverse, state_callback=keep)
+    return delta, A, B, C, u, states
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_state_patching_reads_the_patched_states_out_towards_the_class_token(reverse):
+    """patching="state" (the official state_fusion): the scan's states are Δ-weighted patched, then carried to the
+    class token and read out by C_cls; not the attention-vector patching, which depends on Δ_j B_j only."""
+
+    b, grid, e, n, cls = 2, 3, 3, 4, 4
+    length = grid * grid + 1
+    delta, A, B, C, u, states = _scan_with_states(b, length, e, n, reverse)
     patches = torch.cat([states[:, :cls], states[:, cls + 1:]], 1).reshape(b, grid * grid, e * n)
     patched = patch_neighbourhood(patches, patch_weights(delta, cls), grid, 3).reshape(b, grid * grid, e, n)
     want = torch.zeros(b, grid * grid, e)
@@ -320,24 +327,13 @@ def test_pooled_attention_is_the_jacobian_of_the_pooled_scan(reverse):
 def test_state_patching_without_a_class_token_reads_the_patched_states_out_by_the_pool(reverse):
     """patching="state" on a windowed map: states patched on the 3x3 map (windows of 2x2, padded to 4x4), then read
     out by every real output of their window the scan carries them to; checked position by position."""
-    from optimum_vim_kernels.reference import selective_scan_q_ref
 
     from optimum_vim.models.family import ScanGrid
     from optimum_vim.recipes.ouromamba.generation import pooled_state_attention
 
-    torch.manual_seed(1)
     images, side, ws, e, n = 2, 3, 2, 3, 4
     grid = ScanGrid(side, side, window=ws)
-    scans, length = images * 4, ws * ws
-    delta = torch.rand(scans, length, e) * 0.8 + 0.05
-    A = -torch.rand(e, n) * 2 - 0.1
-    B, C, u = torch.randn(scans, length, n), torch.randn(scans, length, n), torch.randn(scans, length, e)
-    states = torch.zeros(scans, length, e, n)
-
-    def keep(t, h, _scale):
-        states[:, t] = h
-
-    selective_scan_q_ref(u, delta, A, B, C, reverse=reverse, state_callback=keep)
+    delta, A, B, C, u, states = _scan_with_states(images * 4, ws * ws, e, n, reverse)
 
     def where(img, r, c):  # (scan row, token) of a map position: 2 windows per side, row-major
         return img * 4 + (r // ws) * 2 + c // ws, (r % ws) * ws + c % ws
