@@ -128,15 +128,16 @@ def _scan_modules(family, model: nn.Module, layers: Sequence[int] | None) -> lis
 
 def _contrastive_scans(family, model: nn.Module, layers: Sequence[int] | None):
     """The scans feeding ``L_C`` and, per block, where its scan tokens lie (:class:`ScanGrid`). With a class token
-    every chosen block's scans (the layout's grid, at least 3 patches); without one, the chosen blocks whose maps
+    every chosen block's scans (a square grid of at least 3 patches); without one, the chosen blocks whose maps
     have at least 3 patches (``layers=None`` skips the others, naming one of them is refused)."""
     modules = _scan_modules(family, model, layers)
+    grids = {i: family.scan_grid(model, i) for i in sorted({i for i, _, _ in modules})}
     layout = family.token_layout(model)
     if layout.class_token is not None:
+        _class_token(family, model)  # present and on a square grid
         if layout.num_patches < 3:
             raise ValueError(f"the patch InfoNCE needs at least 3 patches; this model has {layout.num_patches}")
-        return modules, {}
-    grids = {i: family.scan_grid(model, i) for i in sorted({i for i, _, _ in modules})}
+        return modules, grids
     small = {i: g for i, g in grids.items() if g.num_patches < 3}
     if layers is not None and small:
         i, g = next(iter(small.items()))
@@ -409,10 +410,11 @@ def generation_loss(model: nn.Module, pixel_values: torch.Tensor, targets: torch
     if contrastive_weight:
         per_layer: dict[int, torch.Tensor] = {}
         for (layer, _reverse), (u, delta, A, B, C) in sorted(cap.captured.items()):
-            if layer in grids:  # no class token: the pooled output's attention on the block's map
-                patched = _pooled_features(u, delta, A, B, C, grids[layer], _reverse, patch_size, patching)
+            grid = grids[layer]
+            if grid.class_token is None:  # the pooled output's attention on the block's map
+                patched = _pooled_features(u, delta, A, B, C, grid, _reverse, patch_size, patching)
             else:
-                patched = _class_token_features(family, model, u, delta, A, B, C, _reverse, patch_size, patching)
+                patched = _class_token_features(u, delta, A, B, C, grid, _reverse, patch_size, patching)
             per_layer[layer] = per_layer[layer] + patched if layer in per_layer else patched
         l_c = torch.stack([patch_info_nce(f, positives, temperature) for f in per_layer.values()]).mean()
         total = total + contrastive_weight * l_c
@@ -427,15 +429,15 @@ def generation_loss(model: nn.Module, pixel_values: torch.Tensor, targets: torch
     return total, parts
 
 
-def _class_token_features(family, model, u, delta, A, B, C, reverse: bool, patch_size: int,
+def _class_token_features(u, delta, A, B, C, grid: ScanGrid, reverse: bool, patch_size: int,
                           patching: str) -> torch.Tensor:
-    """(b, P, E) enhanced attention towards the class token of one scan direction (module docstring, steps 1-2)."""
-    cls_pos, grid = _class_token(family, model)
+    """(b, P, E) enhanced attention towards the class token of one scan direction (module docstring, steps 1-2) on
+    its square grid (checked by :func:`_contrastive_scans`)."""
+    cls_pos, side = grid.class_token, grid.rows
     if patching == "state":
-        return class_token_state_attention(u, delta, A, B, C, cls_pos, reverse, grid, patch_size)
-    attn = class_token_attention(delta, A, B, C, cls_pos, reverse)
-    attn = torch.cat([attn[:, :cls_pos], attn[:, cls_pos + 1 :]], dim=1)  # (b, P, E) patch tokens only
-    return patch_neighbourhood(attn, patch_weights(delta, cls_pos), grid, patch_size)
+        return class_token_state_attention(u, delta, A, B, C, cls_pos, reverse, side, patch_size)
+    attn = grid.to_grid(class_token_attention(delta, A, B, C, cls_pos, reverse))  # (b, P, E) patch tokens only
+    return patch_neighbourhood(attn, patch_weights(delta, cls_pos), side, patch_size)
 
 
 def _pooled_features(u, delta, A, B, C, grid: ScanGrid, reverse: bool, patch_size: int,
@@ -621,9 +623,11 @@ def generate_calibration_images(
     if class_weight and not num_labels:
         raise ValueError("the class output loss needs a classifier head: pass an image classifier, or "
                          "class_weight=0")
-    _scan_modules(family, model, layers)  # validates the block selection before any work
+    # validates the block selection (and, for L_C, the maps its scans see) before any work
     if contrastive_weight:
         _contrastive_scans(family, model, layers)
+    else:
+        _scan_modules(family, model, layers)
     param = next(model.parameters())
     device = param.device
     gen = torch.Generator().manual_seed(seed)
